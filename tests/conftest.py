@@ -1,0 +1,52 @@
+"""Shared test set-up.
+
+The repository root is the `protobooth` package (ComfyUI needs `__init__.py` at the top of a custom-node
+folder). So that the tests exercise this checkout whatever is pip-installed, a link named `protobooth`
+pointing here is put first on sys.path and PYTHONPATH (also for the CLI subprocesses the tests start).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_link_dir = Path(tempfile.mkdtemp(prefix="protobooth-tests-"))
+(_link_dir / "protobooth").symlink_to(ROOT, target_is_directory=True)
+sys.path.insert(0, str(_link_dir))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_link_dir), os.environ.get("PYTHONPATH")]))
+
+# Nothing may reach a model hub: make the libraries fail fast instead of trying.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def refuse_network():
+    """Any connection from the test process to a non-loopback address is an error."""
+    original_connect = socket.socket.connect
+
+    def connect(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"test tried to reach the network: {address!r}")
+        return original_connect(sock, address)
+
+    socket.socket.connect = connect
+    yield
+    socket.socket.connect = original_connect
+
+
+def run_python(code: str, timeout: float = 120, **kwargs):
+    """Run `code` in a fresh interpreter (the same venv), returning the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs
+    )
