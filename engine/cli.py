@@ -1,4 +1,4 @@
-"""The `protobooth` command line."""
+"""The `protobooth` command line. Each subcommand is a `register_*` function below plus its `run_*`."""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +7,25 @@ import sys
 from .version import __version__
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show every option's default, keep hand-written line breaks in descriptions."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protobooth",
         description="Teach a Stable Diffusion model your own object from one photo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"protobooth {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in _SUBCOMMANDS:
+        register(subparsers)
     return parser
+
+
+# Subcommands: each register_* adds its parser and sets `run` to the function that executes it.
+_SUBCOMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
