@@ -23,8 +23,15 @@ def atomic_path(path: str | os.PathLike):
 
 
 def save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors.torch.save_file, atomically (contiguous CPU copies, as the format requires)."""
+    """safetensors.torch.save_file, atomically (contiguous CPU copies, as the format requires).
+
+    At most one metadata entry: safetensors keeps metadata in a hash map whose order changes from run to
+    run, so two entries would make files of identical runs differ byte for byte.
+    """
     from safetensors.torch import save_file
+
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError("save_safetensors takes at most one metadata entry (put the rest inside it as JSON)")
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:

@@ -1,0 +1,206 @@
+"""Prototypical embedding initialisation (arXiv 2401.15708, research/methods.md §1.3 stage A).
+
+For each object, search token vector(s) in the base model's text-encoder input space that minimise
+
+    L_PE = 1 − cos( T("a photo of a <tok>"), θm( I(image), I(masked object crop), T("a photo of a <class>") ) )
+
+where I and T are a CLIP model's projected image and text features and θm is a weighted mean of the
+normalised features. The CLIP text tower must read the same token-embedding space as the diffusion
+model's text encoder (true for SD1 + CLIP ViT-L/14, and for ShapesWorld, whose text encoder IS its CLIP
+text tower). Without a CLIP model, tokens start from their class word's embedding instead.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+from .tokens import ConceptVocabulary, class_word_vectors, eos_pooled, nearest_words, vocabulary_norm
+
+log = logging.getLogger("protobooth")
+
+# OpenAI CLIP's image normalisation, used by every CLIP checkpoint SD pairs with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ClipTowers:
+    """The parts of a CLIP model the prototype step needs: both towers and their projections."""
+
+    text_model: nn.Module  # transformers CLIP text model: input_ids → .last_hidden_state
+    text_projection: nn.Module | None  # None: the pooled text state is already in the joint space
+    vision_model: nn.Module  # pixel_values → .pooler_output
+    visual_projection: nn.Module
+    image_size: int
+    eos_token_id: int = 49407
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+
+    @classmethod
+    def from_clip_model(cls, clip) -> "ClipTowers":
+        return cls(
+            text_model=clip.text_model,
+            text_projection=clip.text_projection,
+            vision_model=clip.vision_model,
+            visual_projection=clip.visual_projection,
+            image_size=clip.config.vision_config.image_size,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.visual_projection.parameters()).device
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """[3,H,W] 0..1 → normalised [1,3,S,S]: shorter side resized to S, centre crop."""
+        height, width = image.shape[-2:]
+        scale = self.image_size / min(height, width)
+        size = (max(self.image_size, round(height * scale)), max(self.image_size, round(width * scale)))
+        resized = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+        top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
+        crop = resized[..., top : top + self.image_size, left : left + self.image_size].clamp(0, 1)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return ((crop - mean) / std).to(self.device)
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=self.preprocess(image)).pooler_output
+        return F.normalize(self.visual_projection(pooled).float(), dim=-1)[0]
+
+    def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        states = self.text_model(input_ids=input_ids.to(self.device)).last_hidden_state
+        pooled = eos_pooled(states, input_ids, self.eos_token_id)
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return F.normalize(pooled.float(), dim=-1)
+
+
+@dataclass
+class PrototypeSettings:
+    n_vectors: int = 1
+    steps: int = 200
+    learning_rate: float = 5e-3
+    # θm weights for (whole image, masked object crop, class prompt)
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    token_prompt: str = "a photo of a {}"
+    class_prompt: str = "a photo of a {}"
+    crop_padding: float = 0.1
+
+
+@dataclass
+class Prototype:
+    """Initial vectors for one token, with what the search found."""
+
+    token: str
+    class_word: str
+    vectors: torch.Tensor  # [n_vectors, dim]
+    method: str  # "prototype" or "class-word"
+    cosine_start: float | None = None
+    cosine_final: float | None = None
+    nearest: list[str] = field(default_factory=list)
+
+
+def masked_object_crop(image: torch.Tensor, mask: torch.Tensor, padding: float = 0.1) -> torch.Tensor:
+    """The object on mid-grey, cropped to a square around the mask's bounding box plus padding."""
+    isolated = image * mask + 0.5 * (1 - mask)
+    rows = torch.nonzero(mask.amax(dim=1) > 0.5).flatten()
+    cols = torch.nonzero(mask.amax(dim=0) > 0.5).flatten()
+    if rows.numel() == 0:
+        rows = torch.nonzero(mask.amax(dim=1) > 0).flatten()
+        cols = torch.nonzero(mask.amax(dim=0) > 0).flatten()
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = max(bottom - top, right - left) * (1 + 2 * padding)
+    centre_y, centre_x = (top + bottom) / 2, (left + right) / 2
+    height, width = mask.shape
+    side = min(side, max(height, width))
+    y0 = int(max(0, min(height - min(side, height), round(centre_y - side / 2))))
+    x0 = int(max(0, min(width - min(side, width), round(centre_x - side / 2))))
+    return isolated[:, y0 : y0 + int(min(side, height)), x0 : x0 + int(min(side, width))]
+
+
+def class_word_prototype(text_encoder, tokenizer, token: str, class_word: str, n_vectors: int = 1) -> Prototype:
+    vectors = class_word_vectors(text_encoder, tokenizer, class_word, n_vectors)
+    return Prototype(token, class_word, vectors, "class-word", nearest=nearest_words(text_encoder, tokenizer, vectors[0]))
+
+
+def prototype_embeddings(
+    towers: ClipTowers | None,
+    text_encoder,
+    tokenizer,
+    image: torch.Tensor,
+    masks: list[torch.Tensor],
+    tokens: list[str],
+    class_words: list[str],
+    settings: PrototypeSettings | None = None,
+    progress=None,
+) -> list[Prototype]:
+    """One Prototype per object. `progress(step, total)` is called every optimisation step."""
+    settings = settings or PrototypeSettings()
+    if towers is None:
+        log.warning("No CLIP model given: tokens start from their class words' embeddings (no prototype search).")
+        return [class_word_prototype(text_encoder, tokenizer, t, c, settings.n_vectors) for t, c in zip(tokens, class_words)]
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    clip_width = towers.text_model.get_input_embeddings().weight.shape[1]
+    if clip_width != width:
+        raise InputError(
+            f"the CLIP model's text tower reads {clip_width}-wide token vectors but the diffusion model's text encoder "
+            f"reads {width}-wide ones; use the CLIP model that matches the base model (CLIP ViT-L/14 for SD1.x, "
+            "ViT-H/14 for SD2.x)."
+        )
+    results = []
+    total = len(tokens) * settings.steps
+    for index, (token, class_word, mask) in enumerate(zip(tokens, class_words, masks)):
+        def report(step, offset=index * settings.steps):
+            if progress is not None:
+                progress(offset + step, total)
+
+        results.append(_search(towers, text_encoder, tokenizer, image, mask, token, class_word, settings, report))
+    return results
+
+
+def _search(towers, text_encoder, tokenizer, image, mask, token, class_word, settings, report) -> Prototype:
+    start = class_word_vectors(text_encoder, tokenizer, class_word, settings.n_vectors)
+    vocabulary = ConceptVocabulary(tokenizer, [token], [start])
+    prompt_ids = vocabulary.input_ids([settings.token_prompt.format(token)])
+    bare_ids = vocabulary.input_ids([token])
+    with torch.no_grad():
+        class_ids = vocabulary.input_ids([settings.class_prompt.format(class_word)])
+        features = [
+            towers.image_features(image),
+            towers.image_features(masked_object_crop(image, mask, settings.crop_padding)),
+            towers.text_features(class_ids)[0],
+        ]
+        weights = torch.tensor(settings.weights, dtype=torch.float32)
+        target = F.normalize((weights[:, None] * torch.stack(features).cpu()).sum(0), dim=0).to(towers.device)
+    bound = max(vocabulary_norm(text_encoder), float(start.norm(dim=1).max()))
+    optimizer = torch.optim.Adam(vocabulary.vectors.parameters(), lr=settings.learning_rate)
+    frozen = [p.requires_grad for p in towers.text_model.parameters()]
+    towers.text_model.requires_grad_(False)
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), vocabulary.installed(towers.text_model):
+            vocabulary.vectors.to(towers.device)
+            cosine_start = float(F.cosine_similarity(towers.text_features(prompt_ids)[0], target, dim=0))
+            for step in range(1, settings.steps + 1):
+                loss = 1 - F.cosine_similarity(towers.text_features(prompt_ids)[0], target, dim=0)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                vocabulary.clamp_norms([bound])
+                report(step)
+            with torch.no_grad():
+                cosine_final = float(F.cosine_similarity(towers.text_features(prompt_ids)[0], target, dim=0))
+                cosine_bare = float(F.cosine_similarity(towers.text_features(bare_ids)[0], target, dim=0))
+    finally:
+        for parameter, flag in zip(towers.text_model.parameters(), frozen):
+            parameter.requires_grad_(flag)
+    vectors = vocabulary.vectors[0].detach().cpu().clone()
+    nearest = nearest_words(text_encoder, tokenizer, vectors[0])
+    log.info(
+        "prototype for %r (%s): cosine %.3f → %.3f (bare token %.3f); nearest words: %s",
+        token, class_word, cosine_start, cosine_final, cosine_bare, ", ".join(nearest),
+    )
+    return Prototype(token, class_word, vectors, "prototype", cosine_start, cosine_final, nearest)

@@ -1,0 +1,467 @@
+"""One-shot, object-driven training (arXiv 2401.15708; research/methods.md §1.3 stage B).
+
+From one image, a mask per object, and a (token, class word) per object, train new token vectors and a
+LoRA on the UNet's attention projections with:
+- an object-specific loss: the diffusion error weighted by the union mask of the objects the prompt
+  names (normalised by mask area, optional background weight);
+- several objects per image: every step names a random non-empty subset of the objects;
+- class-characterising regularisation: a prior term on class images the frozen model drew (λ_class),
+  and/or a text-space term anchoring "a photo of a <tok> <class>" to the frozen "a photo of a <class>";
+- uniform or SNR-weighted timesteps.
+Everything that does not change during training (instance latents, class latents, frozen text
+encodings) is computed once. The model is restored when training ends, however it ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .concept import Concept, ConceptObject, peft_to_kohya
+from .errors import InputError
+from .fileio import atomic_path
+from .images import check_masks, load_image
+from .losses import diffusion_target, latent_mask, masked_mse, sample_timesteps, snr_timestep_weights
+from .models import SUPPORTED_FAMILIES
+from .prior import class_latents
+from .tokens import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vocabulary_norm
+
+log = logging.getLogger("protobooth")
+
+ADAPTER = "protobooth"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TEMPLATES = (
+    "a photo of {}",
+    "a rendering of {}",
+    "a cropped photo of {}",
+    "a close-up photo of {}",
+    "a bright photo of {}",
+    "a good photo of {}",
+)
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 400
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # None: equal to the rank (LoRA scale 1)
+    lora_learning_rate: float = 1e-4
+    token_learning_rate: float = 5e-4
+    train_lora: bool = True
+    train_tokens: bool = True
+    n_vectors: int = 1  # vectors per token when no initial vectors are given
+    use_mask: bool = True  # False: plain (unmasked) diffusion loss, as DreamBooth
+    background_weight: float = 0.0
+    prior_weight: float = 1.0  # λ_class for the class-image prior; 0 turns it off
+    prior_images: int = 4  # class images drawn per class word
+    prior_steps: int = 25
+    prior_guidance: float = 7.5
+    text_anchor_weight: float = 0.1  # the text-space class term; 0 turns it off
+    timestep_sampling: str = "uniform"  # or "snr"
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    class_prompt: str = "a photo of a {}"
+    resolution: int | None = None  # None: the model's native size
+    flip: bool = True
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # "auto" (bf16 on a GPU that has it), "no", "fp16", "bf16"
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0: none
+
+    def check(self) -> None:
+        if self.steps <= 0:
+            raise InputError(f"steps must be at least 1 (got {self.steps}).")
+        if self.lora_rank <= 0:
+            raise InputError(f"LoRA rank must be at least 1 (got {self.lora_rank}).")
+        if not (self.train_lora or self.train_tokens):
+            raise InputError("nothing to train: enable the LoRA, the tokens, or both.")
+        if self.timestep_sampling not in ("uniform", "snr"):
+            raise InputError(f"timestep sampling must be 'uniform' or 'snr' (got {self.timestep_sampling!r}).")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise InputError(f"mixed precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r}).")
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise InputError("every prompt template needs exactly one '{}' where the objects go.")
+        if self.class_prompt.count("{}") != 1:
+            raise InputError("the class prompt needs exactly one '{}' for the class word.")
+        for name in ("background_weight", "prior_weight", "text_anchor_weight"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name.replace('_', ' ')} must not be negative.")
+
+
+@dataclass
+class StepReport:
+    step: int
+    total: int
+    loss: float
+    elapsed: float
+
+
+@dataclass
+class TrainResult:
+    concept: Concept
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class TrainingCancelled(Exception):
+    """Raised when the cancel check says stop; nothing was written and the model is unchanged."""
+
+
+def _square_crop(image: torch.Tensor, masks: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The largest square that keeps the objects' bounding box as centred as the image allows."""
+    height, width = image.shape[-2:]
+    side = min(height, width)
+    union = torch.stack(masks).amax(0)
+    ys, xs = torch.nonzero(union > 0, as_tuple=True)
+    cy, cx = (ys.min() + ys.max()).item() / 2, (xs.min() + xs.max()).item() / 2
+    top = int(min(max(round(cy - side / 2), 0), height - side))
+    left = int(min(max(round(cx - side / 2), 0), width - side))
+    cut = union[top : top + side, left : left + side]
+    if float(cut.sum()) < 0.98 * float(union.sum()):
+        log.warning("the objects do not fit in a square crop of the image; parts outside it are not learned.")
+    crop = (slice(None), slice(top, top + side), slice(left, left + side))
+    return image[crop], [m[crop[1:]] for m in masks]
+
+
+def _autocast_dtype(setting: str, device: torch.device):
+    if device.type != "cuda" or setting == "no":
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+class OneShotTrainer:
+    """Use as a context manager: the model is restored on exit (LoRA removed, embeddings untouched)."""
+
+    def __init__(self, model, image, masks, tokens, class_words, settings: TrainSettings | None = None,
+                 init_vectors: list[torch.Tensor] | None = None, prior_cache: Path | None = None):
+        self.model = model
+        self.settings = settings = settings or TrainSettings()
+        settings.check()
+        if model.family not in SUPPORTED_FAMILIES:
+            raise InputError(f"model family {model.family!r} is not supported yet (supported: {', '.join(SUPPORTED_FAMILIES)}).")
+        self.image = load_image(image)
+        self.tokens, self.class_words = check_objects(model.tokenizer, list(tokens), list(class_words))
+        self.masks = check_masks(list(masks), self.image, self.tokens)
+        if len(self.masks) != len(self.tokens):
+            raise InputError(f"got {len(self.masks)} mask(s) for {len(self.tokens)} token(s); give one mask per object.")
+        if init_vectors is None:
+            init_vectors = [class_word_vectors(model.text_encoder, model.tokenizer, c, settings.n_vectors) for c in self.class_words]
+        width = model.text_encoder.get_input_embeddings().weight.shape[1]
+        for token, vectors in zip(self.tokens, init_vectors):
+            if vectors.ndim != 2 or vectors.shape[1] != width:
+                raise InputError(f"initial vectors for {token!r} have shape {tuple(vectors.shape)}; expected [n, {width}].")
+        self.prior_cache = prior_cache
+        self.vocabulary = ConceptVocabulary(model.tokenizer, self.tokens, list(init_vectors))
+        self.norm_bounds = [max(vocabulary_norm(model.text_encoder), float(v.norm(dim=1).max())) for v in init_vectors]
+        self.device = model.device
+        self.losses: list[float] = []
+        self.step = 0
+        self._frozen_prompts: dict[str, torch.Tensor] = {}
+        self._exit = contextlib.ExitStack()
+        self._prepared = False
+
+    # ----------------------------------------------------------------------------------------------
+    # set-up and tear-down
+
+    def __enter__(self):
+        try:
+            self._prepare()
+        except BaseException:
+            self._exit.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._exit.close()
+        return False
+
+    def _prepare(self) -> None:
+        model, settings = self.model, self.settings
+        size = settings.resolution or model.unet.config.sample_size * model.vae_scale_factor
+        if size % model.vae_scale_factor:
+            raise InputError(f"resolution {size} must be a multiple of {model.vae_scale_factor}.")
+        image, masks = _square_crop(self.image, self.masks)
+        image = F.interpolate(image[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        masks = [F.interpolate(m[None, None], size=(size, size), mode="bilinear", antialias=True)[0, 0] for m in masks]
+        self.size = size
+        # Frozen state first, while the model is still the base model.
+        with torch.no_grad():
+            views = [(image, masks)] + ([(image.flip(-1), [m.flip(-1) for m in masks])] if settings.flip else [])
+            self.instance = []
+            for pixels, view_masks in views:
+                dist = model.vae.encode((pixels * 2 - 1).to(self.device, model.vae.dtype)).latent_dist
+                latent_size = tuple(dist.mean.shape[-2:])
+                self.instance.append({
+                    "mean": dist.mean.float(), "std": dist.std.float(),
+                    "masks": [latent_mask(m, latent_size).to(self.device) for m in view_masks],
+                })
+            self.prior = self._prior_latents() if settings.prior_weight > 0 else None
+            self.anchor_targets = self._anchor_targets() if settings.text_anchor_weight > 0 and settings.train_tokens else None
+        self.snr_weights = (
+            snr_timestep_weights(model.noise_scheduler.alphas_cumprod.float()) if settings.timestep_sampling == "snr" else None
+        )
+        self._attach_trainables()
+        params = []
+        if settings.train_lora:
+            params.append({"params": self.lora_parameters, "lr": settings.lora_learning_rate, "weight_decay": 1e-2})
+        if settings.train_tokens:
+            params.append({"params": list(self.vocabulary.vectors), "lr": settings.token_learning_rate, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(params, betas=(0.9, 0.999), eps=1e-8)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.rng = random.Random(settings.seed)
+        self.autocast = _autocast_dtype(settings.mixed_precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
+        self._prepared = True
+
+    def _prior_latents(self):
+        """Per class word: cached class latents and the frozen encoding of its class prompt."""
+        prior = {}
+        for class_word in dict.fromkeys(self.class_words):
+            prompt = self.settings.class_prompt.format(class_word)
+            latents = class_latents(self.model, prompt, self.settings.prior_images, self.size, self.settings.seed,
+                                    self.settings.prior_steps, self.settings.prior_guidance, self.prior_cache)
+            prior[class_word] = (latents.to(self.device), self._encode_frozen([prompt]))
+        return prior
+
+    def _anchor_targets(self) -> list[torch.Tensor]:
+        """Frozen pooled text state of each object's plain class prompt."""
+        return list(self._pooled([self.settings.class_prompt.format(c) for c in self.class_words]))
+
+    def _pooled(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.vocabulary.input_ids(prompts).to(self.device)
+        states = self.model.text_encoder(input_ids=ids)[0]
+        return eos_pooled(states, ids, self.vocabulary.tokenizer.eos_token_id).float()
+
+    def _encode_frozen(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.model.tokenizer(prompts, padding="max_length", max_length=self.model.tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids
+        return self.model.text_encoder(input_ids=ids.to(self.device))[0]
+
+    def _attach_trainables(self) -> None:
+        from peft import LoraConfig
+
+        model, settings = self.model, self.settings
+        flags = {p: p.requires_grad for m in (model.unet, model.text_encoder, model.vae) for p in m.parameters()}
+        self._exit.callback(lambda: [p.requires_grad_(f) for p, f in flags.items()])
+        for module in (model.unet, model.text_encoder, model.vae):
+            module.requires_grad_(False)
+        self.vocabulary.vectors.to(self.device)
+        self.vocabulary.vectors.requires_grad_(settings.train_tokens)
+        self._exit.enter_context(self.vocabulary.installed(model.text_encoder))
+        self.lora_parameters = []
+        if settings.train_lora:
+            had_peft = bool(getattr(model.unet, "peft_config", None))
+            config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha or settings.lora_rank,
+                                init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(settings.seed)  # peft draws the LoRA init from the global RNG
+                model.unet.add_adapter(config, adapter_name=ADAPTER)
+            self._exit.callback(self._remove_lora, had_peft)
+            model.unet.set_adapter(ADAPTER)
+            self.lora_parameters = [p for n, p in model.unet.named_parameters() if f".{ADAPTER}." in n]
+            for p in self.lora_parameters:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        if settings.gradient_checkpointing and not model.unet.is_gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            self._exit.callback(model.unet.disable_gradient_checkpointing)
+
+    def _remove_lora(self, had_peft: bool) -> None:
+        if had_peft:
+            self.model.unet.delete_adapters(ADAPTER)
+        else:
+            self.model.unet.unload_lora()
+
+    # ----------------------------------------------------------------------------------------------
+    # training
+
+    def train(self, progress=None, should_cancel=None, checkpoint_dir: Path | None = None, resume: bool = False) -> TrainResult:
+        """Run the remaining steps. progress(StepReport) after each; should_cancel() → TrainingCancelled."""
+        if not self._prepared:
+            raise RuntimeError("use OneShotTrainer as a context manager (with ...:)")
+        settings = self.settings
+        if resume and checkpoint_dir is not None:
+            self._load_checkpoint(Path(checkpoint_dir))
+        started = time.perf_counter()
+        while self.step < settings.steps:
+            if should_cancel is not None and should_cancel():
+                raise TrainingCancelled(f"training cancelled at step {self.step} of {settings.steps}")
+            loss = self._train_step()
+            self.step += 1
+            self.losses.append(loss)
+            if progress is not None:
+                progress(StepReport(self.step, settings.steps, loss, time.perf_counter() - started))
+            if checkpoint_dir is not None and settings.checkpoint_every and self.step % settings.checkpoint_every == 0:
+                self._save_checkpoint(Path(checkpoint_dir))
+        return TrainResult(self.concept(), list(self.losses), time.perf_counter() - started)
+
+    def _draw(self, shape, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(like.device, like.dtype)
+
+    def _train_step(self) -> float:
+        model, settings, rng = self.model, self.settings, self.rng
+        subset = sorted(rng.sample(range(len(self.tokens)), rng.randint(1, len(self.tokens))))
+        phrase = " and ".join(f"{self.tokens[i]} {self.class_words[i]}" for i in subset)
+        prompt = rng.choice(settings.templates).format(phrase)
+        view = self.instance[rng.randrange(len(self.instance))]
+        latents = (view["mean"] + view["std"] * self._draw(view["mean"].shape, view["mean"])) * model.latent_scaling
+        if settings.use_mask:
+            mask = torch.stack([view["masks"][i] for i in subset]).amax(0)
+        else:
+            mask = torch.ones_like(view["masks"][0])
+        batch_latents, prior_class = [latents], None
+        if self.prior is not None:
+            prior_class = self.class_words[rng.choice(subset)]
+            class_latents_, _ = self.prior[prior_class]
+            batch_latents.append(class_latents_[rng.randrange(len(class_latents_))][None])
+        batch = torch.cat(batch_latents)
+        noise = self._draw(batch.shape, batch)
+        timesteps = sample_timesteps(len(batch), model.noise_scheduler.config.num_train_timesteps, self.generator,
+                                     self.snr_weights).to(self.device)
+        noisy = model.noise_scheduler.add_noise(batch, noise, timesteps)
+        target = diffusion_target(model.noise_scheduler, batch, noise, timesteps)
+
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            states = self._encode_prompt(prompt)
+            if prior_class is not None:
+                states = torch.cat([states, self.prior[prior_class][1].to(states.dtype)])
+            prediction = model.unet(noisy, timesteps, encoder_hidden_states=states).sample
+        loss = masked_mse(prediction[:1], target[:1], mask, settings.background_weight)
+        if prior_class is not None:
+            loss = loss + settings.prior_weight * F.mse_loss(prediction[1:].float(), target[1:].float())
+        if self.anchor_targets is not None:
+            loss = loss + settings.text_anchor_weight * self._anchor_loss(subset)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        # Tokens that this prompt does not name must not move at all (not even by AdamW momentum).
+        for index, vectors in enumerate(self.vocabulary.vectors):
+            if index not in subset:
+                vectors.grad = None
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.vocabulary.clamp_norms(self.norm_bounds, subset)
+        return float(loss.detach())
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Text states of a training prompt; cached when the tokens are frozen (nothing then changes them)."""
+        if self.settings.train_tokens:
+            return self.model.text_encoder(input_ids=self.vocabulary.input_ids([prompt]).to(self.device))[0]
+        if prompt not in self._frozen_prompts:
+            with torch.no_grad():
+                self._frozen_prompts[prompt] = self.model.text_encoder(input_ids=self.vocabulary.input_ids([prompt]).to(self.device))[0]
+        return self._frozen_prompts[prompt]
+
+    def _anchor_loss(self, subset: list[int]) -> torch.Tensor:
+        pooled = self._pooled([self.settings.class_prompt.format(f"{self.tokens[i]} {self.class_words[i]}") for i in subset])
+        targets = torch.stack([self.anchor_targets[i] for i in subset])
+        return (1 - F.cosine_similarity(pooled, targets, dim=-1)).mean()
+
+    # ----------------------------------------------------------------------------------------------
+    # results
+
+    def concept(self) -> Concept:
+        from peft.utils import get_peft_model_state_dict
+
+        lora = {}
+        if self.settings.train_lora:
+            state = get_peft_model_state_dict(self.model.unet, adapter_name=ADAPTER)
+            lora = peft_to_kohya(state, self.settings.lora_alpha or self.settings.lora_rank)
+        objects = [ConceptObject(t, c, v.detach().float().cpu().clone())
+                   for t, c, v in zip(self.tokens, self.class_words, self.vocabulary.vectors)]
+        settings = dataclasses.asdict(self.settings)
+        settings["templates"] = list(settings["templates"])
+        return Concept(objects, lora, self.model.family, self.model.fingerprint, settings)
+
+    @contextlib.contextmanager
+    def trained_pipeline(self, scheduler=None):
+        """A diffusers pipeline over the model as it is now (trained LoRA active, tokens installed)."""
+        pipeline = self.model.pipeline(scheduler)
+        pipeline.tokenizer = self.vocabulary.tokenizer
+        pipeline.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            yield pipeline
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints: everything needed to continue exactly where a run stopped
+
+    def _run_key(self) -> str:
+        fields = {"model": self.model.fingerprint, "tokens": self.tokens, "classes": self.class_words,
+                  "settings": {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "checkpoint_every"},
+                  "image": hashlib.sha256(self.image.numpy().tobytes()).hexdigest(),
+                  "masks": [hashlib.sha256(m.numpy().tobytes()).hexdigest() for m in self.masks]}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _save_checkpoint(self, directory: Path) -> None:
+        from peft.utils import get_peft_model_state_dict
+
+        state = {
+            "run": self._run_key(),
+            "step": self.step,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "vectors": [v.detach().cpu() for v in self.vocabulary.vectors],
+            "lora": get_peft_model_state_dict(self.model.unet, adapter_name=ADAPTER) if self.settings.train_lora else {},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": self.rng.getstate(),
+        }
+        with atomic_path(directory / "checkpoint.pt") as tmp:
+            torch.save(state, tmp)
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        path = directory / "checkpoint.pt"
+        if not path.is_file():
+            log.info("no checkpoint in %s; starting from step 0", directory)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["run"] != self._run_key():
+            raise InputError(f"checkpoint {path} belongs to a different run (model, image, masks, tokens or settings "
+                             "differ); use another checkpoint folder or the same inputs.")
+        with torch.no_grad():
+            for vectors, saved in zip(self.vocabulary.vectors, state["vectors"]):
+                vectors.copy_(saved)
+        if self.settings.train_lora:
+            set_peft_model_state_dict(self.model.unet, state["lora"], adapter_name=ADAPTER)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.rng.setstate(_as_tuples(state["rng"]))
+        self.step = int(state["step"])
+        self.losses = state["losses"].tolist()
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _as_tuples(value):
+    """random.setstate wants tuples all the way down; a checkpoint round trip may give lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def train_concept(model, image, masks, tokens, class_words, settings: TrainSettings | None = None, **kwargs) -> TrainResult:
+    """Train and return the concept; the model is left as it was. kwargs go to OneShotTrainer.train."""
+    init_vectors = kwargs.pop("init_vectors", None)
+    prior_cache = kwargs.pop("prior_cache", None)
+    with OneShotTrainer(model, image, masks, tokens, class_words, settings, init_vectors, prior_cache) as trainer:
+        return trainer.train(**kwargs)

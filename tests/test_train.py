@@ -1,0 +1,225 @@
+"""One-shot training on tiny models: what changes, what must not, and that results can be trusted."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from protobooth.engine import tiny
+from protobooth.engine.concept import concept_applied, load_concept, save_concept
+from protobooth.engine.errors import InputError
+from protobooth.engine.losses import latent_mask
+from protobooth.engine.train import OneShotTrainer, TrainingCancelled, TrainSettings, train_concept
+
+
+def scene():
+    """A 64-px picture with two objects and their masks."""
+    generator = torch.Generator().manual_seed(7)
+    image = torch.rand(3, 64, 64, generator=generator) * 0.2 + 0.4
+    cat = torch.zeros(64, 64)
+    cat[12:44, 6:30] = 1
+    pot = torch.zeros(64, 64)
+    pot[30:56, 38:60] = 1
+    image[:, cat > 0] = torch.tensor([0.9, 0.3, 0.1])[:, None]
+    image[:, pot > 0] = torch.tensor([0.1, 0.3, 0.9])[:, None]
+    return image, cat, pot
+
+
+FAST = TrainSettings(steps=8, prior_images=2, prior_steps=2, lora_learning_rate=1e-3, token_learning_rate=1e-2)
+
+
+@pytest.fixture
+def prior_cache(tmp_path):
+    return tmp_path / "class-latents"
+
+
+def test_loss_falls(prior_cache):
+    image, cat, _ = scene()
+    settings = dataclasses.replace(FAST, steps=80, prior_weight=0.0, text_anchor_weight=0.0, lora_learning_rate=3e-3, flip=False)
+    result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
+    first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
+    assert last < 0.8 * first, (first, last)
+
+
+def test_only_lora_and_new_token_rows_change_and_model_is_restored(prior_cache):
+    model = tiny.tiny_model(0)
+    image, cat, _ = scene()
+    before_unet = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    before_text = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
+    embedding_module = model.text_encoder.get_input_embeddings()
+    with OneShotTrainer(model, image, [cat], ["zqcat"], ["cat"], FAST, prior_cache=prior_cache) as trainer:
+        start = trainer.vocabulary.vectors[0].detach().clone()
+        lora_start = {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora" in n}
+        trainer.train()
+        lora_end = {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora" in n}
+        moved = trainer.vocabulary.vectors[0].detach()
+        frozen = {n for n, p in model.unet.named_parameters() if "lora" not in n and p.requires_grad}
+    assert not frozen
+    assert not torch.equal(start, moved)
+    assert any(not torch.equal(lora_start[n], lora_end[n]) for n in lora_start)
+    # The base model is exactly as it was: no LoRA layers left, embedding table and all weights bit-identical.
+    assert model.text_encoder.get_input_embeddings() is embedding_module
+    assert list(model.unet.state_dict()) == list(before_unet)
+    for key, value in model.unet.state_dict().items():
+        assert torch.equal(value, before_unet[key]), key
+    for key, value in model.text_encoder.state_dict().items():
+        assert torch.equal(value, before_text[key]), key
+
+
+def test_background_weight_zero_makes_loss_blind_outside_mask(prior_cache):
+    model = tiny.tiny_model(0)
+    image, cat, _ = scene()
+    settings = dataclasses.replace(FAST, steps=3, background_weight=0.0, flip=False)
+    captured = []
+
+    def keep_grad(_module, _inputs, output):
+        output.sample.retain_grad()
+        captured.append(output.sample)
+
+    with OneShotTrainer(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache) as trainer:
+        handle = model.unet.register_forward_hook(keep_grad)
+        trainer.train()
+        handle.remove()
+        outside = trainer.instance[0]["masks"][0][0, 0] == 0
+    assert outside.any() and (~outside).any()
+    for prediction in captured:
+        instance_grad = prediction.grad[0]  # row 0 is the instance; row 1 the class prior
+        assert torch.count_nonzero(instance_grad[:, outside]) == 0
+        assert torch.count_nonzero(instance_grad[:, ~outside]) > 0
+
+
+def test_background_weight_counts_outside_when_set():
+    mask = latent_mask(torch.cat([torch.ones(32, 64), torch.zeros(32, 64)]), (8, 8))
+    prediction = torch.zeros(1, 4, 8, 8, requires_grad=True)
+    from protobooth.engine.losses import masked_mse
+
+    masked_mse(prediction, torch.ones(1, 4, 8, 8), mask, 0.25).backward()
+    assert (prediction.grad[0, :, 6:] != 0).all()
+    assert prediction.grad[0, :, 6:].abs().max() < prediction.grad[0, :, :2].abs().min()
+
+
+def test_each_token_moves_only_on_steps_that_name_it(prior_cache):
+    model = tiny.tiny_model(0)
+    image, cat, pot = scene()
+    settings = dataclasses.replace(FAST, steps=12)
+    with OneShotTrainer(model, image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings, prior_cache=prior_cache) as trainer:
+        prompts, snapshots = [], [[v.detach().clone() for v in trainer.vocabulary.vectors]]
+        encode = trainer._encode_prompt
+        trainer._encode_prompt = lambda prompt: prompts.append(prompt) or encode(prompt)
+        trainer.train(progress=lambda report: snapshots.append([v.detach().clone() for v in trainer.vocabulary.vectors]))
+    assert any("zqcat" in p and "zqpot" not in p for p in prompts) and any("zqpot" in p and "zqcat" not in p for p in prompts)
+    for step, prompt in enumerate(prompts):
+        for index, token in enumerate(["zqcat", "zqpot"]):
+            moved = not torch.equal(snapshots[step][index], snapshots[step + 1][index])
+            assert moved == (token in prompt.split()), (step, prompt, token)
+
+
+def test_exported_files_reproduce_the_trained_pipeline(tmp_path, prior_cache):
+    model = tiny.tiny_model(0)
+    image, cat, pot = scene()
+    settings = dataclasses.replace(FAST, steps=10, lora_learning_rate=5e-3)
+    prompt = "a photo of zqcat cat and zqpot teapot"
+    with OneShotTrainer(model, image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings, prior_cache=prior_cache) as trainer:
+        result = trainer.train()
+        with trainer.trained_pipeline() as pipeline:
+            trained = pipeline(prompt, num_inference_steps=4, height=64, width=64, output_type="np",
+                               generator=torch.Generator().manual_seed(3)).images
+    save_concept(result.concept, tmp_path / "lora.safetensors", tmp_path / "emb.safetensors")
+    concept = load_concept(tmp_path / "emb.safetensors", tmp_path / "lora.safetensors")
+    assert concept.tokens == ["zqcat", "zqpot"] and concept.base_fingerprint == model.fingerprint
+    pipeline = model.pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    with concept_applied(pipeline, concept):
+        reloaded = pipeline(prompt, num_inference_steps=4, height=64, width=64, output_type="np",
+                            generator=torch.Generator().manual_seed(3)).images
+    plain = pipeline(prompt.replace("zqcat ", "").replace("zqpot ", ""), num_inference_steps=4, height=64, width=64,
+                     output_type="np", generator=torch.Generator().manual_seed(3)).images
+    assert abs(trained - reloaded).max() <= 1e-4
+    assert abs(trained - plain).max() > 1e-3  # the concept does change the picture
+
+
+def test_same_seed_gives_identical_files_and_resume_equals_uninterrupted(tmp_path, prior_cache):
+    image, cat, _ = scene()
+    settings = dataclasses.replace(FAST, steps=6, checkpoint_every=3)
+
+    def run(name, **kwargs):
+        result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache, **kwargs)
+        save_concept(result.concept, tmp_path / f"{name}-lora.safetensors", tmp_path / f"{name}-emb.safetensors")
+        return result
+
+    first = run("first")
+    second = run("second")
+    for kind in ("lora", "emb"):
+        assert (tmp_path / f"first-{kind}.safetensors").read_bytes() == (tmp_path / f"second-{kind}.safetensors").read_bytes()
+
+    stop_at_three = iter([False, False, False, True])
+    with pytest.raises(TrainingCancelled):
+        train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache,
+                      checkpoint_dir=tmp_path / "ckpt", should_cancel=lambda: next(stop_at_three))
+    resumed = run("resumed", checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert resumed.losses == first.losses
+    for kind in ("lora", "emb"):
+        assert (tmp_path / f"first-{kind}.safetensors").read_bytes() == (tmp_path / f"resumed-{kind}.safetensors").read_bytes()
+
+
+def test_snr_timestep_sampling_prefers_noisy_steps():
+    from protobooth.engine.losses import sample_timesteps, snr_timestep_weights
+
+    weights = snr_timestep_weights(tiny.noise_scheduler().alphas_cumprod)
+    assert weights[0] == 0 and torch.all(weights[1:] > 0)
+    draws = sample_timesteps(20000, 1000, torch.Generator().manual_seed(0), weights).float()
+    assert 540 < draws.mean() < 630  # research/methods.md §2.6: E[t] ≈ 584 for SD's schedule
+
+
+def test_v_prediction_model_trains(prior_cache):
+    image, cat, _ = scene()
+    model = tiny.tiny_model(0, family="sd2", prediction_type="v_prediction")
+    result = train_concept(model, image, [cat], ["zqcat"], ["cat"], dataclasses.replace(FAST, timestep_sampling="snr"),
+                           prior_cache=prior_cache)
+    assert result.concept.family == "sd2" and all(torch.isfinite(torch.tensor(result.losses)))
+    assert "clip_h" in result.concept.embedding_tensors()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(tokens=["dog"]), "already a word"),
+        (dict(tokens=["zq cat"]), "no spaces"),
+        (dict(tokens=["zqcat", "zqcat"], classes=["cat", "cat"], masks=2), "overlap"),
+        (dict(classes=["   "]), "tokenises to nothing"),
+        (dict(settings=dataclasses.replace(FAST, steps=0)), "steps must be at least 1"),
+        (dict(masks=0), "no object mask"),
+        (dict(empty_mask=True), "empty"),
+        (dict(mask_size=(32, 32)), "same size"),
+        (dict(nan=True), "NaN"),
+        (dict(masks=2), "one mask per object"),
+    ],
+)
+def test_bad_input_is_named_and_nothing_is_touched(change, message, prior_cache):
+    model = tiny.tiny_model(0)
+    image, cat, pot = scene()
+    if change.get("nan"):
+        image[0, 0, 0] = float("nan")
+    masks = [cat, pot][: change.get("masks", 1)]
+    if change.get("empty_mask"):
+        masks = [torch.zeros(64, 64)]
+    if "mask_size" in change:
+        masks = [torch.ones(change["mask_size"])]
+    tokens = change.get("tokens", ["zqcat"])
+    classes = change.get("classes", ["cat"] * len(tokens))
+    with pytest.raises(InputError, match=message):
+        with OneShotTrainer(model, image, masks, tokens, classes, change.get("settings", FAST), prior_cache=prior_cache) as t:
+            t.train()
+    assert not any("lora" in k for k in model.unet.state_dict())
+
+
+def test_greyscale_rgba_and_16_bit_images_are_converted(prior_cache):
+    import numpy as np
+
+    _, cat, _ = scene()
+    grey16 = (np.random.default_rng(0).random((64, 64)) * 65535).astype(np.uint16)
+    rgba = np.random.default_rng(1).integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    for image in (grey16, rgba):
+        with OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], FAST, prior_cache=prior_cache) as trainer:
+            assert trainer.image.shape == (3, 64, 64)
