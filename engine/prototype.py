@@ -183,7 +183,8 @@ def _search(towers, text_encoder, tokenizer, image, mask, token, class_word, set
     try:
         with torch.inference_mode(False), torch.enable_grad(), vocabulary.installed(towers.text_model):
             vocabulary.vectors.to(towers.device)
-            cosine_start = float(F.cosine_similarity(towers.text_features(prompt_ids)[0], target, dim=0))
+            with torch.no_grad():
+                cosine_start = float(F.cosine_similarity(towers.text_features(prompt_ids)[0], target, dim=0))
             for step in range(1, settings.steps + 1):
                 loss = 1 - F.cosine_similarity(towers.text_features(prompt_ids)[0], target, dim=0)
                 optimizer.zero_grad(set_to_none=True)
