@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from .version import __version__
+
+log = logging.getLogger("protobooth")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -18,23 +22,293 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"protobooth {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _SUBCOMMANDS:
         register(subparsers)
     return parser
 
 
-# Subcommands: each register_* adds its parser and sets `run` to the function that executes it.
-_SUBCOMMANDS: list = []
+def _progress_bar(total: int, description: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, leave=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+def register_train(subparsers) -> None:
+    from .train import TrainSettings
+
+    defaults = TrainSettings()
+    p = subparsers.add_parser(
+        "train",
+        help="learn one or more objects from one image",
+        formatter_class=_Formatter,
+        description="Learn the object(s) in IMAGE: a trigger token and LoRA weights.\n\n"
+        "One object per --token/--class pair, in order, each with a --mask file or a --box (boxes need --sam).\n"
+        "Writes OUT/loras/NAME.safetensors and OUT/embeddings/NAME.safetensors (the layout of ComfyUI's models\n"
+        "folder, so --out can point there), OUT/NAME-loss.png and OUT/NAME-preview.png.\n\n"
+        "example: protobooth train cat.jpg --model sd15.safetensors --token zqcat --class cat --mask cat_mask.png",
+    )
+    p.add_argument("image", help="the photo (PNG/JPEG/WebP; greyscale, RGBA and 16-bit are converted)")
+    p.add_argument("--model", required=True, help="base model: a diffusers folder or a .safetensors/.ckpt SD1.x/SD2.x file")
+    p.add_argument("--token", action="append", required=True, help="trigger word for an object (made up, e.g. zqcat); repeat per object")
+    p.add_argument("--class", dest="class_words", action="append", required=True, help="the object's class word (e.g. cat); repeat per object")
+    p.add_argument("--mask", action="append", help="mask image of an object (white = object); repeat per object")
+    p.add_argument("--box", action="append", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="box around an object in image pixels, segmented with --sam; repeat per object")
+    p.add_argument("--sam", help="segment-anything checkpoint (sam_vit_b/l/h .pth) for --box")
+    p.add_argument("--clip", help="CLIP model folder (transformers CLIPModel) for the prototype initialisation; "
+                   "without it tokens start from their class words")
+    p.add_argument("--out", default="protobooth-out", help="output folder")
+    p.add_argument("--name", help="concept name (file names); default: the first token")
+    p.add_argument("--overwrite", action="store_true", help="replace existing concept files of the same name")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
+    p.add_argument("--lr", type=float, default=defaults.lora_learning_rate, help="LoRA learning rate")
+    p.add_argument("--token-lr", type=float, default=defaults.token_learning_rate, help="token learning rate")
+    p.add_argument("--rank", type=int, default=defaults.lora_rank, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--lambda-class", type=float, default=defaults.prior_weight, help="weight of the class-image prior (0: off)")
+    p.add_argument("--prior-images", type=int, default=defaults.prior_images, help="class images drawn per class word (cached)")
+    p.add_argument("--text-anchor", type=float, default=defaults.text_anchor_weight, help="weight of the text-space class term (0: off)")
+    p.add_argument("--background-weight", type=float, default=defaults.background_weight, help="loss weight outside the masks")
+    p.add_argument("--no-mask", action="store_true", help="plain unmasked loss (as DreamBooth)")
+    p.add_argument("--timesteps", choices=["uniform", "snr"], default=defaults.timestep_sampling, help="timestep sampling")
+    p.add_argument("--vectors", type=int, default=1, help="vectors per token")
+    p.add_argument("--prototype-steps", type=int, default=200, help="steps of the prototype search (with --clip)")
+    p.add_argument("--template", action="append", help="training prompt template with {} for the objects; repeat for several")
+    p.add_argument("--class-prompt", default=defaults.class_prompt, help="prompt of the class images, {} = class word")
+    p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's native size)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (same seed, same result)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/NAME-checkpoint")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--preview-prompt", action="append", help="prompt for the preview grid (default: a few new scenes)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda when available)")
+    p.set_defaults(run=run_train)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _object_masks(args, image):
+    from .errors import InputError
+
+    masks = list(args.mask or [])
+    if args.box:
+        if not args.sam:
+            raise InputError("--box needs --sam (a segment-anything checkpoint) to turn boxes into masks.")
+        from .segment import ObjectPrompt, Segmenter, load_sam
+
+        segmenter = Segmenter(load_sam(args.sam))
+        segmenter.set_image(image)
+        masks += segmenter.segment([ObjectPrompt(box=tuple(box)) for box in args.box])
+    if len(masks) != len(args.token):
+        raise InputError(f"{len(args.token)} token(s) but {len(masks)} mask(s)/box(es); give one --mask or --box per --token.")
+    return masks
+
+
+def _concept_paths(out: Path, name: str) -> tuple[Path, Path]:
+    return out / "loras" / f"{name}.safetensors", out / "embeddings" / f"{name}.safetensors"
+
+
+def run_train(args) -> int:
+    from .errors import InputError
+    from .images import load_image
+    from .loading import load_model
+    from .prototype import PrototypeSettings
+    from .train import DEFAULT_TEMPLATES, TrainSettings
+
+    out, name = Path(args.out), (args.name or args.token[0])
+    if not args.overwrite and any(p.exists() for p in _concept_paths(out, name)):
+        raise InputError(f"concept {name!r} already exists in {out}; pass --overwrite or choose another --name.")
+    device = _device(args.device)
+    image = load_image(args.image)
+    masks = _object_masks(args, image)
+    model = load_model(args.model).to(device)
+    settings = TrainSettings(
+        steps=args.steps, lora_rank=args.rank, lora_alpha=args.alpha, lora_learning_rate=args.lr,
+        token_learning_rate=args.token_lr, n_vectors=args.vectors, use_mask=not args.no_mask,
+        background_weight=args.background_weight, prior_weight=args.lambda_class, prior_images=args.prior_images,
+        text_anchor_weight=args.text_anchor, timestep_sampling=args.timesteps,
+        templates=tuple(args.template or DEFAULT_TEMPLATES), class_prompt=args.class_prompt, resolution=args.resolution,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )
+    towers = _load_clip_towers(args.clip, device) if args.clip else None
+    prompts = args.preview_prompt or _preview_prompts(args.token, args.class_words)
+    learn(model, image, masks, args.token, args.class_words, settings, out, name, prompts,
+          towers=towers, prototype=PrototypeSettings(n_vectors=args.vectors, steps=args.prototype_steps), resume=args.resume)
+    return 0
+
+
+def learn(model, image, masks, tokens, class_words, settings, out: Path, name: str, preview_prompts: list[str],
+          towers=None, prototype=None, resume: bool = False, preview_seeds=(0,)):
+    """Prototype search (when a CLIP model is given) → training → concept files, loss curve, preview grid."""
+    from .concept import save_concept
+    from .fileio import save_png
+    from .generate import render
+    from .prototype import prototype_embeddings
+    from .report import image_grid, loss_curve
+    from .train import OneShotTrainer
+
+    init = None
+    if towers is not None:
+        with _progress_bar(len(tokens) * prototype.steps, "prototype") as bar:
+            found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, class_words,
+                                         prototype, progress=lambda step, total: bar.update(1))
+        init = [p.vectors for p in found]
+    with OneShotTrainer(model, image, masks, tokens, class_words, settings, init) as trainer:
+        with _progress_bar(settings.steps, "train") as bar:
+            def report(step):
+                bar.update(1)
+                bar.set_postfix(loss=f"{step.loss:.4f}")
+
+            result = trainer.train(progress=report, checkpoint_dir=out / f"{name}-checkpoint", resume=resume)
+        with trainer.trained_pipeline() as pipeline:
+            previews = render(pipeline, preview_prompts, list(preview_seeds))
+    lora_path, embedding_path = _concept_paths(out, name)
+    save_concept(result.concept, lora_path, embedding_path)
+    save_png(loss_curve(result.losses), out / f"{name}-loss.png")
+    save_png(image_grid(previews, [p for p in preview_prompts for _ in preview_seeds], columns=len(preview_seeds)),
+             out / f"{name}-preview.png")
+    print(f"trained {settings.steps} steps in {result.seconds:.1f} s; final loss {result.losses[-1]:.4f}")
+    for path in (lora_path, embedding_path, out / f"{name}-loss.png", out / f"{name}-preview.png"):
+        print(f"wrote {path}")
+    print("use it with the words: " + ", ".join(f"'{t} {c}'" for t, c in zip(trainer.tokens, trainer.class_words)))
+    return result
+
+
+def _preview_prompts(tokens: list[str], class_words: list[str]) -> list[str]:
+    subject = " and ".join(f"{t} {c}" for t, c in zip(tokens, class_words))
+    return [f"a photo of {subject} on the beach", f"a photo of {subject} in the snow", f"a painting of {subject}"]
+
+
+def _load_clip_towers(path: str, device):
+    from transformers import CLIPModel
+
+    from .errors import InputError
+    from .prototype import ClipTowers
+
+    try:
+        clip = CLIPModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--clip {path} is not a CLIP model folder ({error}).") from None
+    return ClipTowers.from_clip_model(clip.to(device).eval())
+
+
+# --------------------------------------------------------------------------------------------------
+# generate
+
+
+def register_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="draw pictures with a model and (optionally) a concept",
+        formatter_class=_Formatter,
+        description="Draw one picture per prompt and seed. With --concept, use the concept's trigger words in\n"
+        "the prompts (e.g. 'a photo of zqcat cat on the beach').\n\n"
+        "example: protobooth generate --model sd15.safetensors --concept out/embeddings/zqcat.safetensors "
+        "'a photo of zqcat cat in the snow'",
+    )
+    p.add_argument("prompts", nargs="+", help="prompts")
+    p.add_argument("--model", required=True, help="base model: a diffusers folder or a .safetensors/.ckpt SD1.x/SD2.x file")
+    p.add_argument("--concept", help="the concept's embedding file (its LoRA is found in ../loras/ by name)")
+    p.add_argument("--lora", help="the concept's LoRA file, when not beside the embedding in ../loras/")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength")
+    p.add_argument("--seed", type=int, action="append", help="seed (repeat for several; default 0)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (DDIM)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's native size)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--out", default="protobooth-images", help="output folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda when available)")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> int:
+    from .concept import load_concept
+    from .fileio import save_png
+    from .generate import generate
+    from .loading import load_model
+    from .report import image_grid
+
+    model = load_model(args.model).to(_device(args.device))
+    concept = None
+    if args.concept:
+        embedding = Path(args.concept)
+        lora = Path(args.lora) if args.lora else embedding.parent.parent / "loras" / embedding.name
+        concept = load_concept(embedding, lora if lora.is_file() else None)
+    seeds = args.seed or [0]
+    with _progress_bar(len(args.prompts) * len(seeds), "generate") as bar:
+        images = generate(model, args.prompts, concept, seeds, args.lora_scale, steps=args.steps, guidance=args.guidance,
+                          size=args.size, negative_prompt=args.negative, progress=lambda done, total: bar.update(1))
+    out = Path(args.out)
+    names = [f"{i:03d}-seed{seed}.png" for i, (_, seed) in enumerate((p, s) for p in args.prompts for s in seeds)]
+    for picture, file_name in zip(images, names):
+        save_png(picture, out / file_name)
+    save_png(image_grid(images, [p for p in args.prompts for _ in seeds], columns=len(seeds)), out / "grid.png")
+    print(f"wrote {len(images)} image(s) and grid.png to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# demo
+
+
+def register_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="learn an object on the built-in model, end to end, with nothing to download",
+        formatter_class=_Formatter,
+        description="Run the whole job on the embedded default model: prototype search, one-shot training,\n"
+        "concept files, loss curve and a grid of the object in new scenes, all under --out.",
+    )
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    from .demo import tiny_demo
+    from .fileio import save_png
+    from .images import to_pil
+
+    job = tiny_demo() if args.steps is None else tiny_demo(args.steps)
+    out = Path(args.out)
+    print(f"demo: {job.description}")
+    save_png(to_pil(job.image), out / "reference.png")
+    for index, mask in enumerate(job.masks, 1):
+        save_png(to_pil(mask), out / f"reference-mask-{index}.png")
+    learn(job.model, job.image, job.masks, job.tokens, job.class_words, job.settings, out, "demo", job.preview_prompts,
+          towers=job.towers, prototype=job.prototype)
+    return 0
+
+
+_SUBCOMMANDS: list = [register_train, register_generate, register_demo]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import InputError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    try:
+        return args.run(args)
+    except InputError as error:
+        print(f"protobooth {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def nearest_words(text_encoder, tokenizer, vector: torch.Tensor, k: int = 5) -> 
     table = text_encoder.get_input_embeddings().weight.detach().float()
     scores = torch.nn.functional.cosine_similarity(table, vector.float().to(table.device)[None], dim=1)
     ids = scores.topk(k).indices.tolist()
-    return [word.replace("</w>", "") for word in tokenizer.convert_ids_to_tokens(ids)]
+    return [tokenizer.decode([i]).strip() for i in ids]
 
 
 def eos_pooled(hidden_states: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:

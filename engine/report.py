@@ -1,0 +1,69 @@
+"""Pictures for people: the loss curve and image grids (PIL only, no plotting library)."""
+from __future__ import annotations
+
+import math
+
+
+def _smoothed(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_curve(losses: list[float], width: int = 512, height: int = 256, title: str = "training loss"):
+    """Per-step loss (light) and its running mean (dark) with the step and loss ranges written on the axes."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 48, width - 12, 22, height - 24
+    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    draw.text((left, 4), title, fill=(0, 0, 0))
+    finite = [v for v in losses if math.isfinite(v)]
+    if not finite:
+        draw.text((left + 8, top + 8), "no finite loss values", fill=(200, 0, 0))
+        return image
+    low, high = min(finite), max(finite)
+    span = (high - low) or 1.0
+
+    def point(i, value):
+        x = left + (right - left) * (i / max(len(losses) - 1, 1))
+        y = bottom - (bottom - top) * ((value - low) / span)
+        return x, y
+
+    def polyline(values, colour, width_px):
+        points = [point(i, v) for i, v in enumerate(values) if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=width_px)
+
+    polyline(losses, (170, 200, 240), 1)
+    polyline(_smoothed(losses, max(1, len(losses) // 20)), (20, 60, 160), 2)
+    draw.text((4, top), f"{high:.3g}", fill=(0, 0, 0))
+    draw.text((4, bottom - 10), f"{low:.3g}", fill=(0, 0, 0))
+    draw.text((left, bottom + 6), "step 1", fill=(0, 0, 0))
+    draw.text((right - 60, bottom + 6), f"step {len(losses)}", fill=(0, 0, 0))
+    return image
+
+
+def image_grid(images: list, captions: list[str] | None = None, columns: int | None = None, caption_height: int = 14):
+    """Images (PIL, same size) in rows, each with an optional caption underneath."""
+    from PIL import Image, ImageDraw
+
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    cell_height = height + (caption_height if captions else 0)
+    grid = Image.new("RGB", (columns * width, rows * cell_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, picture in enumerate(images):
+        x, y = (index % columns) * width, (index // columns) * cell_height
+        grid.paste(picture.convert("RGB"), (x, y))
+        if captions:
+            draw.text((x + 2, y + height + 1), captions[index][: max(4, width // 6)], fill=(0, 0, 0))
+    return grid
