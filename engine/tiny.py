@@ -142,43 +142,20 @@ def tiny_clip(text_encoder=None, seed: int = 0, family: str = "sd1"):
     return clip
 
 
-def tiny_sam(seed: int = 0):
-    """A tiny segment-anything model (same classes as sam_vit_b/l/h, 256-px input)."""
-    from .sam_import import import_segment_anything
+def tiny_sam_config():
+    """The tiny SAM architecture: every published SAM convention, a 256-px input and 32-wide layers."""
+    from .segment import SamConfig
 
-    import_segment_anything()
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    return SamConfig(
+        image_size=SAM_IMAGE_SIZE, patch_size=16, encoder_dim=32, encoder_depth=2, encoder_heads=2,
+        encoder_mlp_dim=64, window_size=4, global_attn_blocks=(1,), qkv_bias=True, prompt_dim=32,
+        mask_in_chans=8, decoder_depth=2, decoder_mlp_dim=64, decoder_attention_downsample=2,
+        multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=32,
+    )  # fmt: skip
 
-    embedding_size = SAM_IMAGE_SIZE // 16
 
-    def build():
-        return Sam(
-            image_encoder=ImageEncoderViT(
-                img_size=SAM_IMAGE_SIZE,
-                patch_size=16,
-                embed_dim=32,
-                depth=2,
-                num_heads=2,
-                mlp_ratio=2.0,
-                out_chans=32,
-                qkv_bias=True,
-                use_rel_pos=True,
-                window_size=4,
-                global_attn_indexes=(1,),
-            ),
-            prompt_encoder=PromptEncoder(
-                embed_dim=32,
-                image_embedding_size=(embedding_size, embedding_size),
-                input_image_size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE),
-                mask_in_chans=8,
-            ),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=1),
-                transformer_dim=32,
-                iou_head_depth=3,
-                iou_head_hidden_dim=32,
-            ),
-        ).eval()
+def tiny_sam(seed: int = 0, config=None):
+    """A tiny segment-anything model (same classes as sam_vit_b/l/h); `config` overrides tiny_sam_config()."""
+    from .segment import sam_from_config
 
-    return _seeded(seed, build)
+    return _seeded(seed, lambda: sam_from_config(config or tiny_sam_config()))
