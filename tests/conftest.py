@@ -50,3 +50,11 @@ def run_python(code: str, timeout: float = 120, **kwargs):
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs
     )
+
+
+@pytest.fixture(scope="session")
+def comfy_tiny():
+    """The ComfyUI-detectable SD1 model (about 233 M parameters): built once per test session."""
+    from protobooth.engine.tiny import comfy_tiny_model
+
+    return comfy_tiny_model(seed=0)
