@@ -80,7 +80,7 @@ def prepare(directory: Path | None = None) -> Path:
             tree.rename(directory)
         except OSError:
             if not is_prepared(directory):  # not merely another `prepare` finishing first
-                raise
+                raise RuntimeError(f"{directory} exists but holds no ComfyUI: remove it and prepare again") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return directory

