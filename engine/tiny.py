@@ -138,6 +138,8 @@ def _init_sensibly(module: torch.nn.Module) -> None:
 def comfy_tiny_model(seed: int = 0) -> DiffusionModel:
     """The smallest SD1 model that ComfyUI's checkpoint loader detects as SD1.5 with no missing keys.
 
+    (Like real SD1.5 files it has no CLIP text_projection/logit_scale, which ComfyUI does not need.)
+
     ComfyUI reads the UNet's shape from the keys but requires 320 model channels, 768 context, conv
     proj_in and 4 input channels; it hard-codes SD's VAE and CLIP-L, so those are full size here. The
     UNet has one level (no down/upsampling), one block per level and one transformer layer
