@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _SUBCOMMANDS:
         register(subparsers)
+    for subparser in subparsers.choices.values():  # --quiet also after the command name
+        subparser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                               help="print only warnings and errors")
     return parser
 
 
@@ -343,10 +346,13 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
     from .concept import save_concept
     from .fileio import save_png
     from .generate import render
+    from .images import check_masks, load_image
     from .prototype import prototype_embeddings
     from .report import image_grid, loss_curve
     from .train import OneShotTrainer
 
+    image = load_image(image)
+    masks = check_masks(masks, image, tokens)
     init = None
     if towers is not None:
         with _progress_bar("prototype") as update:

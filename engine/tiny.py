@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .loading import text_encoder_config
 from .models import DiffusionModel
 from .tokenizer import clip_tokenizer
 
@@ -115,26 +116,6 @@ def tiny_model(seed: int = 0, family: str = "sd1", prediction_type: str = "epsil
     )
 
 
-def clip_l_config():
-    """OpenAI CLIP ViT-L/14's text tower (SD1's text encoder), with this project's token ids."""
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-
-
 def _init_sensibly(module: torch.nn.Module) -> None:
     """Random weights that keep activations finite through deep full-size stacks (uses the global RNG).
 
@@ -156,6 +137,8 @@ def _init_sensibly(module: torch.nn.Module) -> None:
 
 def comfy_tiny_model(seed: int = 0) -> DiffusionModel:
     """The smallest SD1 model that ComfyUI's checkpoint loader detects as SD1.5 with no missing keys.
+
+    (Like real SD1.5 files it has no CLIP text_projection/logit_scale, which ComfyUI does not need.)
 
     ComfyUI reads the UNet's shape from the keys but requires 320 model channels, 768 context, conv
     proj_in and 4 input channels; it hard-codes SD's VAE and CLIP-L, so those are full size here. The
@@ -190,7 +173,9 @@ def comfy_tiny_model(seed: int = 0) -> DiffusionModel:
             sample_size=512,
             scaling_factor=0.18215,
         )
-        text_encoder = CLIPTextModel(clip_l_config())
+        text_encoder = CLIPTextModel(
+            text_encoder_config("sd1", hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        )
         for module in (unet, vae, text_encoder):
             _init_sensibly(module)
         return unet.eval(), vae.eval(), text_encoder.eval()

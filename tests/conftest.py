@@ -6,7 +6,9 @@ pointing here is put first on sys.path and PYTHONPATH (also for the CLI subproce
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -17,9 +19,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 _link_dir = Path(tempfile.mkdtemp(prefix="protobooth-tests-"))
+atexit.register(shutil.rmtree, _link_dir, ignore_errors=True)  # removes the link, never what it points to
 (_link_dir / "protobooth").symlink_to(ROOT, target_is_directory=True)
 sys.path.insert(0, str(_link_dir))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_link_dir), os.environ.get("PYTHONPATH")]))
+# Class images and other caches of this run stay out of the user's ~/.cache.
+os.environ["PROTOBOOTH_CACHE"] = str(_link_dir / "cache")
 
 # Nothing may reach a model hub: make the libraries fail fast instead of trying.
 os.environ["HF_HUB_OFFLINE"] = "1"

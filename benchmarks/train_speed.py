@@ -1,0 +1,531 @@
+"""Training speed and memory: our one-shot trainer against a DreamBooth-LoRA reference loop.
+
+Three sides train the same model (same seeded weights, resolution, LoRA rank/alpha/target modules,
+batch of 1 instance + 1 class image, fp32):
+
+- ours: OneShotTrainer as in real use (class prior on, the new token trained through the text encoder,
+  text anchor, object mask). Its class images are drawn once beforehand in a separate child and
+  cached: that one-off cost is reported on its own, outside step time and peak memory.
+- reference: a loop in the manner of diffusers' examples/dreambooth/train_dreambooth_lora.py with prior
+  preservation: every step VAE-encodes the instance and class image (latent_dist.sample × scaling),
+  text-encodes both prompts, runs them as one UNet batch, loss = instance MSE + prior_weight × prior
+  MSE, peft LoRA, AdamW, gradient clipping. It gets its images as in-memory tensors (no per-step file
+  loading or resizing), which if anything flatters it.
+- bare: only the UNet with the same LoRA, forward + MSE + backward + AdamW on a batch of 2 of the same
+  shapes: the floor any trainer pays.
+
+Every side runs in its own child process, which reports its peak RSS (and peak CUDA memory on a GPU).
+Steps alternate between the sides in rounds, so machine noise hits all of them alike. For the tiny model
+the three children stay alive for the whole run; SD1.5-size children take about 6 GB each, so only one
+is alive at a time and every round starts a fresh, warmed-up child per side.
+
+Per side the table gives the median wall-clock step time (the figure the targets use), the median CPU
+time per step (with one thread, what the step costs whatever else the machine runs) and the floating-
+point operations of one step (no load can change it).
+
+    python benchmarks/train_speed.py           # tiny model, then SD1.5-size UNet/VAE/CLIP-L at 256 px
+    python benchmarks/train_speed.py --quick   # tiny model only (well under two minutes)
+
+The output ends with `time ratio: X.XX` and `memory ratio: X.XX` (ours / reference) for the last size
+measured: SD1.5 size, or the tiny model with --quick. The exit status is 0 whether targets are met or not.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_this_checkout() -> None:
+    """The repository root is the package `protobooth`: make that name mean this checkout, not an installed copy.
+
+    The link goes on PYTHONPATH too, so the child processes import the same code.
+    """
+    spec = importlib.util.find_spec("protobooth")
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == REPO / "__init__.py":
+        return
+    link_dir = Path(tempfile.mkdtemp(prefix="protobooth-bench-"))
+    atexit.register(shutil.rmtree, link_dir, ignore_errors=True)
+    (link_dir / "protobooth").symlink_to(REPO, target_is_directory=True)
+    sys.path.insert(0, str(link_dir))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link_dir), os.environ.get("PYTHONPATH")]))
+
+
+_import_this_checkout()
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from protobooth.engine.losses import diffusion_target  # noqa: E402
+from protobooth.engine.train import DEFAULT_TEMPLATES, LORA_TARGETS, TrainSettings  # noqa: E402
+
+SEED = 0
+LORA_RANK = 8
+TOKEN, CLASS_WORD = "zqcat", "cat"
+PRIOR_STEPS = 4  # sampler steps per class image; only the one-off generation depends on it
+SIDES = ("ours", "reference", "bare")
+TARGETS = {"ours/reference time": 0.6, "ours/reference memory": 0.8, "ours/bare time": 1.15}
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    resolution: int
+    rounds: int
+    warmup: int  # untimed steps at the start of each child (at least 1: the first one counts the FLOPs)
+    steps: int  # timed steps per side per round
+    keep_alive: bool  # one child per side for the whole run (else a fresh one per round)
+
+
+SIZES = {
+    "tiny": Size("tiny", 64, rounds=5, warmup=3, steps=20, keep_alive=True),
+    "sd15": Size("sd15", 256, rounds=2, warmup=1, steps=3, keep_alive=False),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# the models
+
+
+def build_model(size: str, device: str):
+    """The tiny test model, or SD1.5's UNet, VAE and CLIP-L text encoder with seeded random weights."""
+    from protobooth.engine import tiny
+
+    if size == "tiny":
+        return tiny.tiny_model(SEED).to(device)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from protobooth.engine.models import DiffusionModel
+    from protobooth.engine.tokenizer import clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ))
+    model = DiffusionModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                           tokenizer=clip_tokenizer(pad_token="<|endoftext|>"),
+                           noise_scheduler=tiny.noise_scheduler("epsilon"), family="sd1", name="sd15-random")
+    return model.to(device)
+
+
+def scene(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat picture with one coloured block, and the block's mask (content does not affect speed)."""
+    mask = torch.zeros(size, size)
+    mask[size // 4 : 3 * size // 4, size // 5 : 3 * size // 5] = 1
+    image = torch.full((3, size, size), 0.5)
+    image[:, mask > 0] = torch.tensor([0.9, 0.3, 0.1])[:, None]
+    return image, mask
+
+
+def our_settings(resolution: int) -> TrainSettings:
+    # steps is raised as the benchmark asks for more; fp32 on every device so all sides compute alike.
+    return TrainSettings(steps=1, lora_rank=LORA_RANK, prior_images=1, prior_steps=PRIOR_STEPS,
+                         resolution=resolution, mixed_precision="no", seed=SEED)
+
+
+def cached_class_latents(model, resolution: int, cache: Path) -> torch.Tensor:
+    """The class latents our trainer uses (the same call it makes, so the second call reads the cache)."""
+    from protobooth.engine.prior import class_latents
+
+    s = our_settings(resolution)
+    return class_latents(model, s.class_prompt.format(CLASS_WORD), s.prior_images, resolution, s.seed,
+                         s.prior_steps, s.prior_guidance, cache)
+
+
+def attach_lora(unet, rank: int, seed: int) -> list[torch.nn.Parameter]:
+    """peft LoRA on the attention projections, as diffusers' example adds it; returns the fp32 trainables."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    for p in parameters:
+        p.data = p.data.float()
+    return parameters
+
+
+# --------------------------------------------------------------------------------------------------
+# the loops
+
+
+class DreamBoothLoraReference:
+    """DreamBooth-LoRA training with prior preservation, step for step as diffusers' example does it."""
+
+    def __init__(self, model, instance_image: torch.Tensor, class_image: torch.Tensor, instance_prompt: str,
+                 class_prompt: str, rank: int = LORA_RANK, learning_rate: float = 1e-4, prior_weight: float = 1.0,
+                 max_grad_norm: float = 1.0, seed: int = SEED):
+        self.model = model
+        self.prior_weight = prior_weight
+        self.max_grad_norm = max_grad_norm
+        model.vae.requires_grad_(False)
+        model.text_encoder.requires_grad_(False)
+        self.lora_parameters = attach_lora(model.unet, rank, seed)
+        self.optimizer = torch.optim.AdamW(self.lora_parameters, lr=learning_rate, betas=(0.9, 0.999),
+                                           weight_decay=1e-2, eps=1e-8)
+        # What its data loader hands over each step: uint8 pixels and token ids, instance then class.
+        self.images = torch.stack([instance_image, class_image])
+        self.input_ids = model.tokenizer([instance_prompt, class_prompt], padding="max_length", truncation=True,
+                                         max_length=model.tokenizer.model_max_length, return_tensors="pt").input_ids
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def step(self) -> float:
+        model, device = self.model, self.model.device
+        pixels = (self.images.float() / 127.5 - 1).to(device, model.vae.dtype)
+        latents = model.vae.encode(pixels).latent_dist.sample(generator=self.generator) * model.latent_scaling
+        states = model.text_encoder(self.input_ids.to(device))[0]
+        noise = torch.randn(latents.shape, generator=self.generator).to(latents)
+        timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                                  generator=self.generator).to(device)
+        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(model.noise_scheduler, latents, noise, timesteps)
+        prediction = model.unet(noisy, timesteps, encoder_hidden_states=states).sample
+        instance_prediction, prior_prediction = prediction.chunk(2)
+        instance_target, prior_target = target.chunk(2)
+        loss = F.mse_loss(instance_prediction.float(), instance_target.float())
+        loss = loss + self.prior_weight * F.mse_loss(prior_prediction.float(), prior_target.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.lora_parameters, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return float(loss.detach())
+
+
+class BareUNetLoop:
+    """Only the LoRA'd UNet: forward + MSE + backward + AdamW on fixed inputs of the training shapes."""
+
+    def __init__(self, model, resolution: int, batch: int = 2, rank: int = LORA_RANK, learning_rate: float = 1e-4,
+                 seed: int = SEED):
+        self.unet = model.unet
+        self.lora_parameters = attach_lora(model.unet, rank, seed)
+        self.optimizer = torch.optim.AdamW(self.lora_parameters, lr=learning_rate, weight_decay=1e-2)
+        generator = torch.Generator().manual_seed(seed)
+        side = resolution // model.vae_scale_factor
+        config, device = model.unet.config, model.device
+        text_length = model.tokenizer.model_max_length
+        self.latents = torch.randn(batch, config.in_channels, side, side, generator=generator).to(device)
+        self.states = torch.randn(batch, text_length, config.cross_attention_dim, generator=generator).to(device)
+        self.timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+        self.target = torch.randn(self.latents.shape, generator=generator).to(device)
+
+    def step(self) -> float:
+        prediction = self.unet(self.latents, self.timesteps, encoder_hidden_states=self.states).sample
+        loss = F.mse_loss(prediction, self.target)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _step_times(marks: list[tuple[float, float]]) -> dict[str, list[float]]:
+    """Wall-clock and CPU seconds between consecutive (wall, cpu) marks."""
+    return {"wall": [b[0] - a[0] for a, b in zip(marks, marks[1:])],
+            "cpu": [b[1] - a[1] for a, b in zip(marks, marks[1:])]}
+
+
+def _timed_steps(step, n: int) -> dict[str, list[float]]:
+    marks = [_clocks()]
+    for _ in range(n):
+        step()
+        marks.append(_clocks())
+    return _step_times(marks)
+
+
+def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[3,H,W] in -1..1 → uint8, as a class image saved to disk and loaded again would be."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def prepare_side(side: str, model, resolution: int, cache: Path, stack: contextlib.ExitStack):
+    """Set up one side; returns run(n) → its n steps' wall-clock and CPU seconds."""
+    image, mask = scene(resolution)
+    if side == "ours":
+        from protobooth.engine.train import OneShotTrainer
+
+        cached = sorted(cache.rglob("*.safetensors"))
+        trainer = stack.enter_context(OneShotTrainer(model, image, [mask], [TOKEN], [CLASS_WORD],
+                                                     our_settings(resolution), prior_cache=cache))
+        if sorted(cache.rglob("*.safetensors")) != cached:
+            raise RuntimeError("the trainer drew its own class images: cached_class_latents no longer makes its call")
+
+        def run(n: int) -> dict[str, list[float]]:
+            # Timed at the trainer's own progress reports, so its loop is measured too.
+            trainer.settings.steps = trainer.step + n
+            marks = [_clocks()]
+            trainer.train(progress=lambda report: marks.append(_clocks()))
+            return _step_times(marks)
+
+        return run
+    if side == "reference":
+        class_latent = cached_class_latents(model, resolution, cache)[:1].to(model.device)
+        with torch.no_grad():
+            class_image = model.vae.decode(class_latent / model.latent_scaling).sample[0]
+        loop = DreamBoothLoraReference(model, _to_uint8(image * 2 - 1), _to_uint8(class_image),
+                                       DEFAULT_TEMPLATES[0].format(f"{TOKEN} {CLASS_WORD}"),
+                                       our_settings(resolution).class_prompt.format(CLASS_WORD))
+        return lambda n: _timed_steps(loop.step, n)
+    if side == "bare":
+        loop = BareUNetLoop(model, resolution)
+        return lambda n: _timed_steps(loop.step, n)
+    raise ValueError(side)
+
+
+# --------------------------------------------------------------------------------------------------
+# child process: a side (or the one-off class-image job) behind a line protocol on stdin/stdout
+
+
+def child_main(job: str, size: str, cache: Path, threads: int, device: str) -> None:
+    import resource
+
+    import psutil
+
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever the libraries print goes to stderr; stdout carries only replies
+
+    def reply(**fields) -> None:
+        replies.write(json.dumps(fields) + "\n")
+
+    import diffusers  # noqa: F401  (imported before the memory baseline, like torch)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    torch.set_num_threads(threads)
+    import_rss = psutil.Process().memory_info().rss
+    resolution = SIZES[size].resolution
+    started = time.perf_counter()
+    model = build_model(size, device)
+    built = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if job == "prior":
+            cached_class_latents(model, resolution, cache)
+            run = None
+        else:
+            run = prepare_side(job, model, resolution, cache, stack)
+        reply(ready=True, build_s=built - started, setup_s=time.perf_counter() - built)
+        for line in sys.stdin:
+            command, *arguments = line.split()
+            if command == "run" and run is not None:
+                reply(**run(int(arguments[0])))
+            elif command == "flops" and run is not None:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as counter:
+                    run(1)
+                reply(flops=counter.get_total_flops())
+            elif command == "quit":
+                break
+            else:
+                reply(error=f"unknown command {line.strip()!r}")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    cuda_peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    reply(peak_rss=peak_rss, import_rss=import_rss, cuda_peak=cuda_peak)
+
+
+class Child:
+    """One child process running a side; started at once, answers in order."""
+
+    def __init__(self, job: str, size: str, cache: Path, args):
+        self.job = job
+        self.log = tempfile.TemporaryFile("w+")
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", job, "--size", size,
+                   "--cache", str(cache), "--threads", str(args.threads), "--device", args.device]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True)
+        self._ready = None
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.log.seek(0)
+            tail = self.log.read()[-3000:]
+            raise RuntimeError(f"the {self.job} child stopped (exit status {self.process.returncode}):\n{tail}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the {self.job} child: {answer['error']}")
+        return answer
+
+    def ready(self) -> dict:
+        if self._ready is None:
+            self._ready = self._answer()
+        return self._ready
+
+    def ask(self, command: str) -> dict:
+        self.ready()
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def run(self, n: int) -> dict[str, list[float]]:
+        return self.ask(f"run {n}") if n else {"wall": [], "cpu": []}
+
+    def warm_up(self, steps: int) -> int:
+        """Untimed steps; the first counts its floating-point operations, a figure no machine load can change."""
+        flops = self.ask("flops")["flops"]
+        self.run(steps - 1)
+        return flops
+
+    def finish(self) -> dict:
+        stats = self.ask("quit")
+        self.process.wait()
+        self.log.close()
+        return {**self.ready(), **stats}
+
+
+# --------------------------------------------------------------------------------------------------
+# the parent: schedule the children, then report
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def measure(size: Size, cache: Path, args) -> tuple[dict, dict]:
+    """Step times and memory per side, and the one-off class-image job's figures."""
+    progress(f"{size.name}: drawing the class image")
+    prior = Child("prior", size.name, cache, args)
+    prior_stats = prior.finish()
+    times = {side: {"wall": [], "cpu": []} for side in SIDES}
+    stats = {side: [] for side in SIDES}
+    flops = {}
+
+    def take(side: str, measured: dict) -> None:
+        for clock, values in measured.items():
+            times[side][clock] += values
+
+    def order(round_index: int) -> list[str]:
+        shift = round_index % len(SIDES)  # rotate who goes first, so no side always follows the same one
+        return list(SIDES[shift:] + SIDES[:shift])
+
+    if size.keep_alive:
+        children = {side: Child(side, size.name, cache, args) for side in SIDES}
+        for side, child in children.items():
+            flops[side] = child.warm_up(size.warmup)
+        for round_index in range(size.rounds):
+            progress(f"{size.name}: round {round_index + 1} of {size.rounds}")
+            for side in order(round_index):
+                take(side, children[side].run(size.steps))
+        for side, child in children.items():
+            stats[side].append(child.finish())
+    else:
+        for round_index in range(size.rounds):
+            for side in order(round_index):
+                progress(f"{size.name}: round {round_index + 1} of {size.rounds}, {side}")
+                child = Child(side, size.name, cache, args)
+                flops[side] = child.warm_up(size.warmup)
+                take(side, child.run(size.steps))
+                stats[side].append(child.finish())
+    results = {}
+    for side in SIDES:
+        memory_key = "cuda_peak" if args.device.startswith("cuda") else "peak_rss"
+        wall = times[side]["wall"]
+        results[side] = {
+            "median": statistics.median(wall),
+            "min": min(wall),
+            "max": max(wall),
+            "count": len(wall),
+            "cpu": statistics.median(times[side]["cpu"]),
+            "flops": flops[side],
+            "memory": max(s[memory_key] for s in stats[side]),
+            "above_imports": max(s["peak_rss"] - s["import_rss"] for s in stats[side]),
+            "setup": statistics.median(s["setup_s"] for s in stats[side]),
+        }
+    return results, prior_stats
+
+
+def report(size: Size, results: dict, prior_stats: dict, args) -> dict:
+    """Print one size's table and target verdicts; returns its ratios."""
+    memory_name = "peak CUDA" if args.device.startswith("cuda") else "peak RSS"
+    print(f"\n{size.name} model at {size.resolution} px: LoRA rank {LORA_RANK}, 1 instance + 1 class image, fp32, "
+          f"{args.device}, {args.threads} thread(s); {size.rounds} rounds × {size.steps} timed steps per side "
+          f"after {size.warmup} warm-up step(s) per {'child' if size.keep_alive else 'child and round'}")
+    print(f"{'side':<10} {'median step':>12} {'min–max':>17} {'CPU/step':>9} {'GFLOP/step':>11} {'steps':>6} "
+          f"{memory_name:>10} {'above imports':>14} {'set-up':>8}")
+    for side in SIDES:
+        r = results[side]
+        spread = f"{r['min']:.3f}–{r['max']:.3f} s"
+        print(f"{side:<10} {r['median']:>10.3f} s {spread:>17} {r['cpu']:>7.3f} s {r['flops'] / 1e9:>11.2f} "
+              f"{r['count']:>6} {r['memory'] / 2**20:>7.0f} MB {r['above_imports'] / 2**20:>11.0f} MB {r['setup']:>6.1f} s")
+    print(f"class images (one-off, outside step time and peak memory): 1 image × {PRIOR_STEPS} sampler steps "
+          f"in {prior_stats['setup_s']:.1f} s")
+
+    def ratio(key: str, other: str) -> float:
+        return results["ours"][key] / results[other][key]
+
+    ratios = {
+        "ours/reference time": ratio("median", "reference"),
+        "ours/reference memory": ratio("memory", "reference"),
+        "ours/bare time": ratio("median", "bare"),
+    }
+    print(f"ours/reference: wall time {ratios['ours/reference time']:.2f}, CPU time {ratio('cpu', 'reference'):.2f}, "
+          f"compute {ratio('flops', 'reference'):.2f}, peak memory {ratios['ours/reference memory']:.2f} "
+          f"(above imports {ratio('above_imports', 'reference'):.2f})")
+    print(f"ours/bare: wall time {ratios['ours/bare time']:.2f}, CPU time {ratio('cpu', 'bare'):.2f}, "
+          f"compute {ratio('flops', 'bare'):.2f}")
+    verdicts = [f"{name} ≤ {limit:.2f}: {'met' if ratios[name] <= limit else 'MISSED'} ({ratios[name]:.2f})"
+                for name, limit in TARGETS.items()]
+    print(f"targets ({size.name}, wall-clock medians): " + "; ".join(verdicts))
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the tiny model only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in each child (more than 1 on a busy shared CPU makes timings erratic)")
+    parser.add_argument("--device", default="cpu", help="torch device for the models")
+    parser.add_argument("--child", choices=("prior",) + SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=tuple(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child_main(args.child, args.size, args.cache, args.threads, args.device)
+        return 0
+    started = time.perf_counter()
+    sizes = ["tiny"] if args.quick else ["tiny", "sd15"]
+    with tempfile.TemporaryDirectory(prefix="protobooth-bench-cache-") as cache:
+        for name in sizes:
+            results, prior_stats = measure(SIZES[name], Path(cache), args)
+            ratios = report(SIZES[name], results, prior_stats, args)
+    print(f"\nwhole run: {time.perf_counter() - started:.0f} s; the ratios below are for the {sizes[-1]} model")
+    print(f"time ratio: {ratios['ours/reference time']:.2f}")
+    print(f"memory ratio: {ratios['ours/reference memory']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

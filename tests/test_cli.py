@@ -1,0 +1,108 @@
+"""The command line end to end on tiny models: segment → train → generate, the demo, and bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protobooth.engine import tiny
+from protobooth.engine.cli import main
+from protobooth.engine.concept import load_concept
+from protobooth.engine.segment import save_sam_checkpoint
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A photo, a tiny SAM checkpoint and a tiny SD1 model saved as a diffusers folder."""
+    root = tmp_path_factory.mktemp("cli")
+    picture = np.full((64, 64, 3), 110, dtype=np.uint8)
+    picture[16:48, 12:40] = (230, 60, 30)
+    Image.fromarray(picture).save(root / "photo.png")
+    save_sam_checkpoint(tiny.tiny_sam(0), root / "sam_tiny.pth")
+    tiny.tiny_model(0).pipeline().save_pretrained(root / "model")
+    return root
+
+
+def test_segment_train_generate(files, capsys):
+    masks = files / "masks"
+    assert main(["segment", str(files / "photo.png"), "--sam", str(files / "sam_tiny.pth"),
+                 "--object", "box=12,16,40,48", "--out", str(masks)]) == 0
+    assert (masks / "mask_1.png").is_file() and (masks / "preview.png").is_file()
+    # A random-weight SAM draws meaningless masks; train on a hand-made one so the run is about the CLI.
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 12:40] = 255
+    Image.fromarray(mask).save(masks / "mask_hand.png")
+
+    out = files / "out"
+    argv = ["train", str(files / "photo.png"), "--model", str(files / "model"), "--token", "zqcat", "--class", "cat",
+            "--mask", str(masks / "mask_hand.png"), "--steps", "4", "--prior-images", "1", "--out", str(out),
+            "--preview-prompt", "a photo of zqcat cat", "--quiet"]
+    assert main(argv) == 0
+    for name in ("loras/zqcat.safetensors", "embeddings/zqcat.safetensors", "zqcat-loss.png", "zqcat-preview.png"):
+        assert (out / name).is_file(), name
+    concept = load_concept(out / "embeddings/zqcat.safetensors", out / "loras/zqcat.safetensors")
+    assert concept.tokens == ["zqcat"] and concept.lora
+
+    assert main(argv) == 2  # the concept exists: refused without --overwrite
+    assert "already exists" in capsys.readouterr().err
+
+    images = files / "images"
+    assert main(["generate", "a photo of zqcat cat", "a photo of a cat", "--model", str(files / "model"),
+                 "--concept", str(out / "embeddings/zqcat.safetensors"), "--seed", "1", "--seed", "2",
+                 "--steps", "3", "--out", str(images), "--quiet"]) == 0
+    pictures = sorted(images.glob("0*.png"))
+    assert len(pictures) == 4 and (images / "grid.png").is_file()
+    first, second = (np.asarray(Image.open(p)) for p in pictures[:2])
+    assert first.shape == (64, 64, 3) and not np.array_equal(first, second)  # two seeds, two pictures
+
+
+def test_demo_writes_everything(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--quiet"]) == 0
+    for name in ("reference.png", "reference-mask-1.png", "loras/demo.safetensors", "embeddings/demo.safetensors",
+                 "demo-loss.png", "demo-preview.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+@pytest.mark.parametrize("command", ["segment", "train", "generate", "demo"])
+def test_help_explains_every_option(command):
+    result = subprocess.run([sys.executable, "-m", "protobooth.engine.cli", command, "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("options:", 1)[1].splitlines()
+    options = 0
+    for index, line in enumerate(lines):
+        if line.startswith("  -"):
+            options += 1
+            explained_here = "  " in line.strip()
+            explained_below = index + 1 < len(lines) and lines[index + 1].startswith(" " * 8)
+            assert explained_here or explained_below, f"{command}: option without explanation: {line.strip()}"
+    assert options >= 3
+
+
+def test_bad_model_path_is_a_clean_error(files, capsys):
+    mask = files / "mask_full.png"
+    Image.fromarray(np.full((64, 64), 255, dtype=np.uint8)).save(mask)
+    code = main(["train", str(files / "photo.png"), "--model", str(files / "no-such-model"), "--token", "zqcat",
+                 "--class", "cat", "--mask", str(mask), "--out", str(files / "bad"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "protobooth train: error:" in err and "Traceback" not in err
+    assert not (files / "bad").exists()
+
+
+def test_token_init_vectors_reach_the_saved_concept(files):
+    torch.manual_seed(0)
+    out = files / "out-clip"
+    clip = tiny.tiny_clip(tiny.tiny_text_encoder(2))  # the text tower of tiny_model(0)'s text encoder (seed 0+2)
+    clip.save_pretrained(files / "clip")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 12:40] = 255
+    Image.fromarray(mask).save(files / "m.png")
+    assert main(["train", str(files / "photo.png"), "--model", str(files / "model"), "--clip", str(files / "clip"),
+                 "--token", "zqcat", "--class", "cat", "--mask", str(files / "m.png"), "--steps", "2",
+                 "--prototype-steps", "5", "--prior-images", "1", "--out", str(out), "--quiet"]) == 0
+    assert (out / "embeddings/zqcat.safetensors").is_file()
