@@ -1,4 +1,5 @@
-"""Test-only model files that the harness's ComfyUI (2024-03) loads: a CLIP vision tower, a SAM, a ControlNet.
+"""Test-only model files that the harness's ComfyUI (2024-03) loads (a CLIP vision tower, a SAM, a ControlNet),
+and the photo the node and workflow tests segment.
 
 Random weights (nothing can be downloaded), seeded, with the real architectures and file layouts, so the
 server's own loaders read them as they would read the published files:
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from protobooth.engine.checkpoints import original_names, unet_module_map
@@ -21,6 +23,16 @@ from protobooth.engine.segment import save_sam_checkpoint
 from protobooth.engine.tiny import _init_sensibly, tiny_sam
 
 CONTROLNET_PREFIX = "control_model."
+RED_SQUARE = (8, 8, 28, 28)  # (left, top, right, bottom) in the test photo
+BLUE_RECTANGLE = (30, 36, 58, 60)
+
+
+def two_shapes_photo() -> np.ndarray:
+    """64x64 RGB uint8: a red square and a blue rectangle on grey."""
+    pixels = np.full((64, 64, 3), 128, np.uint8)
+    for (left, top, right, bottom), colour in ((RED_SQUARE, (230, 25, 25)), (BLUE_RECTANGLE, (25, 50, 230))):
+        pixels[top:bottom, left:right] = colour
+    return pixels
 
 
 def vit_l_14_vision_config():

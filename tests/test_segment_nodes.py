@@ -9,22 +9,16 @@ import pytest
 from PIL import Image
 
 from comfyui_harness import execution_error
+from comfyui_models import two_shapes_photo
 
 PHOTO = "two_shapes.png"
-# a red square and a blue rectangle on grey; prompts name them in reverse order on purpose
+# the blue rectangle by its box, then the red square by clicks: the reverse of their order in the photo
 PROMPTS = [{"box": [30, 36, 58, 60]}, {"positive": [[18, 18]], "negative": [[2, 60]]}]
-
-
-def two_shapes() -> np.ndarray:
-    pixels = np.full((64, 64, 3), 128, np.uint8)
-    pixels[8:28, 8:28] = (230, 25, 25)
-    pixels[36:60, 30:58] = (25, 50, 230)
-    return pixels
 
 
 @pytest.fixture(scope="module")
 def photo(comfyui) -> str:
-    Image.fromarray(two_shapes()).save(comfyui.input_dir / PHOTO)
+    Image.fromarray(two_shapes_photo()).save(comfyui.input_dir / PHOTO)
     return PHOTO
 
 
@@ -81,13 +75,13 @@ def test_sam_loader_lists_the_file_and_segment_objects_gives_masks_in_prompt_ord
     assert "loaded SAM custom (ViT 32 wide, 2 blocks" in comfyui.log_text()[log_start:]
     masks = [image[..., 0] / 255.0 for image in saved(comfyui, entry, "save_masks")]
     segmenter = Segmenter(load_sam(comfyui.models("sams") / comfyui_sam))
-    segmenter.set_image(two_shapes())
+    segmenter.set_image(two_shapes_photo())
     expected = [mask.numpy() for mask in segmenter.segment(PROMPTS)]
     assert len(masks) == 2 and not np.array_equal(*expected)
     for mask, reference in zip(masks, expected):
         assert np.mean(np.abs(mask - reference) > 0.5) < 0.01
     [preview] = saved(comfyui, entry, "save_preview")
-    assert preview.shape == (64, 64, 3) and not np.array_equal(preview, two_shapes())
+    assert preview.shape == (64, 64, 3) and not np.array_equal(preview, two_shapes_photo())
 
 
 def test_a_batch_of_images_is_refused(comfyui, comfyui_sam, photo):
