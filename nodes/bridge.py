@@ -14,7 +14,6 @@ picture.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -38,15 +37,6 @@ FAMILIES = {"SD15": "sd1", "SD20": "sd2"}
 TEXT_ENCODERS = {"sd1": "clip_l", "sd2": "clip_h"}  # the attribute of ComfyUI's CLIP model holding it
 TEXT_ACTIVATIONS = {"sd1": "quick_gelu", "sd2": "gelu"}  # OpenAI CLIP-L / OpenCLIP-H
 TOKENIZER_PADDING = {"sd1": "<|endoftext|>", "sd2": "!"}  # what ComfyUI pads prompts with
-
-
-@contextlib.contextmanager
-def node_errors(node: str):
-    """Re-raise the engine's input errors with the node's display name in front."""
-    try:
-        yield
-    except InputError as error:
-        raise InputError(f"{node}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------------------

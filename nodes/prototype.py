@@ -17,12 +17,10 @@ import comfy.model_management
 import comfy.utils
 
 from ..engine.errors import InputError
-from ..engine.images import check_masks
 from ..engine.prototype import ClipTowers, PrototypeSettings, prototype_embeddings
 from ..engine.tokenizer import clip_tokenizer
-from ..engine.tokens import check_objects
-from .bridge import TEXT_ENCODERS, TOKENIZER_PADDING, node_errors, text_encoder_view
-from .segment import CATEGORY, image_from_batch
+from .bridge import TEXT_ENCODERS, TOKENIZER_PADDING, text_encoder_view
+from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
 
@@ -85,10 +83,6 @@ class ComfyClipTowers(ClipTowers):
         return F.normalize(embeds.float(), dim=-1)[0]
 
 
-def split_words(text: str) -> list[str]:
-    return [word.strip() for word in text.split(",")]
-
-
 class ProtoBoothPrototypeInit:
     DESCRIPTION = (
         "Finds starting vectors for each new token: the text embedding of 'a photo of <token>' is moved towards "
@@ -118,14 +112,8 @@ class ProtoBoothPrototypeInit:
 
     def initialise(self, clip, clip_vision, image, masks, tokens, class_words, vectors, steps, learning_rate):
         family = clip_family(clip)
-        picture = image_from_batch(image, NODE)
         with node_errors(NODE):
-            tokens, class_words = check_objects(clip_tokenizer(), split_words(tokens), split_words(class_words))
-            masks = masks if masks.ndim == 3 else masks[None]
-            if len(masks) != len(tokens):
-                raise InputError(f"got {len(masks)} mask(s) but {len(tokens)} token(s); give one token and one class "
-                                 "word per mask (comma-separated), in the order of the masks.")
-            masks = check_masks(list(masks), picture, tokens)
+            picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
         encoder = getattr(clip.cond_stage_model, TEXT_ENCODERS[family])
         projection = text_projection(encoder)
         text_width = encoder.transformer.get_input_embeddings().weight.shape[1] if projection is None else projection.out_features

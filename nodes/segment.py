@@ -6,7 +6,6 @@ visits the compute device only while it segments: ComfyUI's memory manager does 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -18,8 +17,8 @@ import folder_paths
 
 from ..engine.errors import InputError
 from ..engine.segment import Segmenter, load_sam, overlay_masks, parse_prompts
+from .common import CATEGORY, image_from_batch, node_errors
 
-CATEGORY = "ProtoBooth"
 SAMS = "sams"
 SAM_EXTENSIONS = {".pth", ".pt", ".safetensors"}
 DEFAULT_PROMPTS = '[{"box": [8, 8, 56, 56]}]'
@@ -37,26 +36,6 @@ def register_sams_folder() -> None:
 
 
 register_sams_folder()
-
-
-@contextlib.contextmanager
-def errors_named(node: str):
-    """Re-raise the engine's input errors with the node's display name in front."""
-    try:
-        yield
-    except InputError as error:
-        raise InputError(f"{node}: {error}") from None
-
-
-def image_from_batch(image: torch.Tensor, node: str, what: str = "image") -> torch.Tensor:
-    """ComfyUI's IMAGE [1, H, W, C] → the engine's [3, H, W]; a batch of several is refused."""
-    if image.ndim != 4 or image.shape[0] != 1:
-        count = image.shape[0] if image.ndim == 4 else "an unbatched"
-        raise InputError(
-            f"{node}: {what} is a batch of {count} images; give exactly one photo "
-            "(pick one from a batch with 'Latent/ImageFromBatch' or load a single image)."
-        )
-    return image[0, ..., :3].movedim(-1, 0).float().cpu()
 
 
 @dataclass
@@ -90,7 +69,7 @@ class ProtoBoothSAMLoader:
                 "(e.g. sam_vit_b_01ec64.pth) there and refresh."
             )
         offload = comfy.model_management.unet_offload_device()
-        with errors_named("SAM Loader"):
+        with node_errors("SAM Loader"):
             model = load_sam(path, device=offload)
         return (LoadedSam(model, comfy.model_management.get_torch_device(), sam_name),)
 
@@ -122,9 +101,9 @@ class ProtoBoothSegmentObjects:
 
     def segment(self, image, sam, prompts, dilate, feather, multimask):
         node = "Segment Objects"
-        picture = image_from_batch(image, node)
-        height, width = picture.shape[-2:]
-        with errors_named(node):
+        with node_errors(node):
+            picture = image_from_batch(image)
+            height, width = picture.shape[-2:]
             # refuse bad prompts before SAM's image encoder (the slow part) runs
             objects = parse_prompts(prompts, image_size=(width, height))
             blocks = len(sam.model.image_encoder.blocks)
