@@ -4,9 +4,7 @@ One module per node family; each holds its NODE_CLASS_MAPPINGS and NODE_DISPLAY_
 """
 from importlib import import_module
 
-FAMILIES = (
-    "segment",
-)
+FAMILIES = ("segment", "prototype", "train", "concept")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -80,7 +80,117 @@ class ProtoBoothTestFakeVision:
         return (SimpleNamespace(model=SimpleNamespace(visual_projection=projection), encode_image=encode_image),)
 
 
+class ProtoBoothTestBoxMasks:
+    """MASK from boxes (JSON [[left, top, right, bottom], ...]) on an image's size: masks without SAM."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "boxes": ("STRING", {"default": "[[8, 8, 28, 28]]"})}}
+
+    def make(self, image, boxes):
+        import json
+
+        masks = torch.zeros(len(json.loads(boxes)), image.shape[1], image.shape[2])
+        for mask, (left, top, right, bottom) in zip(masks, json.loads(boxes)):
+            mask[top:bottom, left:right] = 1
+        return (masks,)
+
+
+class ProtoBoothTestWeightsDigest:
+    """A hash of a MODEL's UNet and a CLIP's text-encoder weights as they are stored, and their patch counts.
+
+    `after` only orders it after another node (a concept that has to exist first)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",)}, "optional": {"after": ("PROTOBOOTH_CONCEPT",)}}
+
+    def report(self, model, clip, after=None):
+        import hashlib
+
+        digest = hashlib.sha256()
+        for module in (model.model.diffusion_model, clip.cond_stage_model):
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        facts = {"digest": digest.hexdigest(), "model_patches": len(model.patches), "clip_patches": len(clip.patcher.patches),
+                 "tokenizer": type(clip.tokenizer).__name__}
+        return {"ui": {"facts": [facts]}}
+
+
+class ProtoBoothTestUNetPrediction:
+    """The UNet's raw prediction for a given latent (JSON, [1,4,h,w]), timestep and conditioning, with the
+    MODEL's patches (LoRA) applied the way sampling applies them."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "conditioning": ("CONDITIONING",), "latent": ("STRING", {"default": "[]"}),
+                             "timestep": ("INT", {"default": 500, "min": 0, "max": 999})}}
+
+    def report(self, model, conditioning, latent, timestep):
+        import json
+
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([model])
+        unet = model.model.diffusion_model
+        sample = torch.tensor(json.loads(latent), dtype=torch.float32)
+        context = conditioning[0][0].float()
+        with torch.no_grad():
+            prediction = unet(sample, timesteps=torch.tensor([timestep]), context=context)
+        return {"ui": {"prediction": [prediction.flatten().tolist()], "context": [context.flatten()[:2000].tolist()]}}
+
+
+class ProtoBoothTestViewOutputs:
+    """What the pack's diffusers views of a MODEL/CLIP/VAE compute: UNet prediction, text states, VAE latents."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "image": ("IMAGE",),
+                             "latent": ("STRING", {"default": "[]"}), "prompt": ("STRING", {"default": "a photo"})}}
+
+    def report(self, model, clip, vae, image, latent, prompt):
+        import json
+
+        bridge = sys.modules["protobooth.nodes.bridge"]
+        with torch.inference_mode(False), torch.no_grad():
+            view = bridge.diffusion_model_view(model, clip, vae)
+            ids = view.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            states = view.text_encoder(input_ids=ids)[0]
+            sample = torch.tensor(json.loads(latent), dtype=torch.float32)
+            prediction = view.unet(sample, 500, encoder_hidden_states=states).sample
+            pixels = image[0, ..., :3].movedim(-1, 0)[None] * 2 - 1
+            encoded = view.vae.encode(pixels).latent_dist.mean
+            shared = view.unet.conv_in.weight.data_ptr() == model.model.diffusion_model.input_blocks[0][0].weight.data_ptr()
+        return {"ui": {"outputs": [{"prediction": prediction.flatten().tolist(), "states": states.flatten()[:2000].tolist(),
+                                    "latent_mean": encoded.flatten().tolist(), "unet_shares_storage": shared,
+                                    "fingerprint": view.fingerprint}]}}
+
+
 NODE_CLASS_MAPPINGS = {
+    "ProtoBoothTestBoxMasks": ProtoBoothTestBoxMasks,
+    "ProtoBoothTestWeightsDigest": ProtoBoothTestWeightsDigest,
+    "ProtoBoothTestUNetPrediction": ProtoBoothTestUNetPrediction,
+    "ProtoBoothTestViewOutputs": ProtoBoothTestViewOutputs,
     "ProtoBoothTestProbe": ProtoBoothTestProbe,
     "ProtoBoothTestTokenInitReport": ProtoBoothTestTokenInitReport,
     "ProtoBoothTestFakeVision": ProtoBoothTestFakeVision,
