@@ -268,7 +268,7 @@ def tiny_files(comfyui, comfyui_checkpoint, comfyui_sam, comfyui_clip_vision, co
         "EmptyLatentImage": {"width": 64, "height": 64},
         "KSampler": {"steps": 2},
         "ProtoBoothPrototypeInit": {"steps": 2},
-        "ProtoBoothTrainConcept": {"steps": 2},
+        "ProtoBoothTrainConcept": {"steps": 2, "resolution": 64},
     }
 
 
