@@ -318,7 +318,9 @@ def run_train(args) -> int:
     from .prototype import PrototypeSettings
     from .train import DEFAULT_TEMPLATES, TrainSettings
 
-    out, name = Path(args.out), (args.name or args.token[0])
+    from .concept import check_concept_name
+
+    out, name = Path(args.out), check_concept_name(args.name or args.token[0])
     if not args.overwrite and any(p.exists() for p in _concept_paths(out, name)):
         raise InputError(f"concept {name!r} already exists in {out}; pass --overwrite or choose another --name.")
     device = _device(args.device)

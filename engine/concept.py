@@ -77,12 +77,43 @@ def peft_to_kohya(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str
     return dict(sorted(kohya.items()))
 
 
+def check_concept_name(name: str) -> str:
+    """A concept name that is safe as a file name in a models folder (".safetensors" may be given or not)."""
+    name = name.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    bad = sorted({c for c in name if c in '/\\:*?"<>|' or ord(c) < 32})
+    if not name or name.startswith(".") or ".." in name or bad:
+        shown = f" (it contains {' '.join(repr(c) for c in bad)})" if bad else ""
+        raise InputError(f"concept name {name!r} cannot be a file name{shown}; use letters, digits, '_' and '-', "
+                         "not starting with a dot, e.g. my_mug.")
+    return name
+
+
 def save_concept(concept: Concept, lora_path, embedding_path) -> None:
-    """Write both files atomically (metadata in both headers, so either file identifies the concept)."""
+    """Write both files atomically (metadata in both headers, so either file identifies the concept).
+
+    The LoRA goes first: the embedding is what marks a saved concept, so it appears only once both exist.
+    """
     meta = {METADATA_KEY: json.dumps(concept.metadata(), sort_keys=True)}
-    save_safetensors(concept.embedding_tensors(), embedding_path, metadata=meta)
     if concept.lora:
         save_safetensors(concept.lora, lora_path, metadata=meta)
+    save_safetensors(concept.embedding_tensors(), embedding_path, metadata=meta)
+
+
+def read_concept_metadata(path) -> dict | None:
+    """ProtoBooth's metadata from a safetensors header (tensors are not read); None for any other file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    try:
+        return json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _read(path, what: str):

@@ -5,7 +5,7 @@ usage: python tests/comfyui_launch.py COMFYUI_DIR SCRATCH_DIR [main.py arguments
 That ComfyUI imports torchvision at module level (comfy/ldm/cascade, for Stable Cascade only), and
 torchvision cannot be installed beside a CPU-only torch. Its core modules are therefore imported here
 inside ProtoBooth's scoped torchvision stand-in before main.py runs; main.py then finds them imported.
-The server also exits when the process that started it goes away, deleting SCRATCH_DIR (the folder made
+Its default models folder is SCRATCH_DIR/models, not the cached ComfyUI's. The server also exits when the process that started it goes away, deleting SCRATCH_DIR (the folder made
 for this server alone), so a killed test run leaves neither a server nor its models behind.
 """
 from __future__ import annotations
@@ -64,7 +64,20 @@ def main() -> None:
         import nodes  # noqa: F401
         import server  # noqa: F401
 
+    _models_in_scratch(comfyui_dir, scratch_dir)
     runpy.run_path(main_py, run_name="__main__")
+
+
+def _models_in_scratch(comfyui_dir: str, scratch_dir: str) -> None:
+    """Make SCRATCH_DIR/models the default models folder, where nodes that save models (Save Concept)
+    write, so tests never write into the cached ComfyUI."""
+    import folder_paths
+
+    ours, theirs = os.path.join(scratch_dir, "models"), os.path.join(comfyui_dir, "models")
+    folder_paths.models_dir = ours
+    for name, (paths, extensions) in list(folder_paths.folder_names_and_paths.items()):
+        moved = [ours + path[len(theirs):] if path.startswith(theirs) else path for path in paths]
+        folder_paths.folder_names_and_paths[name] = (moved, extensions)
 
 
 if __name__ == "__main__":

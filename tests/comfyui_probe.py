@@ -1,9 +1,11 @@
-"""A test-only ComfyUI node, linked into the harness server's custom_nodes beside the pack.
+"""Test-only ComfyUI nodes, linked into the harness server's custom_nodes beside the pack.
 
-It reports facts about the server process that HTTP does not show, such as which node classes the
-ProtoBooth pack registered (the old ComfyUI's /object_info does not name a node's module).
+ProtoBoothTestProbe reports facts about the server process that HTTP does not show, such as which node
+classes the ProtoBooth pack registered (the old ComfyUI's /object_info does not name a node's module).
+The others let tests see what the pack's custom types hold and hand the pack inputs no file provides.
 """
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -23,8 +25,10 @@ class ProtoBoothTestProbe:
         return float("nan")  # never equal to the last value, so never served from ComfyUI's cache
 
     def report(self):
+        import folder_paths
         from transformers.utils import is_torchvision_available
 
+        sams = folder_paths.folder_names_and_paths.get("sams", ([], set()))
         pack = sys.modules.get("protobooth")
         facts = {
             "pack_file": getattr(pack, "__file__", None),
@@ -32,8 +36,162 @@ class ProtoBoothTestProbe:
             "torchvision_modules": sorted(n for n in sys.modules if n.split(".")[0] == "torchvision"),
             "transformers_sees_torchvision": is_torchvision_available(),
             "inference_mode": torch.is_inference_mode_enabled(),
+            "sams_folder": {"paths": list(sams[0]), "extensions": sorted(sams[1]), "models_dir": folder_paths.models_dir},
         }
         return {"ui": {"facts": [facts]}}
 
 
-NODE_CLASS_MAPPINGS = {"ProtoBoothTestProbe": ProtoBoothTestProbe}
+class ProtoBoothTestTokenInitReport:
+    """Shows what a PROTOBOOTH_TOKEN_INIT holds (one entry per token)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"token_init": ("PROTOBOOTH_TOKEN_INIT",)}}
+
+    def report(self, token_init):
+        entries = [{"token": p.token, "class_word": p.class_word, "method": p.method, "shape": list(p.vectors.shape),
+                    "finite": bool(torch.isfinite(p.vectors).all()), "cosine_start": p.cosine_start,
+                    "cosine_final": p.cosine_final} for p in token_init]
+        return {"ui": {"token_init": entries}}
+
+
+class ProtoBoothTestFakeVision:
+    """A CLIP_VISION that is not the ViT-L/14 an SD1 checkpoint needs: 1024-wide (like ViT-H/14) or without a
+    projection into CLIP's joint space (like image encoders of other kinds)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": (["1024 wide", "no projection"],)}}
+
+    def make(self, kind):
+        def encode_image(image):
+            return {"image_embeds": torch.zeros(image.shape[0], 1024)}
+
+        projection = torch.nn.Linear(1024, 1024, bias=False) if kind == "1024 wide" else torch.nn.Identity()
+        return (SimpleNamespace(model=SimpleNamespace(visual_projection=projection), encode_image=encode_image),)
+
+
+class ProtoBoothTestBoxMasks:
+    """MASK from boxes (JSON [[left, top, right, bottom], ...]) on an image's size: masks without SAM."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "boxes": ("STRING", {"default": "[[8, 8, 28, 28]]"})}}
+
+    def make(self, image, boxes):
+        import json
+
+        masks = torch.zeros(len(json.loads(boxes)), image.shape[1], image.shape[2])
+        for mask, (left, top, right, bottom) in zip(masks, json.loads(boxes)):
+            mask[top:bottom, left:right] = 1
+        return (masks,)
+
+
+class ProtoBoothTestWeightsDigest:
+    """A hash of a MODEL's UNet and a CLIP's text-encoder weights as they are stored, and their patch counts.
+
+    `after` only orders it after another node (a concept that has to exist first)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",)}, "optional": {"after": ("PROTOBOOTH_CONCEPT",)}}
+
+    def report(self, model, clip, after=None):
+        import hashlib
+
+        digest = hashlib.sha256()
+        for module in (model.model.diffusion_model, clip.cond_stage_model):
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        facts = {"digest": digest.hexdigest(), "model_patches": len(model.patches), "clip_patches": len(clip.patcher.patches),
+                 "tokenizer": type(clip.tokenizer).__name__}
+        return {"ui": {"facts": [facts]}}
+
+
+class ProtoBoothTestUNetPrediction:
+    """The UNet's raw prediction for a given latent (JSON, [1,4,h,w]), timestep and conditioning, with the
+    MODEL's patches (LoRA) applied the way sampling applies them."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "conditioning": ("CONDITIONING",), "latent": ("STRING", {"default": "[]"}),
+                             "timestep": ("INT", {"default": 500, "min": 0, "max": 999})}}
+
+    def report(self, model, conditioning, latent, timestep):
+        import json
+
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([model])
+        unet = model.model.diffusion_model
+        sample = torch.tensor(json.loads(latent), dtype=torch.float32)
+        context = conditioning[0][0].float()
+        with torch.no_grad():
+            prediction = unet(sample, timesteps=torch.tensor([timestep]), context=context)
+        return {"ui": {"prediction": [prediction.flatten().tolist()], "context": [context.flatten()[:2000].tolist()]}}
+
+
+class ProtoBoothTestViewOutputs:
+    """What the pack's diffusers views of a MODEL/CLIP/VAE compute: UNet prediction, text states, VAE latents."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "image": ("IMAGE",),
+                             "latent": ("STRING", {"default": "[]"}), "prompt": ("STRING", {"default": "a photo"})}}
+
+    def report(self, model, clip, vae, image, latent, prompt):
+        import json
+
+        bridge = sys.modules["protobooth.nodes.bridge"]
+        with torch.inference_mode(False), torch.no_grad():
+            view = bridge.diffusion_model_view(model, clip, vae)
+            ids = view.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            states = view.text_encoder(input_ids=ids)[0]
+            sample = torch.tensor(json.loads(latent), dtype=torch.float32)
+            prediction = view.unet(sample, 500, encoder_hidden_states=states).sample
+            pixels = image[0, ..., :3].movedim(-1, 0)[None] * 2 - 1
+            encoded = view.vae.encode(pixels).latent_dist.mean
+            shared = view.unet.conv_in.weight.data_ptr() == model.model.diffusion_model.input_blocks[0][0].weight.data_ptr()
+        return {"ui": {"outputs": [{"prediction": prediction.flatten().tolist(), "states": states.flatten()[:2000].tolist(),
+                                    "latent_mean": encoded.flatten().tolist(), "unet_shares_storage": shared,
+                                    "fingerprint": view.fingerprint}]}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "ProtoBoothTestBoxMasks": ProtoBoothTestBoxMasks,
+    "ProtoBoothTestWeightsDigest": ProtoBoothTestWeightsDigest,
+    "ProtoBoothTestUNetPrediction": ProtoBoothTestUNetPrediction,
+    "ProtoBoothTestViewOutputs": ProtoBoothTestViewOutputs,
+    "ProtoBoothTestProbe": ProtoBoothTestProbe,
+    "ProtoBoothTestTokenInitReport": ProtoBoothTestTokenInitReport,
+    "ProtoBoothTestFakeVision": ProtoBoothTestFakeVision,
+}

@@ -100,3 +100,36 @@ def comfyui_checkpoint(comfyui, comfy_tiny) -> str:
     name = "protobooth-tiny-sd15.safetensors"
     write_single_file(comfy_tiny, comfyui.models("checkpoints") / name)
     return name
+
+
+# Model files for the pack's nodes and the example workflows (tests/comfyui_models.py), written once a session.
+
+
+@pytest.fixture(scope="session")
+def comfyui_sam(comfyui) -> str:
+    """Name of the tiny SAM in the server's models/sams (a name that says nothing about its size)."""
+    from comfyui_models import write_sam
+
+    name = "protobooth-tiny-sam.pth"
+    write_sam(comfyui.models("sams") / name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def comfyui_clip_vision(comfyui) -> str:
+    """Name of a random full-size CLIP ViT-L/14 vision file in the server's models/clip_vision."""
+    from comfyui_models import write_clip_vision
+
+    name = "protobooth-random-clip-vit-l-14.safetensors"
+    write_clip_vision(comfyui.models("clip_vision") / name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def comfyui_controlnet(comfyui, comfy_tiny) -> str:
+    """Name of a ControlNet for the tiny checkpoint's UNet in the server's models/controlnet."""
+    from comfyui_models import write_controlnet
+
+    name = "protobooth-tiny-controlnet.safetensors"
+    write_controlnet(comfy_tiny.unet, comfyui.models("controlnet") / name)
+    return name

@@ -1,0 +1,333 @@
+"""ComfyUI ↔ engine glue: diffusers views of a graph's MODEL/CLIP/VAE, and concepts applied the ComfyUI way.
+
+A *view* is a diffusers/transformers module whose parameters are ComfyUI's own tensors (the same
+storage, no second copy), built on the meta device and filled with `load_state_dict(assign=True)`.
+ComfyUI creates its weights under `torch.inference_mode()`, and autograd refuses to save inference
+tensors for backward; a DLPack round trip made outside inference mode gives a normal tensor over the
+same storage, which it accepts. The engine never writes to base weights, so training through a view
+leaves ComfyUI's weights bit-identical.
+
+Concepts go back into a graph through ComfyUI's own paths: the LoRA as kohya keys through
+`comfy.sd.load_lora_for_models`, the trigger words through a per-clone tokenizer that resolves them
+exactly as `embedding:<name>` resolves a file, so stock LoraLoader + `embedding:<name>` give the same
+picture.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import re
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd
+
+from ..engine.checkpoints import (from_original_layout, unet_config_from_original, unet_module_map,
+                                  vae_config_from_original, vae_module_map)
+from ..engine.errors import InputError
+from ..engine.models import DiffusionModel, model_fingerprint
+
+log = logging.getLogger("protobooth")
+
+# ComfyUI's model-config class → engine family. Subclasses (unCLIP, …) are other models, so names must match.
+FAMILIES = {"SD15": "sd1", "SD20": "sd2"}
+TEXT_ENCODERS = {"sd1": "clip_l", "sd2": "clip_h"}  # the attribute of ComfyUI's CLIP model holding it
+TEXT_ACTIVATIONS = {"sd1": "quick_gelu", "sd2": "gelu"}  # OpenAI CLIP-L / OpenCLIP-H
+TOKENIZER_PADDING = {"sd1": "<|endoftext|>", "sd2": "!"}  # what ComfyUI pads prompts with
+
+
+# ------------------------------------------------------------------------------------------------------
+# what the MODEL is
+
+
+def model_family(model) -> tuple[str, str]:
+    """(family, prediction type) of a MODEL, or an InputError saying why it cannot be trained."""
+    config = model.model.model_config
+    family = FAMILIES.get(type(config).__name__)
+    if family is None:
+        raise InputError(f"the MODEL is a {type(config).__name__} model; ProtoBooth works with Stable Diffusion 1.x "
+                         "and 2.x checkpoints (SDXL, SD3, Flux and others are not supported yet).")
+    if config.unet_config.get("in_channels") != 4:
+        raise InputError(f"the MODEL takes {config.unet_config.get('in_channels')} input channels (an inpainting or "
+                         "other special checkpoint); use a plain SD1.x/SD2.x checkpoint.")
+    sampling = model.object_patches.get("model_sampling", model.model.model_sampling)
+    if isinstance(sampling, comfy.model_sampling.EDM) or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise InputError("the MODEL uses a continuous (EDM) noise schedule; ProtoBooth trains with SD's discrete schedule.")
+    prediction = "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
+    if not _is_sd_schedule(sampling.sigmas):
+        raise InputError("the MODEL's noise schedule is not Stable Diffusion's (zero terminal SNR, LCM or another "
+                         "ModelSampling patch); connect the MODEL before that patch.")
+    return family, prediction
+
+
+def _is_sd_schedule(sigmas: torch.Tensor) -> bool:
+    expected = _sd_sigmas()
+    return sigmas.shape == expected.shape and torch.allclose(sigmas.float().cpu(), expected, rtol=1e-3)
+
+
+@functools.lru_cache(maxsize=1)
+def _sd_sigmas() -> torch.Tensor:
+    from ..engine.tiny import noise_scheduler
+
+    alphas = noise_scheduler().alphas_cumprod.float()
+    return ((1 - alphas) / alphas) ** 0.5
+
+
+def native_latent_size(family: str, prediction: str) -> int:
+    """SD1.x and SD2.x-base draw 512 pixels; the v-prediction SD2.x models 768."""
+    return 96 if family == "sd2" and prediction == "v_prediction" else 64
+
+
+def _unet_tensors(model, sample_size: int):
+    """(a diffusers UNet on the meta device, its parameter names → ComfyUI's current UNet tensors)."""
+    from diffusers import UNet2DConditionModel
+
+    config = unet_config_from_original(model.model.model_config.unet_config, sample_size)
+    unet = _on_meta(lambda: UNet2DConditionModel(**config))
+    tensors = from_original_layout(unet.state_dict(), unet_module_map(unet.config), model.model.diffusion_model.state_dict())
+    return unet, tensors
+
+
+def _text_encoder(clip, family: str):
+    """ComfyUI's text-encoder module (SDClipModel) inside a CLIP, checked against the model family."""
+    name = TEXT_ENCODERS[family]
+    encoder = getattr(clip.cond_stage_model, name, None)
+    if encoder is None:
+        raise InputError(f"the CLIP has no {name} text encoder, so it does not belong to an {family} MODEL; "
+                         "connect the CLIP from the same checkpoint as the MODEL.")
+    return encoder
+
+
+def base_fingerprint(model, clip) -> str:
+    """The engine's fingerprint of the base model (the same value a diffusers copy of the checkpoint has)."""
+    family, prediction = model_family(model)
+    _, tensors = _unet_tensors(model, native_latent_size(family, prediction))
+    embedding = _text_encoder(clip, family).transformer.get_input_embeddings().weight
+    return model_fingerprint(tensors, embedding)
+
+
+# ------------------------------------------------------------------------------------------------------
+# views
+
+
+def _on_meta(build):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device; buffers (position ids, …) made normally
+        return build()
+
+
+def _shared(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The same storage as a normal (non-inference) tensor; a copy only when it lives on another device."""
+    if tensor.device != device:
+        return tensor.detach().to(device)
+    return torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(tensor.detach()))
+
+
+class _ComputeIn(torch.nn.Module):
+    """Casts a stored weight to the compute dtype on use, as ComfyUI's manual-cast layers do (no stored copy)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(self.dtype)
+
+
+def _view(module, tensors: dict[str, torch.Tensor], device: torch.device, compute_dtype: torch.dtype):
+    """Fill a meta-device module with `tensors` (its names) without copying; frozen, in eval mode."""
+    from torch.nn.utils import parametrize
+
+    with torch.inference_mode(False):
+        module.load_state_dict({name: _shared(t, device) for name, t in tensors.items()}, strict=True, assign=True)
+        module.to(device)  # moves only the buffers: the parameters are there already
+        for submodule in list(module.modules()):
+            for name, parameter in list(submodule.named_parameters(recurse=False)):
+                if parameter.is_floating_point() and parameter.dtype != compute_dtype:
+                    parametrize.register_parametrization(submodule, name, _ComputeIn(compute_dtype), unsafe=True)
+    return module.eval().requires_grad_(False)
+
+
+def unet_view(model, device: torch.device | None = None):
+    """A diffusers UNet2DConditionModel over the MODEL's UNet weights as they are now (load it first)."""
+    family, prediction = model_family(model)
+    device = device or model.load_device
+    unet, tensors = _unet_tensors(model, native_latent_size(family, prediction))
+    elsewhere = sorted({str(t.device) for t in tensors.values()} - {str(torch.device(device))})
+    if elsewhere:
+        raise InputError(f"part of the MODEL's UNet is on {', '.join(elsewhere)} rather than {device}: it did not fit "
+                         "in memory in one piece (ComfyUI's low-VRAM mode). Free memory (fewer or smaller models in "
+                         "the graph) or start ComfyUI with --highvram / --gpu-only.")
+    weight_dtype = next(iter(tensors.values())).dtype
+    return _view(unet, tensors, device, model.model.manual_cast_dtype or weight_dtype)
+
+
+def text_encoder_layers(clip, encoder) -> int:
+    """How many transformer layers the CLIP's output comes from (CLIPSetLastLayer, SD2's penultimate layer)."""
+    layer, layer_idx = encoder.options_default[:2]
+    index = clip.layer_idx if clip.layer_idx is not None else (layer_idx if layer == "hidden" else None)
+    total = encoder.num_layers
+    if index is None or abs(index) > total:  # ComfyUI's rule for "the last layer"
+        return total
+    used = index + 1 if index >= 0 else total + index + 1
+    if used < total and not encoder.layer_norm_hidden_state:
+        raise InputError("this CLIP reads an earlier layer without the final layer norm, which ProtoBooth cannot "
+                         "reproduce; connect the CLIP without CLIPSetLastLayer.")
+    return used
+
+
+def text_encoder_view(clip, family: str, device: torch.device | None = None):
+    """A transformers CLIPTextModel over the CLIP's text-encoder weights, giving what CLIPTextEncode gives.
+
+    It has as many layers as the CLIP uses (CLIPSetLastLayer -2 → all but the last; SD2 → the penultimate),
+    each followed by the final layer norm, as ComfyUI computes it; weights stored in another dtype are cast
+    to float32 on use, as ComfyUI does.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = _text_encoder(clip, family)
+    state = encoder.transformer.state_dict()
+    embedding = state["text_model.embeddings.token_embedding.weight"]
+    config = CLIPTextConfig(
+        vocab_size=embedding.shape[0],
+        hidden_size=embedding.shape[1],
+        intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=text_encoder_layers(clip, encoder),
+        num_attention_heads=encoder.transformer.text_model.encoder.layers[0].self_attn.heads,
+        max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+        hidden_act=TEXT_ACTIVATIONS[family],
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407 if family == "sd1" else 0,
+    )
+    module = _on_meta(lambda: CLIPTextModel(config))
+    # transformers 5 names have no "text_model." prefix; ComfyUI's do.
+    tensors = {name: state["text_model." + name] for name in module.state_dict()}
+    return _view(module, tensors, device or embedding.device, torch.float32)
+
+
+def vae_view(vae, scaling_factor: float, device: torch.device | None = None):
+    """A diffusers AutoencoderKL over the VAE's weights (SD's KL autoencoder only)."""
+    from diffusers import AutoencoderKL
+
+    state = vae.first_stage_model.state_dict()
+    config = vae_config_from_original(state, scaling_factor)
+    module = _on_meta(lambda: AutoencoderKL(**config))
+    tensors = from_original_layout(module.state_dict(), vae_module_map(module.config), state)
+    return _view(module, tensors, device or vae.device, vae.vae_dtype)
+
+
+def diffusion_model_view(model, clip, vae) -> DiffusionModel:
+    """The graph's model as the engine's DiffusionModel: views of ComfyUI's UNet, text encoder and VAE.
+
+    The MODEL is loaded first (ComfyUI's load_models_gpu), so its weights sit on the compute device with
+    upstream LoRA patches merged in, and so does the CLIP's. Call it, and train, inside
+    `torch.inference_mode(False)`. A text encoder or VAE that ComfyUI keeps on another device than the
+    UNet is copied to the UNet's device (a logged exception to "no copy").
+    """
+    from ..engine.tiny import noise_scheduler
+    from ..engine.tokenizer import clip_tokenizer
+
+    family, prediction = model_family(model)
+    comfy.model_management.load_models_gpu([model, clip.patcher, vae.patcher])
+    device = torch.device(model.load_device)
+    for name, patcher in (("CLIP", clip.patcher), ("VAE", vae.patcher)):
+        if torch.device(patcher.load_device) != device:
+            log.info("the %s runs on %s and the UNet on %s: training uses a copy of it on %s",
+                     name, patcher.load_device, device, device)
+    return DiffusionModel(
+        unet=unet_view(model, device),
+        vae=vae_view(vae, model.model.latent_format.scale_factor, device),
+        text_encoder=text_encoder_view(clip, family, device),
+        tokenizer=clip_tokenizer(pad_token=TOKENIZER_PADDING[family]),
+        noise_scheduler=noise_scheduler(prediction),
+        family=family,
+        name=f"ComfyUI {type(model.model.model_config).__name__} model",
+        _fingerprint=base_fingerprint(model, clip),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# concepts into a graph
+
+
+class ConceptTokenizer:
+    """A CLIP tokenizer (one per CLIP clone) that reads trigger words as `embedding:` words with given vectors.
+
+    Each trigger word in a prompt becomes `embedding:<token>`, and the inner tokenizer's embedding lookup
+    answers those names with the concept's vectors before it looks for files. The rest is the stock
+    tokenizer, so weights, `(word:1.2)` syntax and other embeddings work as usual, and a second concept
+    wraps the first.
+    """
+
+    def __init__(self, tokenizer, vectors: dict[str, torch.Tensor]):
+        self._tokenizer = copy.copy(tokenizer)
+        words = copy.copy(getattr(tokenizer, tokenizer.clip))
+        words._try_get_embedding = _TriggerLookup(vectors, words._try_get_embedding)
+        if words.embedding_directory is None:  # otherwise the tokenizer never looks embeddings up
+            words.embedding_directory = []
+        setattr(self._tokenizer, tokenizer.clip, words)
+        names = "|".join(re.escape(token) for token in vectors)
+        self._triggers = re.compile(rf"(?<![\w<>:-])({names})(?![\w<>-])", re.IGNORECASE)
+
+    def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
+        text = self._triggers.sub(lambda m: f" embedding:{m.group(1).lower()} ", text)
+        return self._tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+class _TriggerLookup:
+    """Stands in for SDTokenizer._try_get_embedding: (vectors, leftover text) for trigger words, else the original."""
+
+    def __init__(self, vectors: dict[str, torch.Tensor], original):
+        self.vectors = vectors
+        self.original = original
+
+    def __call__(self, text: str):
+        words = text.split()  # newer ComfyUI passes the rest of the segment too
+        name = words[0] if words else text
+        stripped = name.strip(",")
+        if stripped.lower() not in self.vectors:
+            return self.original(text)
+        leftover = " ".join(part for part in (name[len(stripped):], *words[1:]) if part)
+        return self.vectors[stripped.lower()], leftover
+
+
+def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_clip: float = 1.0):
+    """(MODEL, CLIP) clones with the concept applied; the inputs are left as they are.
+
+    strength_clip interpolates each token's vectors between its class word's embedding (0) and the
+    learned vectors (1).
+    """
+    from ..engine.tokenizer import clip_tokenizer
+    from ..engine.tokens import class_word_vectors
+
+    family, _ = model_family(model)
+    if concept.family != family:
+        raise InputError(f"the concept was trained on an {concept.family} model but the MODEL is {family}; "
+                         f"use an {concept.family} checkpoint or train the concept again on this one.")
+    if base_fingerprint(model, clip) != concept.base_fingerprint:
+        log.warning("ProtoBooth: concept %s was trained on another base model (fingerprint %s); it may look different "
+                    "here.", "/".join(concept.tokens), concept.base_fingerprint)
+    if concept.lora and strength_model != 0:
+        model, _ = comfy.sd.load_lora_for_models(model, None, concept.lora, strength_model, 0)
+    else:
+        model = model.clone()
+    transformer = _text_encoder(clip, family).transformer
+    vectors = {}
+    for obj in concept.objects:
+        learned = obj.vectors.float()
+        if strength_clip != 1:
+            start = class_word_vectors(transformer, clip_tokenizer(), obj.class_word, learned.shape[0])
+            learned = start + strength_clip * (learned - start)
+        vectors[obj.token] = learned
+    clip = clip.clone()
+    clip.tokenizer = ConceptTokenizer(clip.tokenizer, vectors)
+    return model, clip

@@ -1,0 +1,133 @@
+"""Save, Load and Apply Concept: concepts as the two files stock tools load (engine.concept).
+
+Save Concept writes `models/loras/<name>.safetensors` (kohya keys) and `models/embeddings/<name>.safetensors`,
+so a graph without ProtoBooth can use them with LoraLoader and `embedding:<name>`. Load Concept lists the
+embeddings that carry ProtoBooth's metadata. Apply Concept puts a concept on a MODEL and CLIP (clones).
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..engine.concept import check_concept_name, load_concept, read_concept_metadata, save_concept
+from ..engine.errors import InputError
+from .bridge import apply_concept
+from .common import CATEGORY, node_errors
+
+EXTENSION = ".safetensors"
+
+
+def concept_names() -> list[str]:
+    """Saved ProtoBooth concepts: embedding files with ProtoBooth metadata, named without the extension."""
+    names = []
+    for filename in folder_paths.get_filename_list("embeddings"):
+        if filename.endswith(EXTENSION) and read_concept_metadata(folder_paths.get_full_path("embeddings", filename)):
+            names.append(filename[: -len(EXTENSION)])
+    return sorted(names)
+
+
+def concept_paths(name: str) -> tuple[str | None, str | None]:
+    """(LoRA file, embedding file) of a saved concept; None where there is none."""
+    filename = name + EXTENSION
+    return folder_paths.get_full_path("loras", filename), folder_paths.get_full_path("embeddings", filename)
+
+
+class ProtoBoothSaveConcept:
+    DESCRIPTION = (
+        "Saves a concept as models/loras/<name>.safetensors and models/embeddings/<name>.safetensors. Without "
+        "ProtoBooth, use them with LoraLoader and 'embedding:<name>' in the prompt (for one-object concepts)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "concept": ("PROTOBOOTH_CONCEPT",),
+                "name": ("STRING", {"default": "my_concept"}),
+                "overwrite": ("BOOLEAN", {"default": False}),
+            }
+        }
+
+    def save(self, concept, name, overwrite):
+        with node_errors("Save Concept"):
+            name = check_concept_name(name)
+            lora = os.path.join(folder_paths.get_folder_paths("loras")[0], name + EXTENSION)
+            embedding = os.path.join(folder_paths.get_folder_paths("embeddings")[0], name + EXTENSION)
+            taken = [path for path in (lora, embedding) if os.path.exists(path)]
+            if taken and not overwrite:
+                raise InputError(f"{' and '.join(taken)} already exist(s); choose another name or switch overwrite on.")
+            os.makedirs(os.path.dirname(lora), exist_ok=True)
+            os.makedirs(os.path.dirname(embedding), exist_ok=True)
+            save_concept(concept, lora, embedding)
+        written = [embedding] + ([lora] if concept.lora else [])
+        triggers = ", ".join(f"{o.token} {o.class_word}" for o in concept.objects)
+        return {"ui": {"text": [f"saved {' and '.join(written)}; write {triggers} in prompts"]}}
+
+
+class ProtoBoothLoadConcept:
+    DESCRIPTION = "Loads a concept saved by Save Concept (the embedding file and, when there is one, its LoRA)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("PROTOBOOTH_CONCEPT",)
+    RETURN_NAMES = ("concept",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"concept_name": (concept_names(),)}}
+
+    @classmethod
+    def IS_CHANGED(cls, concept_name):
+        # a concept saved again under the same name must be read again
+        return [os.path.getmtime(path) if path else None for path in concept_paths(concept_name)]
+
+    def load(self, concept_name):
+        with node_errors("Load Concept"):
+            lora, embedding = concept_paths(check_concept_name(concept_name))
+            if embedding is None:
+                raise InputError(f"no concept named {concept_name!r} in models/embeddings; save one with Save Concept.")
+            return (load_concept(embedding, lora),)
+
+
+class ProtoBoothApplyConcept:
+    DESCRIPTION = (
+        "Applies a concept to a MODEL and CLIP (returned as copies): its LoRA at strength_model, and its trigger "
+        "words, which then work in any CLIPTextEncode. strength_clip moves the trigger words from their class "
+        "word (0) to the learned object (1). Chain several to use several concepts in one picture."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP")
+    RETURN_NAMES = ("model", "clip")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "concept": ("PROTOBOOTH_CONCEPT",),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05}),
+            }
+        }
+
+    def apply(self, model, clip, concept, strength_model, strength_clip):
+        with node_errors("Apply Concept"):
+            return apply_concept(model, clip, concept, strength_model, strength_clip)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ProtoBoothSaveConcept": ProtoBoothSaveConcept,
+    "ProtoBoothLoadConcept": ProtoBoothLoadConcept,
+    "ProtoBoothApplyConcept": ProtoBoothApplyConcept,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ProtoBoothSaveConcept": "Save Concept",
+    "ProtoBoothLoadConcept": "Load Concept",
+    "ProtoBoothApplyConcept": "Apply Concept",
+}

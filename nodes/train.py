@@ -1,0 +1,192 @@
+"""Train Concept: one-shot training inside the graph, on the graph's own MODEL, CLIP and VAE (engine.train).
+
+The engine trains a diffusers view of ComfyUI's weights (nodes/bridge.py): the same tensors, no second
+copy of the UNet. ComfyUI's ProgressBar advances every step; its Cancel raises out of the training loop,
+the engine takes its LoRA and tokens off the view on the way out, and nothing has been written. The
+MODEL and CLIP that come out are clones with the concept applied, as Apply Concept would give them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..engine.errors import InputError
+from ..engine.report import loss_curve
+from ..engine.train import TrainSettings, train_concept
+from .bridge import apply_concept, base_fingerprint, diffusion_model_view, model_family
+from .common import CATEGORY, node_errors, photo_objects
+
+log = logging.getLogger("protobooth")
+
+NODE = "Train Concept"
+CACHED_RESULTS = 4  # concepts are small (a few MB); the last few runs are kept for re-runs of the graph
+
+
+class _MemoryWatch:
+    """Memory the training adds on top of the loaded models: peak CUDA allocation, or peak process RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            self.start = torch.cuda.memory_allocated(device)
+        else:
+            import psutil
+
+            self.process = psutil.Process()
+            self.start = self.peak = self.process.memory_info().rss
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def extra_bytes(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) - self.start
+        self.sample()
+        return self.peak - self.start
+
+
+def _tensor_digest(digest, value) -> None:
+    """Feed tensors (nested in tuples/lists/dicts, as ComfyUI's patches are) and plain values to a hash."""
+    if isinstance(value, torch.Tensor):
+        digest.update(str((value.dtype, tuple(value.shape))).encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            digest.update(str(key).encode())
+            _tensor_digest(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _tensor_digest(digest, item)
+    else:
+        digest.update(repr(value).encode())
+
+
+def _run_key(model, clip, vae, picture, masks, tokens, class_words, settings: TrainSettings, init_vectors) -> str:
+    """What decides the result: the weights (and the patches on them), the photo, masks, words, settings."""
+    digest = hashlib.sha256(base_fingerprint(model, clip).encode())
+    _tensor_digest(digest, next(iter(vae.first_stage_model.state_dict().values())))
+    for patcher in (model, clip.patcher, vae.patcher):
+        _tensor_digest(digest, getattr(patcher, "patches", {}))
+        _tensor_digest(digest, {k: repr(v) for k, v in getattr(patcher, "object_patches", {}).items()})
+    digest.update(str(clip.layer_idx).encode())
+    _tensor_digest(digest, [picture, masks, init_vectors])
+    digest.update(json.dumps([tokens, class_words, settings.__dict__], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class ProtoBoothTrainConcept:
+    DESCRIPTION = (
+        "Teaches the model the object(s) in one photo: a LoRA on the UNet plus one new trigger word per mask, trained "
+        "with the loss limited to the masked object and a class prior that keeps the class word intact. Outputs the "
+        "MODEL and CLIP with the concept applied (write 'a photo of <token> <class word> ...'), the concept to save, "
+        "and the loss curve. tokens and class_words: comma-separated, one per mask, in mask order."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "PROTOBOOTH_CONCEPT", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "concept", "loss_curve")
+    FUNCTION = "train"
+
+    _results: OrderedDict = OrderedDict()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "vae": ("VAE",),
+                "image": ("IMAGE",),
+                "masks": ("MASK",),
+                "tokens": ("STRING", {"default": "zqcat"}),
+                "class_words": ("STRING", {"default": "cat"}),
+                "steps": ("INT", {"default": 400, "min": 1, "max": 100000}),
+                "lora_learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5}),
+                "token_learning_rate": ("FLOAT", {"default": 5e-4, "min": 0.0, "max": 1.0, "step": 1e-5}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 128}),
+                "lambda_class": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05}),
+                "background_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64,
+                                       "tooltip": "training size in pixels; 0: the model's own (512 for SD1.x)"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            },
+            "optional": {"token_init": ("PROTOBOOTH_TOKEN_INIT",)},
+        }
+
+    def train(self, model, clip, vae, image, masks, tokens, class_words, steps, lora_learning_rate,
+              token_learning_rate, rank, lambda_class, background_weight, resolution, seed, token_init=None):
+        with node_errors(NODE):
+            model_family(model)
+            picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
+            init_vectors = _initial_vectors(token_init, tokens)
+            settings = TrainSettings(
+                steps=steps, lora_rank=rank, lora_learning_rate=lora_learning_rate,
+                token_learning_rate=token_learning_rate, prior_weight=lambda_class,
+                background_weight=background_weight, resolution=resolution or None, seed=seed % 2**63,
+            )  # fmt: skip
+            settings.check()
+        key = _run_key(model, clip, vae, picture, masks, tokens, class_words, settings, init_vectors)
+        if key in self._results:
+            log.info("%s: same inputs and seed as an earlier run; reusing its result.", NODE)
+            self._results.move_to_end(key)
+            concept, losses, summary = self._results[key]
+        else:
+            concept, losses, summary = _train(model, clip, vae, picture, masks, tokens, class_words, settings, init_vectors)
+            self._results[key] = (concept, losses, summary)
+            while len(self._results) > CACHED_RESULTS:
+                self._results.popitem(last=False)
+        with node_errors(NODE):
+            trained_model, trained_clip = apply_concept(model, clip, concept)
+        curve = torch.from_numpy(np.asarray(loss_curve(losses), dtype=np.float32) / 255.0)[None, ..., :3]
+        return {"ui": {"text": [summary]}, "result": (trained_model, trained_clip, concept, curve)}
+
+
+def _initial_vectors(token_init, tokens: list[str]) -> list[torch.Tensor] | None:
+    if token_init is None:
+        return None
+    made_for = [prototype.token for prototype in token_init]
+    if made_for != tokens:
+        raise InputError(f"token_init was made for the tokens {', '.join(made_for)} but this node trains "
+                         f"{', '.join(tokens)}; give Prototype Init and Train Concept the same tokens in the same order.")
+    return [prototype.vectors.detach().float().cpu() for prototype in token_init]
+
+
+def _train(model, clip, vae, picture, masks, tokens, class_words, settings, init_vectors):
+    bar = comfy.utils.ProgressBar(settings.steps)
+
+    with torch.inference_mode(False), node_errors(NODE):
+        diffusion = diffusion_model_view(model, clip, vae)
+        log.info("%s: training %s for %d steps on %s", NODE, ", ".join(tokens), settings.steps, diffusion.device)
+        memory = _MemoryWatch(diffusion.device)
+        started = time.perf_counter()
+
+        def progress(report) -> None:
+            memory.sample()
+            bar.update_absolute(report.step, report.total)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        result = train_concept(diffusion, picture, masks, tokens, class_words, settings, init_vectors=init_vectors,
+                               progress=progress)
+        seconds = time.perf_counter() - started
+        unet_bytes = sum(p.numel() * p.element_size() for p in diffusion.unet.parameters())
+    extra = memory.extra_bytes()
+    summary = (f"{', '.join(tokens)}: {settings.steps} steps in {seconds:.0f} s, final loss "
+               f"{np.mean(result.losses[-10:]):.4f}; memory added by training {extra / 2**20:.0f} MiB "
+               f"({'CUDA' if memory.cuda else 'process'}; the UNet's weights are {unet_bytes / 2**20:.0f} MiB)")
+    log.info("%s: %s", NODE, summary)
+    return result.concept, result.losses, summary
+
+
+NODE_CLASS_MAPPINGS = {"ProtoBoothTrainConcept": ProtoBoothTrainConcept}
+NODE_DISPLAY_NAME_MAPPINGS = {"ProtoBoothTrainConcept": "Train Concept"}

@@ -1,0 +1,258 @@
+"""Train, Save, Load and Apply Concept in the real ComfyUI, on the tiny generated checkpoint.
+
+Training runs at 64 px (8x8 latents) for a few steps: these tests check wiring, equivalence and safety, not
+quality (benchmarks/shapesworld measures quality).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_harness import execution_error
+from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
+
+PHOTO = "concept_photo.png"
+LATENT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+NODES = {
+    "ProtoBoothTrainConcept": ["model", "clip", "vae", "image", "masks", "tokens", "class_words", "steps",
+                               "lora_learning_rate", "token_learning_rate", "rank", "lambda_class", "background_weight",
+                               "resolution", "seed"],
+    "ProtoBoothSaveConcept": ["concept", "name", "overwrite"],
+    "ProtoBoothLoadConcept": ["concept_name"],
+    "ProtoBoothApplyConcept": ["model", "clip", "concept", "strength_model", "strength_clip"],
+}
+
+
+@pytest.fixture(scope="module")
+def photo(comfyui) -> str:
+    Image.fromarray(two_shapes_photo()).save(comfyui.input_dir / PHOTO)
+    return PHOTO
+
+
+def training_graph(checkpoint, photo, boxes=(RED_SQUARE,), tokens="zqsquare", class_words="square", steps=3,
+                   lambda_class=0.0, train_id="train", **settings) -> dict:
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
+        "masks": {"class_type": "ProtoBoothTestBoxMasks", "inputs": {"image": ["photo", 0], "boxes": json.dumps(boxes)}},
+        train_id: {"class_type": "ProtoBoothTrainConcept", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["photo", 0], "masks": ["masks", 0],
+            "tokens": tokens, "class_words": class_words, "steps": steps, "lora_learning_rate": 1e-3,
+            "token_learning_rate": 5e-3, "rank": 4, "lambda_class": lambda_class, "background_weight": 0.0,
+            "resolution": 64, "seed": 7, **settings}},
+        "curve": {"class_type": "PreviewImage", "inputs": {"images": [train_id, 3]}},
+    }
+
+
+def digest_node(model, clip, after=None) -> dict:
+    inputs = {"model": model, "clip": clip, **({"after": after} if after else {})}
+    return {"class_type": "ProtoBoothTestWeightsDigest", "inputs": inputs}
+
+
+def prediction_nodes(prefix: str, model, clip, text: str) -> dict:
+    return {
+        f"{prefix}_text": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": text}},
+        f"{prefix}_predict": {"class_type": "ProtoBoothTestUNetPrediction", "inputs": {
+            "model": model, "conditioning": [f"{prefix}_text", 0], "latent": json.dumps(LATENT.tolist()), "timestep": 500}},
+    }
+
+
+def prediction(entry, prefix: str) -> np.ndarray:
+    return np.array(entry["outputs"][f"{prefix}_predict"]["prediction"][0])
+
+
+def failure(comfyui, graph: dict) -> str:
+    entry = comfyui.wait(comfyui.queue(graph), timeout=600)
+    assert entry["status"]["status_str"] == "error", "the prompt should have failed"
+    return execution_error(entry)
+
+
+def test_nodes_are_registered_with_their_widgets(comfyui):
+    info = comfyui.object_info()
+    for node, inputs in NODES.items():
+        assert info[node]["category"] == "ProtoBooth"
+        assert list(info[node]["input"]["required"]) == inputs, node
+    assert list(info["ProtoBoothTrainConcept"]["input"]["optional"]) == ["token_init"]
+    assert info["ProtoBoothTrainConcept"]["output"] == ["MODEL", "CLIP", "PROTOBOOTH_CONCEPT", "IMAGE"]
+    assert info["ProtoBoothApplyConcept"]["output"] == ["MODEL", "CLIP"]
+    assert info["ProtoBoothSaveConcept"]["output_node"] is True
+
+
+def test_views_share_comfyuis_tensors_and_compute_what_diffusers_does(comfyui, comfyui_checkpoint, photo):
+    from protobooth.engine.loading import load_model
+
+    graph = training_graph(comfyui_checkpoint, photo)
+    del graph["train"], graph["masks"]
+    graph["view"] = {"class_type": "ProtoBoothTestViewOutputs", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["photo", 0],
+        "latent": json.dumps(LATENT.tolist()), "prompt": "a photo of a red square"}}
+    seen = comfyui.run(graph, timeout=600)["outputs"]["view"]["outputs"][0]
+    assert seen["unet_shares_storage"] is True
+
+    model = load_model(comfyui.models("checkpoints") / comfyui_checkpoint)
+    with torch.no_grad():
+        ids = model.tokenizer(["a photo of a red square"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        states = model.text_encoder(input_ids=ids)[0]
+        expected = model.unet(LATENT, 500, encoder_hidden_states=states).sample
+        pixels = torch.from_numpy(two_shapes_photo()).float().div(255).movedim(-1, 0)[None] * 2 - 1
+        latent_mean = model.vae.encode(pixels).latent_dist.mean
+    assert np.abs(np.array(seen["states"]) - states.flatten()[:2000].numpy()).max() <= 1e-4
+    assert np.abs(np.array(seen["prediction"]) - expected.flatten().numpy()).max() <= 1e-4
+    assert np.abs(np.array(seen["latent_mean"]) - latent_mean.flatten().numpy()).max() <= 1e-3
+    assert seen["fingerprint"] == model.fingerprint
+
+
+def test_training_in_the_graph_leaves_its_inputs_untouched_and_reuses_its_result(comfyui, comfyui_checkpoint, photo):
+    before = comfyui.run({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui_checkpoint}},
+                          "digest": digest_node(["ckpt", 0], ["ckpt", 1])})["outputs"]["digest"]["facts"][0]
+    graph = training_graph(comfyui_checkpoint, photo, lambda_class=1.0)
+    graph.update({
+        "inputs_after": digest_node(["ckpt", 0], ["ckpt", 1], after=["train", 2]),
+        "outputs": digest_node(["train", 0], ["train", 1]),
+        "saved_curve": {"class_type": "SaveImage", "inputs": {"images": ["train", 3], "filename_prefix": "loss_curve"}},
+        **prediction_nodes("trained", ["train", 0], ["train", 1], "a photo of zqsquare square on a table"),
+    })
+    entry = comfyui.run(graph, timeout=600)
+    after = entry["outputs"]["inputs_after"]["facts"][0]
+    assert after == before  # same weights, no patches, the stock tokenizer
+    assert before["model_patches"] == 0 and before["tokenizer"] == "SD1Tokenizer"
+    trained = entry["outputs"]["outputs"]["facts"][0]
+    assert trained["model_patches"] > 0 and trained["tokenizer"] == "ConceptTokenizer"
+    assert np.isfinite(prediction(entry, "trained")).all()
+    curve = entry["outputs"]["saved_curve"]["images"][0]
+    assert Image.open(comfyui.output_dir / curve["subfolder"] / curve["filename"]).size == (512, 256)
+    summary = entry["outputs"]["train"]["text"][0]
+    assert "zqsquare: 3 steps" in summary and "memory added by training" in summary
+    print("Train Concept summary:", summary)  # the measured memory, shown with pytest -rP
+    trainings = comfyui.log_text().count("Train Concept: zqsquare: 3 steps")
+
+    # Same inputs under another node id: ComfyUI runs the node again, the node reuses its result.
+    again = comfyui.run(training_graph(comfyui_checkpoint, photo, lambda_class=1.0, train_id="train_again"), timeout=600)
+    assert again["outputs"]["train_again"]["text"][0] == summary
+    assert comfyui.log_text().count("Train Concept: zqsquare: 3 steps") == trainings
+    assert "reusing its result" in comfyui.log_text()
+
+
+def test_saved_files_give_stock_loaders_the_same_result_as_apply_concept(comfyui, comfyui_checkpoint, photo):
+    name = "protobooth_test_square"
+    graph = training_graph(comfyui_checkpoint, photo)
+    graph["save"] = {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": True}}
+    comfyui.run(graph, timeout=600)
+    files = [comfyui.models(folder) / f"{name}.safetensors" for folder in ("loras", "embeddings")]
+    assert all(path.is_file() for path in files)
+    assert name in comfyui.object_info("ProtoBoothLoadConcept")["ProtoBoothLoadConcept"]["input"]["required"]["concept_name"][0]
+
+    graph = training_graph(comfyui_checkpoint, photo)  # the same training again: the node's cache answers
+    graph.update({
+        "stock": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": f"{name}.safetensors",
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+        "load": {"class_type": "ProtoBoothLoadConcept", "inputs": {"concept_name": name}},
+        "apply": {"class_type": "ProtoBoothApplyConcept", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "concept": ["load", 0],
+                                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        **prediction_nodes("stock", ["stock", 0], ["stock", 1], f"a photo of embedding:{name} square on a table"),
+        **prediction_nodes("applied", ["apply", 0], ["apply", 1], "a photo of zqsquare square on a table"),
+        **prediction_nodes("in_graph", ["train", 0], ["train", 1], "a photo of zqsquare square on a table"),
+        **prediction_nodes("plain", ["ckpt", 0], ["ckpt", 1], "a photo of zqsquare square on a table"),
+    })
+    entry = comfyui.run(graph, timeout=600)
+    stock, applied, in_graph, plain = (prediction(entry, p) for p in ("stock", "applied", "in_graph", "plain"))
+    assert np.abs(stock - applied).max() <= 1e-5
+    assert np.abs(in_graph - applied).max() <= 1e-5  # Train Concept's own output is Apply Concept's
+    assert np.abs(plain - applied).max() > 1e-3  # the concept changes the prediction
+
+    # Saving again under the same name needs overwrite.
+    graph = training_graph(comfyui_checkpoint, photo)
+    graph["save"] = {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": False}}
+    stamps = [path.stat().st_mtime_ns for path in files]
+    assert "already exist" in failure(comfyui, graph)
+    assert [path.stat().st_mtime_ns for path in files] == stamps
+
+
+def test_a_concept_trained_by_the_engine_reproduces_in_comfyui_through_stock_loaders(comfyui, comfyui_checkpoint):
+    from protobooth.engine.concept import save_concept
+    from protobooth.engine.loading import load_model
+    from protobooth.engine.train import OneShotTrainer, TrainSettings
+
+    name = "protobooth_engine_square"
+    model = load_model(comfyui.models("checkpoints") / comfyui_checkpoint)
+    mask = torch.zeros(64, 64)
+    mask[8:28, 8:28] = 1
+    settings = TrainSettings(steps=2, lora_rank=4, lora_learning_rate=1e-3, token_learning_rate=5e-3, prior_weight=0,
+                             resolution=64, seed=3)
+    with OneShotTrainer(model, two_shapes_photo(), [mask], ["zqsquare"], ["square"], settings) as trainer:
+        trainer.train()
+        save_concept(trainer.concept(), comfyui.models("loras") / f"{name}.safetensors",
+                     comfyui.models("embeddings") / f"{name}.safetensors")
+        with trainer.trained_pipeline() as pipeline:
+            ids = pipeline.tokenizer(["a photo of zqsquare square"], padding="max_length", max_length=77,
+                                     return_tensors="pt").input_ids
+            states = pipeline.text_encoder(input_ids=ids)[0]
+            expected = pipeline.unet(LATENT, 500, encoder_hidden_states=states).sample.flatten().numpy()
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui_checkpoint}},
+        "stock": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": f"{name}.safetensors",
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+        **prediction_nodes("stock", ["stock", 0], ["stock", 1], f"a photo of embedding:{name} square"),
+    }
+    entry = comfyui.run(graph, timeout=600)
+    context = np.array(entry["outputs"]["stock_predict"]["context"][0])
+    assert np.abs(context - states.flatten()[:2000].numpy()).max() <= 1e-4
+    assert np.abs(prediction(entry, "stock") - expected).max() <= 1e-4
+
+
+def test_cancel_stops_training_writes_nothing_and_leaves_the_inputs(comfyui, comfyui_checkpoint, photo):
+    name = "protobooth_cancelled"
+    graph = training_graph(comfyui_checkpoint, photo, tokens="zqcancel", steps=100000, seed=11)
+    graph["save"] = {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": True}}
+    graph["digest"] = digest_node(["ckpt", 0], ["ckpt", 1])
+    started = comfyui.log_text().count("Train Concept: training zqcancel")
+    prompt_id = comfyui.queue(graph)
+    deadline = time.monotonic() + 300
+    while comfyui.log_text().count("Train Concept: training zqcancel") == started:
+        assert time.monotonic() < deadline, comfyui.log_tail()
+        time.sleep(0.2)
+    time.sleep(2)  # a few steps in
+    comfyui.interrupt()
+    entry = comfyui.wait(prompt_id, timeout=120)
+    assert "interrupted in ProtoBoothTrainConcept" in execution_error(entry)
+    assert not any((comfyui.models(folder) / f"{name}.safetensors").exists() for folder in ("loras", "embeddings"))
+    before = entry["outputs"].get("digest", {}).get("facts")
+    after = comfyui.run({"ckpt": graph["ckpt"], "digest": digest_node(["ckpt", 0], ["ckpt", 1])})["outputs"]["digest"]["facts"][0]
+    assert after["model_patches"] == 0 and after["tokenizer"] == "SD1Tokenizer"
+    if before:  # the digest node may have run before training started
+        assert before[0] == after
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"boxes": [[0, 0, 0, 0]]}, "empty"),
+    ({"boxes": [RED_SQUARE, BLUE_RECTANGLE]}, "2 mask(s) but 1 token(s)"),
+    ({"boxes": [RED_SQUARE, BLUE_RECTANGLE], "tokens": "zqa, zqa", "class_words": "square, box"}, "zqa"),
+    ({"tokens": "dog"}, "dog"),
+    ({"class_words": ""}, "class word"),
+])
+def test_bad_training_input_is_named_and_nothing_runs(comfyui, comfyui_checkpoint, photo, change, message):
+    change = dict(change)
+    boxes = change.pop("boxes", [RED_SQUARE])
+    graph = training_graph(comfyui_checkpoint, photo, boxes=boxes, **change)
+    error = failure(comfyui, graph)
+    assert "Train Concept:" in error and message in error, error
+
+
+def test_mask_of_another_size_than_the_image_is_refused(comfyui, comfyui_checkpoint, photo):
+    graph = training_graph(comfyui_checkpoint, photo)
+    graph["masks"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 32}}
+    error = failure(comfyui, graph)
+    assert "Train Concept:" in error and "32" in error and "64" in error, error
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ""])
+def test_concept_names_with_path_characters_are_refused(comfyui, comfyui_checkpoint, photo, name):
+    graph = training_graph(comfyui_checkpoint, photo)
+    graph["save"] = {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": True}}
+    error = failure(comfyui, graph)
+    assert "Save Concept:" in error and "cannot be a file name" in error, error

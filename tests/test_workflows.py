@@ -1,0 +1,325 @@
+"""The example workflows (workflows/*.json) and the UI → API converter the tests run them through.
+
+The converter is checked on small synthetic graphs against the frontend's rules; every workflow is
+checked against the real server's node definitions; (a), (b) and (c) run end to end in the real ComfyUI
+on tiny model files; (d) needs ComfyUI_IPAdapter_plus, which the test ComfyUI cannot run (it predates the
+ModelPatcher API that extension uses), so it is checked structurally against that extension's node
+definitions.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
+from conftest import ROOT
+from workflow_convert import Widget, WorkflowError, to_api_prompt, widgets_of
+
+WORKFLOWS = ROOT / "workflows"
+NAMES = ("one_object", "two_objects", "concept_controlnet", "concept_ipadapter")
+PHOTO = "workflow_photo.png"
+CONCEPT = "protobooth_test_mug"
+# Combo inputs that list model or input files: their values are the files a user would have, not the server's.
+FILE_INPUTS = {"ckpt_name", "sam_name", "clip_name", "control_net_name", "image", "concept_name"}
+
+# ComfyUI_IPAdapter_plus @9d076a3 (2025-02-26), IPAdapterPlus.py: the two nodes concept_ipadapter.json uses,
+# as that extension's /object_info entries would show them.
+_WEIGHT_TYPES = ["linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
+                 "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
+                 "style and composition", "style transfer precise", "composition precise"]
+IPADAPTER_NODES = {
+    "IPAdapterUnifiedLoader": {
+        "input": {"required": {"model": ["MODEL"], "preset": [[
+            "LIGHT - SD1.5 only (low strength)", "STANDARD (medium strength)", "VIT-G (medium strength)",
+            "PLUS (high strength)", "PLUS FACE (portraits)", "FULL FACE - SD1.5 only (portraits stronger)"]]},
+            "optional": {"ipadapter": ["IPADAPTER"]}},
+        "output": ["MODEL", "IPADAPTER"], "output_name": ["model", "ipadapter"], "display_name": "IPAdapter Unified Loader",
+    },
+    "IPAdapterAdvanced": {
+        "input": {"required": {
+            "model": ["MODEL"], "ipadapter": ["IPADAPTER"], "image": ["IMAGE"],
+            "weight": ["FLOAT", {"default": 1.0, "min": -1, "max": 5, "step": 0.05}], "weight_type": [_WEIGHT_TYPES],
+            "combine_embeds": [["concat", "add", "subtract", "average", "norm average"]],
+            "start_at": ["FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}],
+            "end_at": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}],
+            "embeds_scaling": [["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"]]},
+            "optional": {"image_negative": ["IMAGE"], "attn_mask": ["MASK"], "clip_vision": ["CLIP_VISION"]}},
+        "output": ["MODEL"], "output_name": ["MODEL"], "display_name": "IPAdapter Advanced",
+    },
+}
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------------
+# The converter, on synthetic node definitions
+
+INFO = {
+    "Loader": {"input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"]]}},
+               "output": ["MODEL", "INT"], "output_name": ["MODEL", "number"]},
+    "Sampler": {"input": {"required": {"model": ["MODEL"], "seed": ["INT", {"default": 0}], "steps": ["INT", {"default": 20}],
+                                       "sampler": [["euler", "ddim"]]},
+                          "optional": {"text": ["STRING", {"multiline": True}], "extra": ["MODEL"]}},
+                "output": ["LATENT"], "output_name": ["LATENT"]},
+    "Patch": {"input": {"required": {"model": ["MODEL"], "strength": ["FLOAT", {"default": 1.0}]}},
+              "output": ["MODEL"], "output_name": ["MODEL"]},
+    "Picture": {"input": {"required": {"image": [["x.png"], {"image_upload": True}], "mode": [["rgb", "alpha"]]},
+                          "optional": {"scale": ["FLOAT", {}]}},
+                "output": ["IMAGE"], "output_name": ["IMAGE"]},
+    "Choice": {"input": {"required": {"pick": [["p", "q"], {"control_after_generate": True}], "n": ["INT", {}]}},
+               "output": [], "output_name": []},
+}
+
+
+def ui_node(node_id, kind, values=(), inputs=(), mode=0, **extra):
+    return {"id": node_id, "type": kind, "pos": [0, 0], "size": [300, 100], "flags": {}, "order": node_id, "mode": mode,
+            "inputs": [dict(slot) for slot in inputs], "outputs": [], "properties": {}, "widgets_values": list(values), **extra}
+
+
+def ui_workflow(nodes, links):
+    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {}, "version": 0.4}
+
+
+def sampler_graph(*, sampler_inputs=None, patch_mode=0, sampler_values=(7, "fixed", 20, "euler", "hi")):
+    """Loader(1) → Patch(2) → Sampler(3), with Loader also feeding Patch's model through a bypass test."""
+    nodes = [
+        ui_node(1, "Loader", ["a.safetensors"]),
+        ui_node(2, "Patch", [0.5], [{"name": "model", "type": "MODEL", "link": 1}], mode=patch_mode),
+        ui_node(3, "Sampler", sampler_values, sampler_inputs or [{"name": "model", "type": "MODEL", "link": 2},
+                                                                 {"name": "extra", "type": "MODEL", "link": None}]),
+    ]
+    links = [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "MODEL"]]
+    return ui_workflow(nodes, links)
+
+
+def test_widgets_follow_input_order_with_frontend_only_companions():
+    assert widgets_of(INFO["Sampler"]) == [Widget("seed"), Widget("control_after_generate", False), Widget("steps"),
+                                           Widget("sampler"), Widget("text")]
+    # the upload button follows the last required input; optional widgets come after it
+    assert widgets_of(INFO["Picture"]) == [Widget("image"), Widget("mode"), Widget("upload", False), Widget("scale")]
+    assert widgets_of(INFO["Choice"]) == [Widget("pick"), Widget("control_after_generate", False),
+                                          Widget("control_filter_list", False), Widget("n")]
+    # a server that sends input_order is followed rather than the dict order
+    ordered = {"input": {"required": {"model": ["MODEL"], "strength": ["FLOAT", {}], "count": ["INT", {}]}},
+               "input_order": {"required": ["count", "model", "strength"]}}
+    assert widgets_of(ordered) == [Widget("count"), Widget("strength")]
+
+
+def test_links_and_widget_values_become_the_api_prompt():
+    prompt = to_api_prompt(sampler_graph(), INFO)
+    assert prompt == {
+        "1": {"class_type": "Loader", "inputs": {"ckpt_name": "a.safetensors"}, "_meta": {"title": "Loader"}},
+        "2": {"class_type": "Patch", "inputs": {"strength": 0.5, "model": ["1", 0]}, "_meta": {"title": "Patch"}},
+        "3": {"class_type": "Sampler", "inputs": {"seed": 7, "steps": 20, "sampler": "euler", "text": "hi",
+                                                  "model": ["2", 0]}, "_meta": {"title": "Sampler"}},
+    }
+
+
+def test_extra_trailing_values_are_ignored_and_missing_ones_refused():
+    # an extension's button widget adds a value (null) after the node's own widgets
+    prompt = to_api_prompt(sampler_graph(sampler_values=(7, "fixed", 20, "euler", "hi", None)), INFO)
+    assert prompt["3"]["inputs"]["text"] == "hi"
+    with pytest.raises(WorkflowError, match=r"node 3 \(Sampler\) has 4 widget values for 5 widgets"):
+        to_api_prompt(sampler_graph(sampler_values=(7, 20, "euler", "hi")), INFO)
+
+
+def test_converted_widget_takes_its_link_and_is_left_out_when_unlinked():
+    linked = [{"name": "model", "type": "MODEL", "link": 2}, {"name": "seed", "type": "INT", "link": 3, "widget": {"name": "seed"}}]
+    workflow = sampler_graph(sampler_inputs=linked)
+    workflow["links"].append([3, 1, 1, 3, 1, "INT"])
+    assert to_api_prompt(workflow, INFO)["3"]["inputs"]["seed"] == ["1", 1]
+
+    unlinked = [{"name": "model", "type": "MODEL", "link": 2}, {"name": "seed", "type": "INT", "link": None, "widget": {"name": "seed"}}]
+    assert "seed" not in to_api_prompt(sampler_graph(sampler_inputs=unlinked), INFO)["3"]["inputs"]
+
+
+def test_muted_nodes_are_left_out_and_bypassed_nodes_passed_through():
+    muted = to_api_prompt(sampler_graph(patch_mode=2), INFO)
+    assert set(muted) == {"1", "3"} and "model" not in muted["3"]["inputs"]  # as the frontend: the server will refuse it
+    bypassed = to_api_prompt(sampler_graph(patch_mode=4), INFO)
+    assert set(bypassed) == {"1", "3"} and bypassed["3"]["inputs"]["model"] == ["1", 0]
+
+
+def test_frontend_only_nodes():
+    workflow = sampler_graph()
+    # a Reroute between Patch and Sampler, a PrimitiveNode feeding the converted steps widget, and a Note
+    workflow["nodes"] += [ui_node(4, "Reroute", [], [{"name": "", "type": "*", "link": 2}]),
+                          ui_node(5, "PrimitiveNode", [33, "fixed"]), ui_node(6, "Note", ["read me"])]
+    workflow["links"] += [[3, 4, 0, 3, 0, "MODEL"], [4, 5, 0, 3, 2, "INT"]]
+    workflow["nodes"][2]["inputs"] = [{"name": "model", "type": "MODEL", "link": 3},
+                                      {"name": "steps", "type": "INT", "link": 4, "widget": {"name": "steps"}}]
+    prompt = to_api_prompt(workflow, INFO)
+    assert set(prompt) == {"1", "2", "3"}
+    assert prompt["3"]["inputs"]["model"] == ["2", 0] and prompt["3"]["inputs"]["steps"] == 33
+
+
+def test_what_the_converter_refuses():
+    with pytest.raises(WorkflowError, match="'Mystery', which this server does not know"):
+        to_api_prompt(ui_workflow([ui_node(1, "Mystery")], []), INFO)
+    with pytest.raises(WorkflowError, match="schema 0.4"):
+        to_api_prompt(dict(sampler_graph(), version=1), INFO)
+    dict_values = sampler_graph()
+    dict_values["nodes"][0]["widgets_values"] = {"ckpt_name": "a.safetensors"}
+    with pytest.raises(WorkflowError, match="saves its widgets as dict"):
+        to_api_prompt(dict_values, INFO)
+    dangling = sampler_graph()
+    dangling["nodes"][2]["inputs"][0]["link"] = 99
+    with pytest.raises(WorkflowError, match="link 99"):
+        to_api_prompt(dangling, INFO)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The workflow files
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_file_is_a_frontend_save(name):
+    workflow = load_workflow(name)
+    assert workflow["version"] == 0.4
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    assert workflow["last_node_id"] == max(nodes) and workflow["last_link_id"] == max(link[0] for link in workflow["links"])
+    for link_id, origin, origin_slot, target, target_slot, kind in workflow["links"]:
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
+        assert nodes[origin]["outputs"][origin_slot]["type"] == kind
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert nodes[target]["inputs"][target_slot]["type"] == kind
+    # seeds are kept as they are between runs (the frontend would randomise them after each run otherwise)
+    for node in nodes.values():
+        if node["type"] in ("KSampler", "ProtoBoothTrainConcept"):
+            values = node["widgets_values"]
+            assert "fixed" in values and isinstance(values[values.index("fixed") - 1], int), node["type"]
+    # nodes do not overlap on the canvas (title bar included)
+    boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in nodes.values()]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+@pytest.fixture(scope="module")
+def server_nodes(comfyui) -> dict:
+    return comfyui.object_info()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_fits_the_servers_nodes(server_nodes, name):
+    workflow = load_workflow(name)
+    extension = IPADAPTER_NODES if name == "concept_ipadapter" else {}
+    for kind in extension:
+        assert kind not in server_nodes  # else the stubs would hide the real definitions
+    info = {**server_nodes, **extension}
+    known = {node["type"] for node in workflow["nodes"]} - {"Note"}
+    assert known <= set(info), f"unknown node types: {sorted(known - set(info))}"
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    for _, origin, origin_slot, target, target_slot, kind in workflow["links"]:
+        assert info[nodes[origin]["type"]]["output"][origin_slot] == kind
+        name_in = nodes[target]["inputs"][target_slot]["name"]
+        spec = {**info[nodes[target]["type"]]["input"]["required"], **info[nodes[target]["type"]]["input"].get("optional", {})}
+        assert spec[name_in][0] == kind, (nodes[target]["type"], name_in)
+
+    prompt = to_api_prompt(workflow, info)
+    for node_id, entry in prompt.items():
+        required = info[entry["class_type"]]["input"]["required"]
+        assert set(required) <= set(entry["inputs"]), (entry["class_type"], set(required) - set(entry["inputs"]))
+        for input_name, value in entry["inputs"].items():
+            spec = required.get(input_name) or info[entry["class_type"]]["input"]["optional"][input_name]
+            if isinstance(spec[0], list) and input_name not in FILE_INPUTS and not isinstance(value, list):
+                assert value in spec[0], (entry["class_type"], input_name, value)
+    if name == "concept_ipadapter":
+        by_type = {entry["class_type"]: node_id for node_id, entry in prompt.items()}
+        advanced = prompt[by_type["IPAdapterAdvanced"]]["inputs"]
+        assert advanced["model"] == [by_type["IPAdapterUnifiedLoader"], 0]
+        assert advanced["ipadapter"] == [by_type["IPAdapterUnifiedLoader"], 1]
+        assert (advanced["weight_type"], advanced["embeds_scaling"]) == ("linear", "V only")
+        assert prompt[by_type["IPAdapterUnifiedLoader"]]["inputs"]["model"] == [by_type["ProtoBoothApplyConcept"], 0]
+        assert prompt[by_type["KSampler"]]["inputs"]["model"] == [by_type["IPAdapterAdvanced"], 0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Running (a), (b), (c) in the real ComfyUI
+
+
+def substituted(prompt: dict, changes: dict) -> dict:
+    """The prompt with inputs replaced by class type (every replaced input must exist)."""
+    prompt = copy.deepcopy(prompt)
+    for entry in prompt.values():
+        for input_name, value in changes.get(entry["class_type"], {}).items():
+            assert input_name in entry["inputs"], (entry["class_type"], input_name)
+            entry["inputs"][input_name] = value
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def tiny_files(comfyui, comfyui_checkpoint, comfyui_sam, comfyui_clip_vision, comfyui_controlnet) -> dict:
+    """The tiny stand-ins for the files a user would have, and small sizes so that CPU runs are quick."""
+    Image.fromarray(two_shapes_photo()).save(comfyui.input_dir / PHOTO)
+    return {
+        "CheckpointLoaderSimple": {"ckpt_name": comfyui_checkpoint},
+        "ProtoBoothSAMLoader": {"sam_name": comfyui_sam},
+        "CLIPVisionLoader": {"clip_name": comfyui_clip_vision},
+        "ControlNetLoader": {"control_net_name": comfyui_controlnet},
+        "LoadImage": {"image": PHOTO},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+        "ProtoBoothPrototypeInit": {"steps": 2},
+        "ProtoBoothTrainConcept": {"steps": 2, "resolution": 64},
+    }
+
+
+def run_workflow(comfyui, name: str, changes: dict) -> tuple[dict, dict]:
+    prompt = substituted(to_api_prompt(load_workflow(name), comfyui.object_info()), changes)
+    return prompt, comfyui.run(prompt, timeout=900)
+
+
+def check_saved_images(comfyui, prompt: dict, entry: dict) -> int:
+    """Every SaveImage wrote its pictures, and none is constant (NaN or inf latents decode to one colour)."""
+    count = 0
+    for node_id, node in prompt.items():
+        if node["class_type"] != "SaveImage":
+            continue
+        images = entry["outputs"][node_id]["images"]
+        assert images, f"SaveImage {node_id} saved nothing"
+        for image in images:
+            pixels = np.asarray(Image.open(comfyui.output_dir / image["subfolder"] / image["filename"]).convert("RGB"),
+                                dtype=np.float32)
+            assert pixels.shape == (64, 64, 3) and pixels.std() > 1.0, image["filename"]
+            count += 1
+    return count
+
+
+def concept_files(comfyui, name: str) -> list:
+    return [comfyui.models("loras") / f"{name}.safetensors", comfyui.models("embeddings") / f"{name}.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def one_object_run(comfyui, tiny_files) -> tuple[dict, dict]:
+    changes = dict(tiny_files, ProtoBoothSegmentObjects={"prompts": json.dumps([{"box": list(RED_SQUARE)}])},
+                   ProtoBoothSaveConcept={"name": CONCEPT})
+    return run_workflow(comfyui, "one_object", changes)
+
+
+def test_one_object_workflow_learns_saves_and_draws_three_scenes(comfyui, one_object_run):
+    prompt, entry = one_object_run
+    assert check_saved_images(comfyui, prompt, entry) == 3
+    assert all(path.is_file() for path in concept_files(comfyui, CONCEPT))
+
+
+def test_two_objects_workflow_draws_both(comfyui, tiny_files):
+    name = f"{CONCEPT}_and_rectangle"
+    changes = dict(tiny_files, ProtoBoothSaveConcept={"name": name},
+                   ProtoBoothSegmentObjects={"prompts": json.dumps([{"box": list(RED_SQUARE)}, {"box": list(BLUE_RECTANGLE)}])})
+    prompt, entry = run_workflow(comfyui, "two_objects", changes)
+    assert check_saved_images(comfyui, prompt, entry) == 1
+    assert all(path.is_file() for path in concept_files(comfyui, name))
+
+
+def test_concept_controlnet_workflow_uses_the_saved_concept(comfyui, tiny_files, one_object_run):
+    changes = dict(tiny_files, ProtoBoothLoadConcept={"concept_name": CONCEPT})
+    prompt, entry = run_workflow(comfyui, "concept_controlnet", changes)
+    assert check_saved_images(comfyui, prompt, entry) == 1
