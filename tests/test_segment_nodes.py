@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +66,15 @@ def test_nodes_are_registered_with_their_widgets(comfyui):
 def test_sam_loader_lists_the_file_and_segment_objects_gives_masks_in_prompt_order(comfyui, comfyui_sam, photo):
     from protobooth.engine.segment import Segmenter, load_sam
 
+    # A copy under a name of its own: ComfyUI reuses a loader's cached output across prompts, and an
+    # earlier test may already have loaded the original file, so only a new name makes this run load.
+    fresh = "order-test-sam.pth"
+    shutil.copyfile(comfyui.models("sams") / comfyui_sam, comfyui.models("sams") / fresh)
     listed = comfyui.object_info("ProtoBoothSAMLoader")["ProtoBoothSAMLoader"]["input"]["required"]["sam_name"][0]
-    assert comfyui_sam in listed
+    assert comfyui_sam in listed and fresh in listed
     log_start = len(comfyui.log_text())
 
-    entry = comfyui.run(segment_graph(comfyui_sam, photo, PROMPTS, "order"), timeout=300)
+    entry = comfyui.run(segment_graph(fresh, photo, PROMPTS, "order"), timeout=300)
 
     # the file's name says nothing about its size: the architecture came from the weights
     assert "loaded SAM custom (ViT 32 wide, 2 blocks" in comfyui.log_text()[log_start:]
