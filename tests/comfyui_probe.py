@@ -186,6 +186,29 @@ class ProtoBoothTestViewOutputs:
                                     "fingerprint": view.fingerprint}]}}
 
 
+class ProtoBoothTestAsFamily:
+    """The MODEL, presented as another ComfyUI model family (a config class of that name); the input is left as it is."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "relabel"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "config_class": ("STRING", {"default": "SDXL"})}}
+
+    def relabel(self, model, config_class):
+        import copy
+
+        config = copy.copy(model.model.model_config)
+        config.__class__ = type(config_class, (type(config),), {})
+        inner = copy.copy(model.model)  # a shallow copy: same modules, its own model_config attribute
+        inner.model_config = config
+        relabelled = model.clone()
+        relabelled.model = inner
+        return (relabelled,)
+
+
 NODE_CLASS_MAPPINGS = {
     "ProtoBoothTestBoxMasks": ProtoBoothTestBoxMasks,
     "ProtoBoothTestWeightsDigest": ProtoBoothTestWeightsDigest,
@@ -194,4 +217,5 @@ NODE_CLASS_MAPPINGS = {
     "ProtoBoothTestProbe": ProtoBoothTestProbe,
     "ProtoBoothTestTokenInitReport": ProtoBoothTestTokenInitReport,
     "ProtoBoothTestFakeVision": ProtoBoothTestFakeVision,
+    "ProtoBoothTestAsFamily": ProtoBoothTestAsFamily,
 }

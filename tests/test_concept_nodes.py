@@ -256,3 +256,35 @@ def test_concept_names_with_path_characters_are_refused(comfyui, comfyui_checkpo
     graph["save"] = {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": True}}
     error = failure(comfyui, graph)
     assert "Save Concept:" in error and "cannot be a file name" in error, error
+
+
+def test_a_model_family_the_engine_does_not_support_is_refused(comfyui, comfyui_checkpoint, photo):
+    graph = training_graph(comfyui_checkpoint, photo)
+    graph["sdxl"] = {"class_type": "ProtoBoothTestAsFamily", "inputs": {"model": ["ckpt", 0], "config_class": "SDXL"}}
+    graph["train"]["inputs"]["model"] = ["sdxl", 0]
+    error = failure(comfyui, graph)
+    assert "Train Concept:" in error and "SDXL" in error and "not supported yet" in error, error
+
+
+def test_apply_concept_checks_the_family_and_warns_about_another_base_model(comfyui, comfyui_checkpoint):
+    from protobooth.engine.concept import Concept, ConceptObject, save_concept
+
+    vectors = torch.randn(1, 768, generator=torch.Generator().manual_seed(0)) * 0.01
+    for name, family in (("protobooth_other_base", "sd1"), ("protobooth_sd2_concept", "sd2")):
+        concept = Concept([ConceptObject("zqother", "square", vectors)], {}, family, "0" * 16)
+        save_concept(concept, comfyui.models("loras") / f"{name}.safetensors", comfyui.models("embeddings") / f"{name}.safetensors")
+
+    def graph(name):
+        return {
+            "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui_checkpoint}},
+            "load": {"class_type": "ProtoBoothLoadConcept", "inputs": {"concept_name": name}},
+            "apply": {"class_type": "ProtoBoothApplyConcept", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "concept": ["load", 0],
+                                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+            **prediction_nodes("applied", ["apply", 0], ["apply", 1], "a photo of zqother square"),
+        }
+
+    warnings = comfyui.log_text().count("was trained on another base model")
+    comfyui.run(graph("protobooth_other_base"), timeout=600)
+    assert comfyui.log_text().count("was trained on another base model") == warnings + 1
+    error = failure(comfyui, graph("protobooth_sd2_concept"))
+    assert "Apply Concept:" in error and "trained on an sd2 model but the MODEL is sd1" in error, error
