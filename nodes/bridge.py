@@ -261,11 +261,16 @@ class ConceptTokenizer:
 
     Each trigger word in a prompt becomes `embedding:<token>`, and the inner tokenizer's embedding lookup
     answers those names with the concept's vectors before it looks for files. The rest is the stock
-    tokenizer, so weights, `(word:1.2)` syntax and other embeddings work as usual, and a second concept
-    wraps the first.
+    tokenizer, so weights, `(word:1.2)` syntax and other embeddings work as usual. A second concept
+    applied to the same CLIP joins the first in one wrapper (its vectors win where words clash).
     """
 
     def __init__(self, tokenizer, vectors: dict[str, torch.Tensor]):
+        if isinstance(tokenizer, ConceptTokenizer):  # a chained concept: one wrapper over the stock tokenizer
+            vectors = {**tokenizer._vectors, **vectors}
+            tokenizer = tokenizer._stock
+        self._stock = tokenizer
+        self._vectors = dict(vectors)
         self._tokenizer = copy.copy(tokenizer)
         words = copy.copy(getattr(tokenizer, tokenizer.clip))
         words._try_get_embedding = _TriggerLookup(vectors, words._try_get_embedding)
@@ -280,6 +285,10 @@ class ConceptTokenizer:
         return self._tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
 
     def __getattr__(self, name):
+        # Only called for names this object lacks: its own (before __init__ set them, as when copy or pickle
+        # probe a bare instance) and dunders are not the inner tokenizer's to answer.
+        if name.startswith("__") or name in ("_tokenizer", "_stock", "_vectors", "_triggers"):
+            raise AttributeError(name)
         return getattr(self._tokenizer, name)
 
 

@@ -288,3 +288,33 @@ def test_apply_concept_checks_the_family_and_warns_about_another_base_model(comf
     assert comfyui.log_text().count("was trained on another base model") == warnings + 1
     error = failure(comfyui, graph("protobooth_sd2_concept"))
     assert "Apply Concept:" in error and "trained on an sd2 model but the MODEL is sd1" in error, error
+
+
+def test_two_chained_apply_concepts_make_both_trigger_words_work(comfyui, comfyui_checkpoint):
+    from protobooth.engine.concept import Concept, ConceptObject, save_concept
+
+    names = {"zqfirst": "protobooth_chain_first", "zqsecond": "protobooth_chain_second"}
+    for seed, (token, name) in enumerate(names.items()):
+        vectors = torch.randn(1, 768, generator=torch.Generator().manual_seed(seed + 20)) * 0.05
+        concept = Concept([ConceptObject(token, "square", vectors)], {}, "sd1", "0" * 16)
+        save_concept(concept, comfyui.models("loras") / f"{name}.safetensors", comfyui.models("embeddings") / f"{name}.safetensors")
+
+    def apply(node, model, clip, name):
+        return {f"load_{node}": {"class_type": "ProtoBoothLoadConcept", "inputs": {"concept_name": name}},
+                node: {"class_type": "ProtoBoothApplyConcept", "inputs": {"model": model, "clip": clip, "concept": [f"load_{node}", 0],
+                                                                          "strength_model": 1.0, "strength_clip": 1.0}}}
+
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui_checkpoint}},
+        **apply("first", ["ckpt", 0], ["ckpt", 1], names["zqfirst"]),
+        **apply("second", ["first", 0], ["first", 1], names["zqsecond"]),
+        **prediction_nodes("chained", ["second", 0], ["second", 1], "a photo of zqfirst square and zqsecond square"),
+        **prediction_nodes("stock", ["ckpt", 0], ["ckpt", 1],
+                           f"a photo of embedding:{names['zqfirst']} square and embedding:{names['zqsecond']} square"),
+        **prediction_nodes("only_first", ["first", 0], ["first", 1], "a photo of zqfirst square and zqsecond square"),
+    }
+    entry = comfyui.run(graph, timeout=600)
+    # the UNet's prediction reads every position of the text context
+    chained, stock, only_first = (prediction(entry, p) for p in ("chained", "stock", "only_first"))
+    assert np.abs(chained - stock).max() <= 1e-5  # both words read their own vectors
+    assert np.abs(chained - only_first).max() > 1e-3  # the second concept did something
