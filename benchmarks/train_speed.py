@@ -32,12 +32,9 @@ measured: SD1.5 size, or the tiny model with --quick. The exit status is 0 wheth
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -47,26 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from checkout import import_this_checkout  # noqa: E402
 
-
-def _import_this_checkout() -> None:
-    """The repository root is the package `protobooth`: make that name mean this checkout, not an installed copy.
-
-    The link goes on PYTHONPATH too, so the child processes import the same code.
-    """
-    spec = importlib.util.find_spec("protobooth")
-    if spec is not None and spec.origin and Path(spec.origin).resolve() == REPO / "__init__.py":
-        return
-    link_dir = Path(tempfile.mkdtemp(prefix="protobooth-bench-"))
-    atexit.register(shutil.rmtree, link_dir, ignore_errors=True)
-    (link_dir / "protobooth").symlink_to(REPO, target_is_directory=True)
-    sys.path.insert(0, str(link_dir))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link_dir), os.environ.get("PYTHONPATH")]))
-
-
-_import_this_checkout()
-for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_name, "1")
+import_this_checkout()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
