@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,45 @@ class ClipTowers:
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return F.normalize(pooled.float(), dim=-1)
+
+
+# How CLIP files keep the text projection: Hugging Face CLIPModel files as a Linear weight
+# [projection width, text width]; OpenAI CLIP and open_clip files as a matrix [text width, projection
+# width] that the pooled text state multiplies from the right.
+TEXT_PROJECTION_KEYS = {"text_projection.weight": "Hugging Face CLIPModel", "text_projection": "OpenAI/open_clip"}
+
+
+def load_text_projection(path, text_width: int, fix: str) -> torch.Tensor:
+    """CLIP's text projection from a safetensors CLIP model file, as a Linear weight [projection width, text_width].
+
+    Only that one tensor is read (the rest of a full CLIP file stays on disk). Files without it, with a
+    shape that does not fit a `text_width`-wide text tower, or that are not safetensors are refused with
+    an InputError that names the file and ends with `fix` (what the user should do instead).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    name = Path(path).name
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys = [key for key in TEXT_PROJECTION_KEYS if key in handle.keys()]
+            if not keys:
+                raise InputError(f"{name} holds no CLIP text projection (neither 'text_projection.weight', as Hugging "
+                                 "Face CLIPModel files keep it, nor 'text_projection', as OpenAI/open_clip files do), "
+                                 f"so it is not a full CLIP model file; {fix}")
+            key = keys[0]
+            shape = list(handle.get_slice(key).get_shape())
+            linear = key == "text_projection.weight"
+            expected = f"[projection width, {text_width}]" if linear else f"[{text_width}, projection width]"
+            if len(shape) != 2 or shape[1 if linear else 0] != text_width:
+                raise InputError(f"{name} holds a {key} of shape {shape}, but this text encoder is {text_width} wide, "
+                                 f"which needs {expected} ({TEXT_PROJECTION_KEYS[key]} layout): the file belongs to "
+                                 f"another CLIP model; {fix}")
+            projection = handle.get_tensor(key)
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{name} could not be read as a safetensors file ({error}); {fix}") from None
+    if not projection.is_floating_point() or not torch.isfinite(projection).all():
+        raise InputError(f"{name}'s {key} is not a finite floating-point matrix; {fix}")
+    return (projection if linear else projection.T).float().contiguous()
 
 
 @dataclass

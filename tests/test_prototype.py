@@ -8,7 +8,9 @@ import torch
 
 from protobooth.engine import tiny
 from protobooth.engine.errors import InputError
-from protobooth.engine.prototype import ClipTowers, PrototypeSettings, masked_object_crop, prototype_embeddings
+from protobooth.engine.fileio import save_safetensors
+from protobooth.engine.prototype import (ClipTowers, PrototypeSettings, load_text_projection, masked_object_crop,
+                                         prototype_embeddings)
 from protobooth.engine.tokens import class_word_vectors
 
 
@@ -73,3 +75,41 @@ def test_masked_crop_is_square_around_the_object_on_grey():
     crop = masked_object_crop(image, mask, padding=0.1)
     assert crop.shape[1] == crop.shape[2] and 24 <= crop.shape[1] <= 30
     assert torch.allclose(crop[:, 0, 0], torch.full((3,), 0.5))
+
+
+def test_text_projection_is_read_from_either_file_layout(tmp_path):
+    weight = torch.randn(24, 32)  # [projection width, text width], as a Linear weight
+    hf = tmp_path / "hf.safetensors"  # a Hugging Face CLIPModel file keeps the rest of the model beside it
+    save_safetensors({"text_projection.weight": weight, "visual_projection.weight": torch.randn(24, 16)}, hf)
+    openai = tmp_path / "openai.safetensors"  # OpenAI/open_clip: text @ P, so P is the transpose
+    save_safetensors({"text_projection": weight.T.half()}, openai)
+    assert torch.equal(load_text_projection(hf, 32, "FIX"), weight)
+    read = load_text_projection(openai, 32, "FIX")
+    assert read.dtype == torch.float32 and torch.equal(read, weight.half().float())
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"text_model.final_layer_norm.weight": torch.ones(32)}, "bad.safetensors holds no CLIP text projection"),
+        ({"text_projection.weight": torch.randn(32, 24)},
+         "bad.safetensors holds a text_projection.weight of shape [32, 24], but this text encoder is 32 wide, which "
+         "needs [projection width, 32]"),
+        ({"text_projection": torch.randn(24, 32)},
+         "bad.safetensors holds a text_projection of shape [24, 32], but this text encoder is 32 wide, which needs "
+         "[32, projection width]"),
+        ({"text_projection.weight": torch.randn(2, 24, 32)}, "of shape [2, 24, 32]"),
+        ({"text_projection.weight": torch.ones(24, 32, dtype=torch.int32)}, "is not a finite floating-point matrix"),
+        ({"text_projection.weight": torch.full((24, 32), float("nan"))}, "is not a finite floating-point matrix"),
+        (b"not a safetensors file at all", "bad.safetensors could not be read as a safetensors file"),
+    ],
+)
+def test_files_without_a_fitting_text_projection_are_refused_with_the_fix(tmp_path, tensors, message):
+    path = tmp_path / "bad.safetensors"
+    if isinstance(tensors, bytes):
+        path.write_bytes(tensors)
+    else:
+        save_safetensors(tensors, path)
+    with pytest.raises(InputError) as refused:
+        load_text_projection(path, 32, "choose the full CLIP file")
+    assert message in str(refused.value) and str(refused.value).endswith("; choose the full CLIP file")
