@@ -321,12 +321,6 @@ def run_train(args) -> int:
     from .concept import check_concept_name
 
     out, name = Path(args.out), check_concept_name(args.name or args.token[0])
-    if not args.overwrite and any(p.exists() for p in _concept_paths(out, name)):
-        raise InputError(f"concept {name!r} already exists in {out}; pass --overwrite or choose another --name.")
-    device = _device(args.device)
-    image = load_image(args.image)
-    masks = _object_masks(args, image)
-    model = load_model(args.model).to(device)
     settings = TrainSettings(
         steps=args.steps, lora_rank=args.rank, lora_alpha=args.alpha, lora_learning_rate=args.lr,
         token_learning_rate=args.token_lr, n_vectors=args.vectors, use_mask=not args.no_mask,
@@ -335,10 +329,21 @@ def run_train(args) -> int:
         templates=tuple(args.template or DEFAULT_TEMPLATES), class_prompt=args.class_prompt, resolution=args.resolution,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, checkpoint_every=args.checkpoint_every,
     )
+    prototype = PrototypeSettings(n_vectors=args.vectors, steps=args.prototype_steps)
+    # Impossible settings are refused before the slow parts (SAM, loading the model) start.
+    settings.check()
+    if args.clip:
+        prototype.check()
+    if not args.overwrite and any(p.exists() for p in _concept_paths(out, name)):
+        raise InputError(f"concept {name!r} already exists in {out}; pass --overwrite or choose another --name.")
+    device = _device(args.device)
+    image = load_image(args.image)
+    masks = _object_masks(args, image)
+    model = load_model(args.model).to(device)
     towers = _load_clip_towers(args.clip, device) if args.clip else None
     prompts = args.preview_prompt or _preview_prompts(args.token, args.class_words)
     learn(model, image, masks, args.token, args.class_words, settings, out, name, prompts,
-          towers=towers, prototype=PrototypeSettings(n_vectors=args.vectors, steps=args.prototype_steps), resume=args.resume)
+          towers=towers, prototype=prototype, resume=args.resume)
     return 0
 
 

@@ -12,6 +12,8 @@ text tower). Without a CLIP model, tokens start from their class word's embeddin
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from torch import nn
 
 from .errors import InputError
 from .tokens import ConceptVocabulary, class_word_vectors, eos_pooled, nearest_words, vocabulary_norm
+from .train import check_template
 
 log = logging.getLogger("protobooth")
 
@@ -130,6 +133,26 @@ class PrototypeSettings:
     class_prompt: str = "a photo of a {}"
     crop_padding: float = 0.1
 
+    def check(self) -> None:
+        """Refuse settings the search cannot run with, before it starts."""
+        for name, value in (("vectors per token", self.n_vectors), ("prototype steps", self.steps)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"{name} must be a whole number of at least 1 (got {value!r}).")
+        if not _finite(self.learning_rate) or self.learning_rate <= 0:
+            raise InputError(f"prototype learning rate must be above 0 (got {self.learning_rate!r}).")
+        weights = tuple(self.weights) if isinstance(self.weights, (list, tuple)) else ()
+        if len(weights) != 3 or not all(_finite(w) and w >= 0 for w in weights) or not any(weights):
+            raise InputError(f"prototype weights must be three numbers, none negative and not all 0, for (whole image, "
+                             f"masked object, class prompt) (got {self.weights!r}).")
+        if not _finite(self.crop_padding) or self.crop_padding < 0:
+            raise InputError(f"crop padding must not be negative (got {self.crop_padding!r}).")
+        check_template(self.token_prompt, "token prompt", "the token")
+        check_template(self.class_prompt, "class prompt", "the class word")
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
 
 @dataclass
 class Prototype:
@@ -180,6 +203,7 @@ def prototype_embeddings(
 ) -> list[Prototype]:
     """One Prototype per object. `progress(step, total)` is called every optimisation step."""
     settings = settings or PrototypeSettings()
+    settings.check()
     if towers is None:
         log.warning("No CLIP model given: tokens start from their class words' embeddings (no prototype search).")
         return [class_word_prototype(text_encoder, tokenizer, t, c, settings.n_vectors) for t, c in zip(tokens, class_words)]

@@ -18,6 +18,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import numbers
 import random
 import time
 from dataclasses import dataclass, field
@@ -78,23 +80,69 @@ class TrainSettings:
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0: none
 
     def check(self) -> None:
+        """Refuse settings that cannot work, before anything runs (they would fail deep inside torch)."""
+        for name in ("steps", "lora_rank", "n_vectors", "prior_images", "prior_steps", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InputError(f"{_label(name)} must be a whole number (got {value!r}).")
+        for name in ("lora_learning_rate", "token_learning_rate", "background_weight", "prior_weight", "prior_guidance",
+                     "text_anchor_weight", "max_grad_norm") + (("lora_alpha",) if self.lora_alpha is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise InputError(f"{_label(name)} must be a finite number (got {value!r}).")
         if self.steps <= 0:
             raise InputError(f"steps must be at least 1 (got {self.steps}).")
         if self.lora_rank <= 0:
             raise InputError(f"LoRA rank must be at least 1 (got {self.lora_rank}).")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise InputError(f"LoRA alpha must be above 0 (got {self.lora_alpha}); leave it unset to use the rank.")
+        if self.n_vectors < 1:
+            raise InputError(f"vectors per token must be at least 1 (got {self.n_vectors}).")
         if not (self.train_lora or self.train_tokens):
             raise InputError("nothing to train: enable the LoRA, the tokens, or both.")
+        for name in ("lora_learning_rate", "token_learning_rate", "background_weight", "prior_weight", "text_anchor_weight"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{_label(name)} must not be negative (got {getattr(self, name)}).")
+        if self.prior_weight > 0 and self.prior_images < 1:
+            raise InputError(f"prior images must be at least 1 while the class prior is on (got {self.prior_images}); "
+                             "set the prior weight (lambda class) to 0 to train without class images.")
+        if self.prior_weight > 0 and self.prior_steps < 1:
+            raise InputError(f"prior steps (sampling steps per class image) must be at least 1 while the class prior is "
+                             f"on (got {self.prior_steps}).")
+        if self.max_grad_norm <= 0:  # 0 would stop every update, a negative value would flip them
+            raise InputError(f"max grad norm must be above 0 (got {self.max_grad_norm}).")
+        if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, numbers.Integral)
+                                            or self.resolution <= 0):
+            raise InputError(f"resolution must be a positive number of pixels (got {self.resolution!r}); leave it unset "
+                             "for the model's native size.")
+        if self.checkpoint_every < 0:
+            raise InputError(f"checkpoint every must be 0 (no checkpoints) or a number of steps (got {self.checkpoint_every}).")
+        if not 0 <= self.seed < 2**63:  # torch.Generator takes < 2**64, and class image i uses seed + i
+            raise InputError(f"seed must be between 0 and 2**63 - 1 (got {self.seed}).")
         if self.timestep_sampling not in ("uniform", "snr"):
             raise InputError(f"timestep sampling must be 'uniform' or 'snr' (got {self.timestep_sampling!r}).")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise InputError(f"mixed precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r}).")
-        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
-            raise InputError("every prompt template needs exactly one '{}' where the objects go.")
-        if self.class_prompt.count("{}") != 1:
-            raise InputError("the class prompt needs exactly one '{}' for the class word.")
-        for name in ("background_weight", "prior_weight", "text_anchor_weight"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name.replace('_', ' ')} must not be negative.")
+        if not self.templates:
+            raise InputError("no prompt template given; give at least one, such as 'a photo of {}'.")
+        for template in self.templates:
+            check_template(template, "prompt template", "the objects")
+        check_template(self.class_prompt, "class prompt", "the class word")
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def check_template(template, what: str, filled_with: str) -> None:
+    """A prompt template must take one value through str.format and show it exactly once."""
+    try:
+        ok = isinstance(template, str) and template.format("\0").count("\0") == 1
+    except (IndexError, KeyError, ValueError):  # "{} {}", "{name}", a lone "{"
+        ok = False
+    if not ok:
+        raise InputError(f"{what} {template!r} needs exactly one '{{}}' where {filled_with} go(es), and no other "
+                         "braces (write '{{' or '}}' for a literal brace).")
 
 
 @dataclass
@@ -132,6 +180,37 @@ def _square_crop(image: torch.Tensor, masks: list[torch.Tensor]) -> tuple[torch.
     return image[crop], [m[crop[1:]] for m in masks]
 
 
+def _training_size(model, resolution: int | None) -> int:
+    """The training size in pixels: the setting, or the model's native size; refused when the UNet cannot take it."""
+    factor = model.vae_scale_factor
+    native = model.unet.config.sample_size * factor
+    size = resolution or native
+    if size % factor:
+        raise InputError(f"resolution {size} must be a multiple of {factor} (the model's native size is {native}).")
+    smallest = factor * _smallest_latent_side(model.unet.config)
+    if size < smallest:
+        raise InputError(f"resolution {size} is too small for this model's UNet; use at least {smallest} "
+                         f"(its native size is {native}).")
+    return size
+
+
+def _smallest_latent_side(config) -> int:
+    """The smallest latent side at which every group norm of the UNet sees more than one value per group.
+
+    Each down block halves the side (rounding up); torch refuses a group norm over a single value.
+    """
+    channels, groups = list(config.block_out_channels), config.norm_num_groups or 1
+    side = 1
+    while True:
+        sides = [side]
+        for _ in channels[1:]:
+            sides.append((sides[-1] + 1) // 2)
+        narrowest = [min(channels[max(i - 1, 0)], channels[i]) for i in range(len(channels))]
+        if all(s * s * c > groups for s, c in zip(sides, narrowest)):
+            return side
+        side += 1
+
+
 def _autocast_dtype(setting: str, device: torch.device):
     if device.type != "cuda" or setting == "no":
         return None
@@ -163,6 +242,7 @@ class OneShotTrainer:
         for token, vectors in zip(self.tokens, init_vectors):
             if vectors.ndim != 2 or vectors.shape[1] != width:
                 raise InputError(f"initial vectors for {token!r} have shape {tuple(vectors.shape)}; expected [n, {width}].")
+        self.size = _training_size(model, settings.resolution)
         self.prior_cache = prior_cache
         self.vocabulary = ConceptVocabulary(model.tokenizer, self.tokens, list(init_vectors))
         self.norm_bounds = [max(vocabulary_norm(model.text_encoder), float(v.norm(dim=1).max())) for v in init_vectors]
@@ -190,13 +270,10 @@ class OneShotTrainer:
 
     def _prepare(self) -> None:
         model, settings = self.model, self.settings
-        size = settings.resolution or model.unet.config.sample_size * model.vae_scale_factor
-        if size % model.vae_scale_factor:
-            raise InputError(f"resolution {size} must be a multiple of {model.vae_scale_factor}.")
+        size = self.size
         image, masks = _square_crop(self.image, self.masks)
         image = F.interpolate(image[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         masks = [F.interpolate(m[None, None], size=(size, size), mode="bilinear", antialias=True)[0, 0] for m in masks]
-        self.size = size
         # Frozen state first, while the model is still the base model.
         with torch.no_grad():
             views = [(image, masks)] + ([(image.flip(-1), [m.flip(-1) for m in masks])] if settings.flip else [])

@@ -106,3 +106,22 @@ def test_token_init_vectors_reach_the_saved_concept(files):
                  "--token", "zqcat", "--class", "cat", "--mask", str(files / "m.png"), "--steps", "2",
                  "--prototype-steps", "5", "--prior-images", "1", "--out", str(out), "--quiet"]) == 0
     assert (out / "embeddings/zqcat.safetensors").is_file()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--vectors", "0"], "vectors per token must be at least 1 (got 0)"),
+    (["--prior-images", "0"], "prior images must be at least 1 while the class prior is on (got 0)"),
+    (["--resolution", "-64"], "resolution must be a positive number of pixels (got -64)"),
+    (["--alpha", "0"], "LoRA alpha must be above 0"),
+    (["--checkpoint-every", "-2"], "checkpoint every must be 0"),
+    (["--clip", "no-such-clip", "--prototype-steps", "0"], "prototype steps must be a whole number of at least 1"),
+])
+def test_impossible_settings_are_a_one_line_error(files, capsys, option, message):
+    out = files / "refused"
+    code = main(["train", str(files / "photo.png"), "--model", str(files / "model"), "--token", "zqcat", "--class", "cat",
+                 "--mask", str(files / "photo.png"), "--out", str(out), "--quiet", *option])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith("protobooth train: error: "), err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()

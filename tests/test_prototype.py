@@ -113,3 +113,27 @@ def test_files_without_a_fitting_text_projection_are_refused_with_the_fix(tmp_pa
     with pytest.raises(InputError) as refused:
         load_text_projection(path, 32, "choose the full CLIP file")
     assert message in str(refused.value) and str(refused.value).endswith("; choose the full CLIP file")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(n_vectors=0), "vectors per token must be a whole number of at least 1"),
+        (dict(steps=0), "prototype steps must be a whole number of at least 1"),
+        (dict(steps=-5), "prototype steps"),
+        (dict(learning_rate=0.0), "prototype learning rate must be above 0"),
+        (dict(learning_rate=-1e-3), "prototype learning rate must be above 0"),
+        (dict(weights=(0.0, 0.0, 0.0)), "not all 0"),
+        (dict(weights=(1.0, -1.0, 1.0)), "none negative"),
+        (dict(weights=(1.0, 1.0)), "three numbers"),
+        (dict(token_prompt="a photo"), "token prompt"),
+    ],
+)
+def test_impossible_settings_are_refused_with_or_without_a_clip_model(change, message):
+    model = tiny.tiny_model(0)
+    towers = ClipTowers.from_clip_model(tiny.tiny_clip(model.text_encoder))
+    image, mask = picture()
+    for clip in (towers, None):
+        with pytest.raises(InputError, match=message):
+            prototype_embeddings(clip, model.text_encoder, model.tokenizer, image, [mask], ["zqcat"], ["cat"],
+                                 PrototypeSettings(**change))

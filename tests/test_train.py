@@ -214,6 +214,60 @@ def test_bad_input_is_named_and_nothing_is_touched(change, message, prior_cache)
     assert not any("lora" in k for k in model.unet.state_dict())
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(n_vectors=0), "vectors per token must be at least 1"),
+        (dict(prior_images=0), "prior images must be at least 1"),
+        (dict(prior_steps=0), "prior steps"),
+        (dict(resolution=0), "resolution must be a positive number"),
+        (dict(resolution=-64), "resolution must be a positive number"),
+        (dict(lora_alpha=0.0), "LoRA alpha must be above 0"),
+        (dict(lora_alpha=-4.0), "LoRA alpha must be above 0"),
+        (dict(checkpoint_every=-1), "checkpoint every"),
+        (dict(lora_rank=0), "LoRA rank must be at least 1"),
+        (dict(lora_learning_rate=-1e-4), "lora learning rate must not be negative"),
+        (dict(token_learning_rate=float("nan")), "token learning rate must be a finite number"),
+        (dict(prior_weight=float("inf")), "prior weight must be a finite number"),
+        (dict(max_grad_norm=0.0), "max grad norm must be above 0"),
+        (dict(steps=2.5), "steps must be a whole number"),
+        (dict(seed=-1), "seed must be between"),
+        (dict(seed=2**64), "seed must be between"),
+        (dict(templates=()), "no prompt template"),
+        (dict(templates=("a photo of {} and {}",)), "needs exactly one"),
+        (dict(templates=("a {style} photo of {}",)), "needs exactly one"),
+        (dict(class_prompt="a photo of a cat"), "class prompt"),
+        (dict(timestep_sampling="cosine"), "timestep sampling"),
+    ],
+)
+def test_impossible_settings_are_refused_before_anything_runs(change, message, prior_cache):
+    model = tiny.tiny_model(0)
+    image, cat, _ = scene()
+    settings = dataclasses.replace(FAST, **change)
+    with pytest.raises(InputError, match=message):
+        OneShotTrainer(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
+    assert not prior_cache.exists()
+
+
+def test_settings_that_only_matter_with_the_prior_are_free_without_it(prior_cache):
+    image, cat, _ = scene()
+    settings = dataclasses.replace(FAST, steps=1, prior_weight=0.0, prior_images=0, prior_steps=0)
+    result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
+    assert len(result.losses) == 1 and not prior_cache.exists()
+
+
+def test_a_resolution_the_unet_cannot_take_is_refused_with_the_smallest_that_works(prior_cache):
+    image, cat, _ = scene()
+    # The tiny UNet halves 8x8 latents once, onto 32 channels in 32 groups: 16 px leaves one value per group.
+    with pytest.raises(InputError, match="resolution 16 is too small .* at least 24"):
+        OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], dataclasses.replace(FAST, resolution=16))
+    with pytest.raises(InputError, match="multiple of 8"):
+        OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], dataclasses.replace(FAST, resolution=60))
+    settings = dataclasses.replace(FAST, steps=1, resolution=24, prior_images=1, prior_steps=1)
+    result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
+    assert torch.isfinite(torch.tensor(result.losses)).all()
+
+
 def test_greyscale_rgba_and_16_bit_images_are_converted(prior_cache):
     import numpy as np
 
