@@ -36,18 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def _progress_bar(description: str, unit: str = "step"):
-    """A tqdm bar on stderr, driven by the engine's progress(done, total) callbacks; extra keywords show beside it."""
+    """A tqdm bar on stderr, driven by the engine's progress(done, total) callbacks; extra keywords show beside it.
+
+    The bar appears on the first report, so a phase that has nothing to do (cached class images) shows none.
+    """
     from tqdm import tqdm
 
-    with tqdm(desc=description, unit=unit, dynamic_ncols=True) as bar:
+    bars = []
 
-        def update(done: int, total: int, **shown) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-            if shown:
-                bar.set_postfix(shown)
+    def update(done: int, total: int, **shown) -> None:
+        if not bars:
+            bars.append(tqdm(desc=description, unit=unit, dynamic_ncols=True))
+        bar = bars[0]
+        bar.total = total
+        bar.update(done - bar.n)
+        if shown:
+            bar.set_postfix(shown)
 
+    try:
         yield update
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _device(name: str) -> str:
@@ -366,7 +376,10 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
             found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, class_words,
                                          prototype, progress=update)
         init = [p.vectors for p in found]
-    with OneShotTrainer(model, image, masks, tokens, class_words, settings, init) as trainer:
+    with contextlib.ExitStack() as stack:
+        with _progress_bar("class images") as update:  # drawn on the first run only, then cached
+            trainer = stack.enter_context(OneShotTrainer(model, image, masks, tokens, class_words, settings, init,
+                                                         prepare_progress=update))
         with _progress_bar("train") as update:
             result = trainer.train(progress=lambda r: update(r.step, r.total, loss=f"{r.loss:.4f}"),
                                    checkpoint_dir=out / f"{name}-checkpoint", resume=resume)

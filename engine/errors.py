@@ -1,5 +1,12 @@
-"""The one error type for bad user input."""
+"""The engine's own exceptions: bad user input, and a run the caller cancelled."""
 
 
 class InputError(ValueError):
     """Bad input from the user. The message names the input and says what would fix it."""
+
+
+class TrainingCancelled(Exception):
+    """Raised when a cancel check says stop; nothing was written and the model is unchanged.
+
+    It lives here rather than in train.py because class-image drawing (prior.py) raises it too.
+    """

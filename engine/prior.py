@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import TrainingCancelled
 from .fileio import save_safetensors
 
 log = logging.getLogger("protobooth")
@@ -23,6 +24,17 @@ log = logging.getLogger("protobooth")
 def cache_dir() -> Path:
     root = os.environ.get("PROTOBOOTH_CACHE") or Path.home() / ".cache" / "protobooth"
     return Path(root) / "class-latents"
+
+
+def cache_entry(fingerprint: str, prompt: str, count: int, size: int, seed: int, steps: int = 25,
+                guidance: float = 7.5, directory: Path | None = None, weights_key: str | None = None) -> tuple[Path, dict]:
+    """(file, key) of the cached class latents for these arguments (see class_latents)."""
+    key = {"model": fingerprint, "prompt": prompt, "count": count, "size": size, "seed": seed,
+           "steps": steps, "guidance": guidance, "sampler": "ddim"}
+    if weights_key is not None:
+        key["weights"] = weights_key
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(directory or cache_dir()) / fingerprint / f"{name}.safetensors", key
 
 
 def class_latents(
@@ -35,28 +47,51 @@ def class_latents(
     guidance: float = 7.5,
     directory: Path | None = None,
     progress=None,
+    should_cancel=None,
+    weights_key: str | None = None,
 ) -> torch.Tensor:
-    """[count, C, size/f, size/f] latents (already scaled) that the frozen model draws from `prompt`."""
-    key = {"model": model.fingerprint, "prompt": prompt, "count": count, "size": size, "seed": seed,
-           "steps": steps, "guidance": guidance, "sampler": "ddim"}
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(directory or cache_dir()) / model.fingerprint / f"{name}.safetensors"
+    """[count, C, size/f, size/f] latents (already scaled) that the frozen model draws from `prompt`.
+
+    progress(done, total) follows every sampling step (total = count * steps; a cache hit reports it all at
+    once). should_cancel() is asked before every image and after every step; True raises TrainingCancelled
+    and writes nothing.
+    weights_key names whatever sits on top of the base weights and changes the pictures (a LoRA patched on
+    upstream in a ComfyUI graph): the fingerprint deliberately ignores attention weights, so without it
+    such a model would be served the plain model's class images.
+    """
+    path, key = cache_entry(model.fingerprint, prompt, count, size, seed, steps, guidance, directory, weights_key)
+    total = count * steps
     if path.is_file():
         from safetensors.torch import load_file
 
+        if progress is not None:
+            progress(total, total)
         return load_file(str(path))["latents"]
     log.info("drawing %d class image(s) for %r with the frozen model (cached for next time)", count, prompt)
     pipeline = model.pipeline()
     pipeline.set_progress_bar_config(disable=True)
     latents = []
     for index in range(count):
+
+        def step_end(_pipeline, step, _timestep, tensors, done_before=index * steps):
+            if progress is not None:
+                progress(done_before + step + 1, total)
+            _stop_if_cancelled(should_cancel, prompt, index, count)
+            return tensors
+
+        _stop_if_cancelled(should_cancel, prompt, index, count)
         generator = torch.Generator().manual_seed(seed + index)
         with torch.no_grad():
             out = pipeline(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                           generator=generator, output_type="latent")
+                           generator=generator, output_type="latent", callback_on_step_end=step_end)
         latents.append(out.images.float().cpu())
-        if progress is not None:
-            progress(index + 1, count)
     latents = torch.cat(latents)
+    # Written only once every image is drawn, atomically: a cancel or crash leaves no partial cache entry.
     save_safetensors({"latents": latents}, path, metadata={"key": json.dumps(key, sort_keys=True)})
     return latents
+
+
+def _stop_if_cancelled(should_cancel, prompt: str, index: int, count: int) -> None:
+    if should_cancel is not None and should_cancel():
+        raise TrainingCancelled(f"cancelled while drawing class image {index + 1} of {count} for {prompt!r}; "
+                                "nothing was cached")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .concept import Concept, ConceptObject, peft_to_kohya
-from .errors import InputError
+from .errors import InputError, TrainingCancelled
 from .fileio import atomic_path
 from .images import check_masks, load_image
 from .losses import diffusion_target, latent_mask, masked_mse, sample_timesteps, snr_timestep_weights
@@ -160,10 +160,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-class TrainingCancelled(Exception):
-    """Raised when the cancel check says stop; nothing was written and the model is unchanged."""
-
-
 def _square_crop(image: torch.Tensor, masks: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The largest square that keeps the objects' bounding box as centred as the image allows."""
     height, width = image.shape[-2:]
@@ -222,10 +218,17 @@ def _autocast_dtype(setting: str, device: torch.device):
 
 
 class OneShotTrainer:
-    """Use as a context manager: the model is restored on exit (LoRA removed, embeddings untouched)."""
+    """Use as a context manager: the model is restored on exit (LoRA removed, embeddings untouched).
+
+    Entering prepares everything that stays fixed, which includes drawing the class images on a cache miss
+    (minutes on a real model): prepare_progress(done, total) follows it and should_cancel() can stop it
+    (TrainingCancelled; nothing cached, the model as it was). should_cancel also stops train() unless that is
+    given its own. weights_key: see prior.class_latents (what is patched on top of the base weights).
+    """
 
     def __init__(self, model, image, masks, tokens, class_words, settings: TrainSettings | None = None,
-                 init_vectors: list[torch.Tensor] | None = None, prior_cache: Path | None = None):
+                 init_vectors: list[torch.Tensor] | None = None, prior_cache: Path | None = None, *,
+                 weights_key: str | None = None, prepare_progress=None, should_cancel=None):
         self.model = model
         self.settings = settings = settings or TrainSettings()
         settings.check()
@@ -244,6 +247,9 @@ class OneShotTrainer:
                 raise InputError(f"initial vectors for {token!r} have shape {tuple(vectors.shape)}; expected [n, {width}].")
         self.size = _training_size(model, settings.resolution)
         self.prior_cache = prior_cache
+        self.weights_key = weights_key
+        self.prepare_progress = prepare_progress
+        self.should_cancel = should_cancel
         self.vocabulary = ConceptVocabulary(model.tokenizer, self.tokens, list(init_vectors))
         self.norm_bounds = [max(vocabulary_norm(model.text_encoder), float(v.norm(dim=1).max())) for v in init_vectors]
         self.device = model.device
@@ -305,11 +311,17 @@ class OneShotTrainer:
 
     def _prior_latents(self):
         """Per class word: cached class latents and the frozen encoding of its class prompt."""
-        prior = {}
-        for class_word in dict.fromkeys(self.class_words):
-            prompt = self.settings.class_prompt.format(class_word)
-            latents = class_latents(self.model, prompt, self.settings.prior_images, self.size, self.settings.seed,
-                                    self.settings.prior_steps, self.settings.prior_guidance, self.prior_cache)
+        settings, prior = self.settings, {}
+        classes = list(dict.fromkeys(self.class_words))
+        per_class = settings.prior_images * settings.prior_steps
+        for number, class_word in enumerate(classes):
+            # One progress scale over every class word's sampling steps.
+            report = None if self.prepare_progress is None else (
+                lambda done, _total, offset=number * per_class: self.prepare_progress(offset + done, len(classes) * per_class))
+            prompt = settings.class_prompt.format(class_word)
+            latents = class_latents(self.model, prompt, settings.prior_images, self.size, settings.seed,
+                                    settings.prior_steps, settings.prior_guidance, self.prior_cache, progress=report,
+                                    should_cancel=self.should_cancel, weights_key=self.weights_key)
             prior[class_word] = (latents.to(self.device), self._encode_frozen([prompt]))
         return prior
 
@@ -366,10 +378,13 @@ class OneShotTrainer:
     # training
 
     def train(self, progress=None, should_cancel=None, checkpoint_dir: Path | None = None, resume: bool = False) -> TrainResult:
-        """Run the remaining steps. progress(StepReport) after each; should_cancel() → TrainingCancelled."""
+        """Run the remaining steps. progress(StepReport) after each; should_cancel() → TrainingCancelled.
+
+        should_cancel defaults to the one the trainer was made with."""
         if not self._prepared:
             raise RuntimeError("use OneShotTrainer as a context manager (with ...:)")
         settings = self.settings
+        should_cancel = should_cancel or self.should_cancel
         if resume and checkpoint_dir is not None:
             self._load_checkpoint(Path(checkpoint_dir))
         started = time.perf_counter()
@@ -536,9 +551,11 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def train_concept(model, image, masks, tokens, class_words, settings: TrainSettings | None = None, **kwargs) -> TrainResult:
-    """Train and return the concept; the model is left as it was. kwargs go to OneShotTrainer.train."""
-    init_vectors = kwargs.pop("init_vectors", None)
-    prior_cache = kwargs.pop("prior_cache", None)
-    with OneShotTrainer(model, image, masks, tokens, class_words, settings, init_vectors, prior_cache) as trainer:
+def train_concept(model, image, masks, tokens, class_words, settings: TrainSettings | None = None, *,
+                  init_vectors=None, prior_cache=None, weights_key=None, prepare_progress=None, should_cancel=None,
+                  **kwargs) -> TrainResult:
+    """Train and return the concept; the model is left as it was. should_cancel stops the preparation and the
+    training; the other keywords are OneShotTrainer's, and kwargs go to OneShotTrainer.train."""
+    with OneShotTrainer(model, image, masks, tokens, class_words, settings, init_vectors, prior_cache,
+                        weights_key=weights_key, prepare_progress=prepare_progress, should_cancel=should_cancel) as trainer:
         return trainer.train(**kwargs)

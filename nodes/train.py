@@ -57,20 +57,44 @@ class _MemoryWatch:
         return self.peak - self.start
 
 
-def _tensor_digest(digest, value) -> None:
-    """Feed tensors (nested in tuples/lists/dicts, as ComfyUI's patches are) and plain values to a hash."""
+def _tensor_digest(digest, value, cheap: bool = False) -> None:
+    """Feed tensors (nested in tuples/lists/dicts, as ComfyUI's patches are) and plain values to a hash.
+
+    cheap: a tensor counts by its shape, dtype, sum and first and last values instead of every byte.
+    """
     if isinstance(value, torch.Tensor):
         digest.update(str((value.dtype, tuple(value.shape))).encode())
-        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        flat = value.detach().flatten()
+        if cheap:
+            summary = [flat.double().sum().reshape(1), flat[:16].double(), flat[-16:].double()]
+            digest.update(torch.cat(summary).cpu().numpy().tobytes())
+        else:
+            digest.update(flat.to("cpu", torch.float32).contiguous().numpy().tobytes())
     elif isinstance(value, dict):
         for key in sorted(value, key=str):
             digest.update(str(key).encode())
-            _tensor_digest(digest, value[key])
+            _tensor_digest(digest, value[key], cheap)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            _tensor_digest(digest, item)
+            _tensor_digest(digest, item, cheap)
+    elif hasattr(value, "weights"):  # newer ComfyUI wraps a patch's tensors in an adapter object
+        digest.update(type(value).__name__.encode())
+        _tensor_digest(digest, value.weights, cheap)
     else:
         digest.update(repr(value).encode())
+
+
+def _patches_key(model, clip) -> str | None:
+    """What ComfyUI patches onto the MODEL's and CLIP's weights (an upstream LoRA): keys, strengths and a
+    cheap digest of the patch tensors; None without patches. It keys the class-image cache, since the base
+    fingerprint ignores attention weights on purpose and a LoRA'd model draws other class images than the
+    plain one (which shares its entries with the CLI's on the same checkpoint)."""
+    patches = [getattr(patcher, "patches", {}) for patcher in (model, clip.patcher)]
+    if not any(patches):
+        return None
+    digest = hashlib.sha256()
+    _tensor_digest(digest, patches, cheap=True)
+    return digest.hexdigest()[:24]
 
 
 def _run_key(model, clip, vae, picture, masks, tokens, class_words, settings: TrainSettings, init_vectors) -> str:
@@ -171,13 +195,18 @@ def _train(model, clip, vae, picture, masks, tokens, class_words, settings, init
         memory = _MemoryWatch(diffusion.device)
         started = time.perf_counter()
 
+        # Cancel raises ComfyUI's own interrupt from these callbacks, so the UI reports "interrupted".
+        def preparing(done: int, total: int) -> None:  # drawing class images: the bar fills once, then again
+            bar.update_absolute(done, total)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
         def progress(report) -> None:
             memory.sample()
             bar.update_absolute(report.step, report.total)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         result = train_concept(diffusion, picture, masks, tokens, class_words, settings, init_vectors=init_vectors,
-                               progress=progress)
+                               weights_key=_patches_key(model, clip), prepare_progress=preparing, progress=progress)
         seconds = time.perf_counter() - started
         unet_bytes = sum(p.numel() * p.element_size() for p in diffusion.unet.parameters())
     extra = memory.extra_bytes()

@@ -66,6 +66,11 @@ def prediction(entry, prefix: str) -> np.ndarray:
     return np.array(entry["outputs"][f"{prefix}_predict"]["prediction"][0])
 
 
+def lora_keys_not_loaded(log: str) -> list[str]:
+    """ComfyUI's complaints about LoRA keys it found no weight for (a LoRA that silently does less)."""
+    return [line for line in log.splitlines() if "lora key not loaded" in line]
+
+
 def failure(comfyui, graph: dict) -> str:
     entry = comfyui.wait(comfyui.queue(graph), timeout=600)
     assert entry["status"]["status_str"] == "error", "the prompt should have failed"
@@ -226,6 +231,54 @@ def test_cancel_stops_training_writes_nothing_and_leaves_the_inputs(comfyui, com
     assert after["model_patches"] == 0 and after["tokenizer"] == "SD1Tokenizer"
     if before:  # the digest node may have run before training started
         assert before[0] == after
+
+
+def test_an_upstream_lora_gets_its_own_class_images_and_cancel_stops_drawing_them(comfyui, comfyui_checkpoint,
+                                                                                   comfy_tiny, photo):
+    from protobooth.engine.fileio import save_safetensors
+    from protobooth.engine.prior import cache_dir, cache_entry
+    from protobooth.engine.train import TrainSettings
+
+    # A cache entry for the plain checkpoint's class images, standing in for an earlier run's.
+    seed, settings = 23, TrainSettings()
+    entry, _ = cache_entry(comfy_tiny.fingerprint, settings.class_prompt.format("square"), settings.prior_images, 64, seed,
+                           settings.prior_steps, settings.prior_guidance)
+    save_safetensors({"latents": torch.zeros(settings.prior_images, 4, 8, 8)}, entry)
+    cached = sorted(path for path in cache_dir().rglob("*") if path.is_file())
+
+    # The plain checkpoint reads it: the entry is where the node looks.
+    start = len(comfyui.log_text())
+    comfyui.run(training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=1, lambda_class=1.0, seed=seed), timeout=600)
+    assert "drawing 4 class image(s)" not in comfyui.log_text()[start:]
+
+    # Through a LoRA the same checkpoint draws other pictures: the node draws its own, and Cancel stops that.
+    generator = torch.Generator().manual_seed(0)
+    lora = {}
+    for module_name, module in comfy_tiny.unet.named_modules():
+        if module_name.endswith(("attn1.to_q", "attn2.to_k")):
+            key = "lora_unet_" + module_name.replace(".", "_")
+            lora[f"{key}.lora_down.weight"] = torch.randn(4, module.weight.shape[1], generator=generator) * 0.1
+            lora[f"{key}.lora_up.weight"] = torch.randn(module.weight.shape[0], 4, generator=generator) * 0.1
+            lora[f"{key}.alpha"] = torch.tensor(4.0)
+    save_safetensors(lora, comfyui.models("loras") / "protobooth_upstream.safetensors")
+    graph = training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=100000, lambda_class=1.0, seed=seed)
+    graph["lora"] = {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "strength_model": 1.0,
+                                                            "strength_clip": 1.0, "lora_name": "protobooth_upstream.safetensors"}}
+    graph["train"]["inputs"].update(model=["lora", 0], clip=["lora", 1])
+    start = len(comfyui.log_text())
+    prompt_id = comfyui.queue(graph)
+    try:
+        deadline = time.monotonic() + 300
+        while "drawing 4 class image(s) for 'a photo of a square'" not in comfyui.log_text()[start:]:
+            assert time.monotonic() < deadline, "the node did not draw class images for the LoRA'd model\n" + comfyui.log_tail()
+            time.sleep(0.2)
+    finally:
+        comfyui.interrupt()
+    result = comfyui.wait(prompt_id, timeout=300)
+    assert "interrupted in ProtoBoothTrainConcept" in execution_error(result)
+    assert "Train Concept: zqprior: 100000 steps" not in comfyui.log_text()[start:]
+    assert sorted(path for path in cache_dir().rglob("*") if path.is_file()) == cached  # nothing (half-)written
+    assert lora_keys_not_loaded(comfyui.log_text()[start:]) == []
 
 
 @pytest.mark.parametrize("change, message", [

@@ -153,10 +153,10 @@ def test_same_seed_gives_identical_files_and_resume_equals_uninterrupted(tmp_pat
     for kind in ("lora", "emb"):
         assert (tmp_path / f"first-{kind}.safetensors").read_bytes() == (tmp_path / f"second-{kind}.safetensors").read_bytes()
 
-    stop_at_three = iter([False, False, False, True])
-    with pytest.raises(TrainingCancelled):
+    done = []
+    with pytest.raises(TrainingCancelled, match="at step 3 of 6"):
         train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache,
-                      checkpoint_dir=tmp_path / "ckpt", should_cancel=lambda: next(stop_at_three))
+                      checkpoint_dir=tmp_path / "ckpt", progress=done.append, should_cancel=lambda: len(done) == 3)
     resumed = run("resumed", checkpoint_dir=tmp_path / "ckpt", resume=True)
     assert resumed.losses == first.losses
     for kind in ("lora", "emb"):
@@ -266,6 +266,54 @@ def test_a_resolution_the_unet_cannot_take_is_refused_with_the_smallest_that_wor
     settings = dataclasses.replace(FAST, steps=1, resolution=24, prior_images=1, prior_steps=1)
     result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
     assert torch.isfinite(torch.tensor(result.losses)).all()
+
+
+def test_class_image_drawing_reports_progress_and_a_second_run_reads_the_cache(prior_cache):
+    image, cat, pot = scene()
+    settings = dataclasses.replace(FAST, steps=1, prior_images=2, prior_steps=3)
+    reports = []
+    train_concept(tiny.tiny_model(0), image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings,
+                  prior_cache=prior_cache, prepare_progress=lambda done, total: reports.append((done, total)))
+    # two class words x two images x three sampling steps, one report per step, on one scale
+    assert reports == [(done, 12) for done in range(1, 13)]
+    assert len(list(prior_cache.rglob("*.safetensors"))) == 2
+
+    reports.clear()
+    train_concept(tiny.tiny_model(0), image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings,
+                  prior_cache=prior_cache, prepare_progress=lambda done, total: reports.append((done, total)))
+    assert reports == [(6, 12), (12, 12)]  # read from the cache: each class word at once
+    assert len(list(prior_cache.rglob("*.safetensors"))) == 2
+
+
+def test_cancel_while_drawing_class_images_writes_nothing_and_leaves_the_model(prior_cache):
+    model = tiny.tiny_model(0)
+    image, cat, _ = scene()
+    before = {k: v.clone() for m in (model.unet, model.text_encoder, model.vae) for k, v in m.state_dict().items()}
+    flags = [p.requires_grad for p in model.unet.parameters()]
+    settings = dataclasses.replace(FAST, prior_images=3, prior_steps=4)
+    reports = []
+    with pytest.raises(TrainingCancelled, match="class image 2 of 3"):
+        train_concept(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache,
+                      prepare_progress=lambda done, total: reports.append((done, total)),
+                      should_cancel=lambda: len(reports) == 6, progress=lambda report: pytest.fail("training ran"))
+    assert reports == [(done, 12) for done in range(1, 7)]
+    assert not prior_cache.exists() or not [p for p in prior_cache.rglob("*") if p.is_file()]
+    after = {k: v for m in (model.unet, model.text_encoder, model.vae) for k, v in m.state_dict().items()}
+    assert list(after) == list(before)  # no LoRA layers, no new token rows
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert [p.requires_grad for p in model.unet.parameters()] == flags
+
+
+def test_class_images_are_cached_per_weights_key(prior_cache):
+    from protobooth.engine.prior import class_latents
+
+    model = tiny.tiny_model(0)
+    plain = class_latents(model, "a photo of a cat", 1, 64, 0, steps=2, directory=prior_cache)
+    patched = class_latents(model, "a photo of a cat", 1, 64, 0, steps=2, directory=prior_cache, weights_key="lora-a")
+    assert len(list(prior_cache.rglob("*.safetensors"))) == 2  # another key, another entry, not the plain one's
+    assert torch.equal(plain, patched)  # the same weights here, so the same pictures
+    class_latents(model, "a photo of a cat", 1, 64, 0, steps=2, directory=prior_cache, weights_key="lora-a")
+    assert len(list(prior_cache.rglob("*.safetensors"))) == 2
 
 
 def test_greyscale_rgba_and_16_bit_images_are_converted(prior_cache):
