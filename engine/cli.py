@@ -328,7 +328,7 @@ def run_train(args) -> int:
     from .prototype import PrototypeSettings
     from .train import DEFAULT_TEMPLATES, TrainSettings
 
-    from .concept import check_concept_name
+    from .concept import check_concept_name, concept_files
 
     out, name = Path(args.out), check_concept_name(args.name or args.token[0])
     settings = TrainSettings(
@@ -344,7 +344,7 @@ def run_train(args) -> int:
     settings.check()
     if args.clip:
         prototype.check()
-    if not args.overwrite and any(p.exists() for p in _concept_paths(out, name)):
+    if not args.overwrite and any(p.exists() for p in concept_files(*_concept_paths(out, name), args.token)):
         raise InputError(f"concept {name!r} already exists in {out}; pass --overwrite or choose another --name.")
     device = _device(args.device)
     image = load_image(args.image)
@@ -360,7 +360,7 @@ def run_train(args) -> int:
 def learn(model, image, masks, tokens, class_words, settings, out: Path, name: str, preview_prompts: list[str],
           towers=None, prototype=None, resume: bool = False, preview_seeds=(0,)):
     """Prototype search (when a CLIP model is given) → training → concept files, loss curve, preview grid."""
-    from .concept import save_concept
+    from .concept import concept_files, save_concept
     from .fileio import save_png
     from .generate import render
     from .images import check_masks, load_image
@@ -391,8 +391,10 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
     save_png(image_grid(previews, [p for p in preview_prompts for _ in preview_seeds], columns=len(preview_seeds)),
              out / f"{name}-preview.png")
     print(f"trained {settings.steps} steps in {result.seconds:.1f} s; final loss {result.losses[-1]:.4f}")
-    for path in (lora_path, embedding_path, out / f"{name}-loss.png", out / f"{name}-preview.png"):
-        print(f"wrote {path}")
+    for path in (*concept_files(lora_path, embedding_path, trainer.tokens), out / f"{name}-loss.png",
+                 out / f"{name}-preview.png"):
+        if path.exists():  # a concept trained without a LoRA has no LoRA file
+            print(f"wrote {path}")
     print("use it with the words: " + ", ".join(f"'{t} {c}'" for t, c in zip(trainer.tokens, trainer.class_words)))
     return result
 

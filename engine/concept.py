@@ -6,6 +6,10 @@
   order; the header metadata records which rows belong to which token, the class words, the base model's
   fingerprint and family, the training settings and the software version. ComfyUI reads it through
   `embedding:<name>`, diffusers through load_textual_inversion.
+- Per-object embedding files, only for concepts of several objects: `<name>_<token>.safetensors` beside the
+  embedding file, holding that object's rows alone, since `embedding:<name>` gives one word spanning every
+  object's rows. Their header names the concept they belong to (not as a concept of their own, so
+  concept lists leave them out).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from .version import __version__
 log = logging.getLogger("protobooth")
 
 METADATA_KEY = "protobooth"
+PART_KEY = "protobooth_object"  # header key of a per-object embedding file
+EXTENSION = ".safetensors"
 EMBEDDING_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
 LORA_PREFIX = "lora_unet_"
 
@@ -55,6 +61,7 @@ class Concept:
             start += obj.vectors.shape[0]
         return {
             "objects": rows,
+            "lora": bool(self.lora),  # so a missing LoRA file is noticed on loading
             "family": self.family,
             "base_fingerprint": self.base_fingerprint,
             "settings": self.settings,
@@ -80,8 +87,8 @@ def peft_to_kohya(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str
 def check_concept_name(name: str) -> str:
     """A concept name that is safe as a file name in a models folder (".safetensors" may be given or not)."""
     name = name.strip()
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
+    if name.endswith(EXTENSION):
+        name = name[: -len(EXTENSION)]
     bad = sorted({c for c in name if c in '/\\:*?"<>|' or ord(c) < 32})
     if not name or name.startswith(".") or ".." in name or bad:
         shown = f" (it contains {' '.join(repr(c) for c in bad)})" if bad else ""
@@ -90,19 +97,77 @@ def check_concept_name(name: str) -> str:
     return name
 
 
-def save_concept(concept: Concept, lora_path, embedding_path) -> None:
-    """Write both files atomically (metadata in both headers, so either file identifies the concept).
+def _stem(path: Path) -> str:
+    return path.name[: -len(EXTENSION)] if path.name.endswith(EXTENSION) else path.stem
 
-    The LoRA goes first: the embedding is what marks a saved concept, so it appears only once both exist.
+
+def object_embedding_paths(embedding_path, tokens: list[str]) -> dict[str, Path]:
+    """token → its own embedding file `<name>_<token>.safetensors` beside `embedding_path`; none for one object.
+
+    '<' and '>' (allowed in tokens, not in file names) are left out of the file name.
     """
+    if len(tokens) < 2:
+        return {}
+    path = Path(embedding_path)
+    paths = {}
+    for token in tokens:
+        part = check_concept_name(f"{_stem(path)}_{token.replace('<', '').replace('>', '')}")
+        paths[token] = path.with_name(part + EXTENSION)
+    if len(set(paths.values())) < len(paths):
+        raise InputError(f"tokens {', '.join(tokens)} give the same per-object file name once '<' and '>' are left "
+                         "out; rename one of them.")
+    return paths
+
+
+def concept_files(lora_path, embedding_path, tokens: list[str]) -> list[Path]:
+    """Every file save_concept may write for a concept with these tokens (what "already exists" must check)."""
+    return [Path(lora_path), Path(embedding_path), *object_embedding_paths(embedding_path, tokens).values()]
+
+
+def save_concept(concept: Concept, lora_path, embedding_path) -> None:
+    """Write the concept's files atomically (metadata in the LoRA's and embedding's headers, so either
+    identifies the concept), replacing what an earlier concept of the same name left there.
+
+    The embedding goes last: it is what marks a saved concept, so a concept is listed only once complete.
+    """
+    lora_path, embedding_path = Path(lora_path), Path(embedding_path)
+    parts = object_embedding_paths(embedding_path, concept.tokens)
+    for path in parts.values():
+        if read_concept_metadata(path) is not None:
+            raise InputError(f"{path} is another saved concept, and this concept's file for one of its objects would "
+                             f"replace it; save this concept under another name than {_stem(embedding_path)!r}.")
     meta = {METADATA_KEY: json.dumps(concept.metadata(), sort_keys=True)}
     if concept.lora:
         save_safetensors(concept.lora, lora_path, metadata=meta)
+    elif lora_path.exists():
+        # Left by an earlier concept of this name: loading this one would pick it up.
+        lora_path.unlink()
+    key = EMBEDDING_KEYS[concept.family]
+    for obj in concept.objects:
+        if obj.token in parts:
+            part = {"concept": _stem(embedding_path), "token": obj.token, "class_word": obj.class_word,
+                    "family": concept.family, "base_fingerprint": concept.base_fingerprint}
+            save_safetensors({key: obj.vectors.detach().float().cpu()}, parts[obj.token],
+                             metadata={PART_KEY: json.dumps(part, sort_keys=True)})
+    _remove_stale_parts(embedding_path, set(parts.values()))
     save_safetensors(concept.embedding_tensors(), embedding_path, metadata=meta)
 
 
-def read_concept_metadata(path) -> dict | None:
-    """ProtoBooth's metadata from a safetensors header (tensors are not read); None for any other file."""
+def _remove_stale_parts(embedding_path: Path, keep: set[Path]) -> None:
+    """Delete per-object files that an earlier concept of this name wrote for objects this one lacks."""
+    import glob
+
+    name = _stem(embedding_path)
+    for path in embedding_path.parent.glob(f"{glob.escape(name)}_*{EXTENSION}"):
+        if path not in keep and (read_concept_metadata(path, PART_KEY) or {}).get("concept") == name:
+            path.unlink()
+
+
+def read_concept_metadata(path, key: str = METADATA_KEY) -> dict | None:
+    """ProtoBooth's metadata from a safetensors header (tensors are not read); None for any other file.
+
+    key=PART_KEY reads a per-object embedding file's header instead.
+    """
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -111,7 +176,7 @@ def read_concept_metadata(path) -> dict | None:
     except (SafetensorError, OSError):
         return None
     try:
-        return json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
+        return json.loads(header[key]) if key in header else None
     except json.JSONDecodeError:
         return None
 
@@ -129,16 +194,56 @@ def _read(path, what: str):
         raise InputError(f"{what} {path} is not a readable safetensors file ({error}).") from None
 
 
+def _header_metadata(header: dict) -> dict | None:
+    try:
+        meta = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
+    except json.JSONDecodeError:
+        meta = None
+    return meta if isinstance(meta, dict) else None
+
+
 def load_concept(embedding_path, lora_path=None) -> Concept:
-    """Read a concept back from its embedding file (and its LoRA file, when there is one)."""
+    """Read a concept back from its embedding file (and its LoRA file, when it has one), checking that they
+    make one whole concept: a family this version knows, every object's rows in the file, the LoRA's header
+    naming the same concept."""
     tensors, header = _read(embedding_path, "embedding")
-    if METADATA_KEY not in header:
+    meta = _header_metadata(header)
+    if meta is None:
+        part = read_concept_metadata(embedding_path, PART_KEY)
+        if part:
+            raise InputError(f"{embedding_path} holds one object ({part.get('token')}) of concept "
+                             f"{part.get('concept')!r}, for stock embedding: prompts; load the concept itself.")
         raise InputError(f"{embedding_path} has no ProtoBooth metadata; it is not a concept saved by ProtoBooth.")
-    meta = json.loads(header[METADATA_KEY])
-    rows = tensors[EMBEDDING_KEYS.get(meta["family"], next(iter(tensors)))]
-    objects = [ConceptObject(o["token"], o["class_word"], rows[o["rows"][0] : o["rows"][1]].clone()) for o in meta["objects"]]
-    lora = _read(lora_path, "LoRA")[0] if lora_path is not None else {}
-    return Concept(objects, lora, meta["family"], meta["base_fingerprint"], meta.get("settings", {}), meta.get("version", "?"))
+    family = meta.get("family")
+    if family not in EMBEDDING_KEYS:
+        raise InputError(f"{embedding_path} is a concept for model family {family!r}, which this version of ProtoBooth "
+                         f"cannot use (it knows {', '.join(EMBEDDING_KEYS)}); update ProtoBooth or train it again.")
+    key = EMBEDDING_KEYS[family]
+    rows = tensors.get(key)
+    if rows is None or rows.ndim != 2:
+        raise InputError(f"{embedding_path} has no [rows, width] {key!r} tensor, which an {family} concept keeps its "
+                         "vectors in; the file is damaged: save the concept again.")
+    objects = []
+    for entry in meta.get("objects") or []:
+        token, span = entry.get("token"), entry.get("rows")
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(i, int) for i in span)
+                and 0 <= span[0] < span[1] <= rows.shape[0]):
+            raise InputError(f"{embedding_path}: object {token!r} names rows {span} but the file holds {rows.shape[0]} "
+                             "row(s); the file is damaged: save the concept again.")
+        objects.append(ConceptObject(token, entry.get("class_word"), rows[span[0] : span[1]].clone()))
+    if not objects:
+        raise InputError(f"{embedding_path} names no objects; the file is damaged: save the concept again.")
+    lora = {}
+    if lora_path is not None:
+        lora, lora_header = _read(lora_path, "LoRA")
+        if _header_metadata(lora_header) != meta:
+            raise InputError(f"LoRA {lora_path} does not belong to the concept in {embedding_path} (its header names "
+                             "another concept or none); remove or rename that LoRA, or save the concept again.")
+    elif meta.get("lora"):
+        raise InputError(f"{embedding_path} was saved with a LoRA, but its LoRA file is missing: put "
+                         f"{_stem(Path(embedding_path))}{EXTENSION} back in the loras folder, or give its path.")
+    return Concept(objects, lora, family, meta.get("base_fingerprint", "unknown"), meta.get("settings", {}),
+                   meta.get("version", "?"))
 
 
 @contextlib.contextmanager

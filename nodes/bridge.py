@@ -180,12 +180,19 @@ def text_encoder_layers(clip, encoder) -> int:
     return used
 
 
-def text_encoder_view(clip, family: str, device: torch.device | None = None):
+def _stored_layers(state: dict) -> int:
+    """How many transformer layers a text-encoder state dict (ComfyUI's names) holds."""
+    prefix = "text_model.encoder.layers."
+    return 1 + max(int(name[len(prefix):].split(".", 1)[0]) for name in state if name.startswith(prefix))
+
+
+def text_encoder_view(clip, family: str, device: torch.device | None = None, all_layers: bool = False):
     """A transformers CLIPTextModel over the CLIP's text-encoder weights, giving what CLIPTextEncode gives.
 
     It has as many layers as the CLIP uses (CLIPSetLastLayer -2 → all but the last; SD2 → the penultimate),
     each followed by the final layer norm, as ComfyUI computes it; weights stored in another dtype are cast
-    to float32 on use, as ComfyUI does.
+    to float32 on use, as ComfyUI does. With `all_layers` it is the whole tower whatever the CLIP conditions
+    on: CLIP's own text features (the ones it projects into its joint space) come from the last layer.
     """
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -196,7 +203,7 @@ def text_encoder_view(clip, family: str, device: torch.device | None = None):
         vocab_size=embedding.shape[0],
         hidden_size=embedding.shape[1],
         intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=text_encoder_layers(clip, encoder),
+        num_hidden_layers=_stored_layers(state) if all_layers else text_encoder_layers(clip, encoder),
         num_attention_heads=encoder.transformer.text_model.encoder.layers[0].self_attn.heads,
         max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
         hidden_act=TEXT_ACTIVATIONS[family],

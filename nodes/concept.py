@@ -10,7 +10,7 @@ import os
 
 import folder_paths
 
-from ..engine.concept import check_concept_name, load_concept, read_concept_metadata, save_concept
+from ..engine.concept import check_concept_name, concept_files, load_concept, read_concept_metadata, save_concept
 from ..engine.errors import InputError
 from .bridge import apply_concept
 from .common import CATEGORY, node_errors
@@ -36,7 +36,8 @@ def concept_paths(name: str) -> tuple[str | None, str | None]:
 class ProtoBoothSaveConcept:
     DESCRIPTION = (
         "Saves a concept as models/loras/<name>.safetensors and models/embeddings/<name>.safetensors. Without "
-        "ProtoBooth, use them with LoraLoader and 'embedding:<name>' in the prompt (for one-object concepts)."
+        "ProtoBooth, use them with LoraLoader and 'embedding:<name>' in the prompt; a concept of several objects "
+        "also gets models/embeddings/<name>_<token>.safetensors per object, for 'embedding:<name>_<token>'."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ()
@@ -58,19 +59,19 @@ class ProtoBoothSaveConcept:
             name = check_concept_name(name)
             lora = os.path.join(folder_paths.get_folder_paths("loras")[0], name + EXTENSION)
             embedding = os.path.join(folder_paths.get_folder_paths("embeddings")[0], name + EXTENSION)
-            taken = [path for path in (lora, embedding) if os.path.exists(path)]
+            files = concept_files(lora, embedding, concept.tokens)
+            taken = [str(path) for path in files if path.exists()]
             if taken and not overwrite:
                 raise InputError(f"{' and '.join(taken)} already exist(s); choose another name or switch overwrite on.")
-            os.makedirs(os.path.dirname(lora), exist_ok=True)
-            os.makedirs(os.path.dirname(embedding), exist_ok=True)
             save_concept(concept, lora, embedding)
-        written = [embedding] + ([lora] if concept.lora else [])
+        written = [str(path) for path in files if path.exists()]
         triggers = ", ".join(f"{o.token} {o.class_word}" for o in concept.objects)
         return {"ui": {"text": [f"saved {' and '.join(written)}; write {triggers} in prompts"]}}
 
 
 class ProtoBoothLoadConcept:
-    DESCRIPTION = "Loads a concept saved by Save Concept (the embedding file and, when there is one, its LoRA)."
+    DESCRIPTION = ("Loads a concept saved by Save Concept (the embedding file and, when it has one, its LoRA), checking "
+                   "that the two files belong together.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("PROTOBOOTH_CONCEPT",)
     RETURN_NAMES = ("concept",)

@@ -1,9 +1,11 @@
 """Prototype Init: start each new token where CLIP sees the object (engine.prototype, arXiv 2401.15708).
 
-The CLIP text tower is the graph's own text encoder (a transformers view of the CLIP's weights, see
-bridge), so the vectors found are in the embedding space the diffusion model reads. The image side is
-ComfyUI's CLIP_VISION model; its projected image features must be as wide as the text features, which
-holds for the CLIP model the checkpoint's text encoder comes from (SD1.x: CLIP ViT-L/14; SD2.x: ViT-H/14).
+The CLIP text tower is the graph's own text encoder (a transformers view of the CLIP's weights over all
+its layers, see bridge), so the vectors found are in the embedding space the diffusion model reads. The
+image side is ComfyUI's CLIP_VISION model, whose image features are projected into CLIP's joint space;
+the text features must be projected into the same space. SD2 checkpoints carry OpenCLIP-H's text
+projection; SD1 checkpoints leave CLIP-L's out (ComfyUI holds an identity matrix instead), so the node
+reads it from a CLIP model file the user chooses, for instance the full CLIP file Load CLIP Vision loads.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import torch.nn.functional as F
 
 import comfy.model_management
 import comfy.utils
+import folder_paths
 
 from ..engine.errors import InputError
-from ..engine.prototype import ClipTowers, PrototypeSettings, prototype_embeddings
+from ..engine.prototype import ClipTowers, PrototypeSettings, load_text_projection, prototype_embeddings
 from ..engine.tokenizer import clip_tokenizer
 from .bridge import TEXT_ENCODERS, TOKENIZER_PADDING, text_encoder_view
 from .common import CATEGORY, node_errors, photo_objects
@@ -29,6 +32,14 @@ FITTING_VISION = {
     "sd1": "CLIP ViT-L/14 (768-wide features; e.g. openai/clip-vit-large-patch14 saved as clip-vit-large-patch14.safetensors)",
     "sd2": "CLIP ViT-H/14 (1024-wide features; e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
 }
+# Full CLIP model files (both towers, both projections) in Hugging Face's layout, which Load CLIP Vision reads too.
+FULL_CLIP = {
+    "sd1": "model.safetensors of openai/clip-vit-large-patch14",
+    "sd2": "model.safetensors of laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+}
+FROM_CHECKPOINT = "(from the checkpoint)"
+PROJECTION_FOLDERS = ("clip_vision", "clip")  # newer ComfyUI calls "clip" text_encoders and keeps the old name
+SAFETENSORS = (".safetensors", ".sft")  # only these are read: no pickles
 
 
 def clip_family(clip) -> str:
@@ -52,19 +63,54 @@ def vision_width(clip_vision) -> int:
     return weight.shape[0]
 
 
-def text_projection(encoder) -> torch.nn.Linear | None:
-    """A float32 copy of the text encoder's projection into CLIP's joint space; None when it is the identity.
+def projection_files() -> list[str]:
+    """The text_projection_file choices: the checkpoint's own, then "<folder>/<file>" for each safetensors file there."""
+    choices = [FROM_CHECKPOINT]
+    for folder in PROJECTION_FOLDERS:
+        choices += [f"{folder}/{name}" for name in folder_paths.get_filename_list(folder) if name.lower().endswith(SAFETENSORS)]
+    return choices
 
-    SD1 checkpoints leave CLIP-L's text projection out (ComfyUI then holds an identity matrix); SD2's
-    OpenCLIP-H keeps it.
+
+def projection_fix(family: str) -> str:
+    return (f"choose the full CLIP model file in text_projection_file (the {FULL_CLIP[family]}, in models/clip_vision: "
+            "Load CLIP Vision loads the same file, so both can point at it), or leave Prototype Init out so that "
+            "training starts from the class word.")
+
+
+def _is_identity(weight: torch.Tensor) -> bool:
+    return weight.shape[0] == weight.shape[1] and torch.equal(weight, torch.eye(weight.shape[0]))
+
+
+def text_projection(encoder, family: str, choice: str) -> torch.nn.Linear:
+    """A float32 copy of the projection of the text features into CLIP's joint space, the image features' space.
+
+    `choice` is text_projection_file: the checkpoint's own projection, or the one in a CLIP model file
+    (read alone; the file's text tower is not used). An identity matrix is refused wherever it comes from:
+    with it the unprojected text state would be compared with projected image features.
     """
-    weight = encoder.transformer.text_projection.weight.detach().float().cpu()
-    if torch.equal(weight, torch.eye(weight.shape[0], weight.shape[1])):
-        log.info("%s: the checkpoint's text encoder has no text projection (SD1 checkpoints leave it out), so the "
-                 "pooled text state is compared with the image features as it is.", NODE)
-        return None
-    projection = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    projection.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    fix = projection_fix(family)
+    if choice == FROM_CHECKPOINT:
+        weight = encoder.transformer.text_projection.weight.detach().float().cpu()
+        if _is_identity(weight):
+            raise InputError(f"{NODE}: this {family.upper()} checkpoint holds no CLIP text projection ({family.upper()} "
+                             "checkpoints can leave it out; ComfyUI then holds an identity matrix in its place), so its "
+                             f"text features are not in CLIP's joint space with the image features; {fix}")
+    else:
+        folder, _, name = choice.partition("/")
+        path = folder_paths.get_full_path(folder, name) if folder in PROJECTION_FOLDERS else None
+        if path is None:
+            raise InputError(f"{NODE}: text_projection_file {choice!r} is not in ComfyUI's clip_vision or clip models "
+                             "folder; choose a file from the list (reload the page after adding files).")
+        width = encoder.transformer.get_input_embeddings().weight.shape[1]
+        with node_errors(f"{NODE}: text_projection_file"):
+            weight = load_text_projection(path, width, fix)
+        if _is_identity(weight):
+            raise InputError(f"{NODE}: text_projection_file: the text projection in {name} is an identity matrix, not "
+                             f"CLIP's (a text encoder saved without its projection); {fix}")
+        log.info("%s: text projection %s read from %s", NODE, list(weight.shape), choice)
+    with torch.inference_mode(False):  # a normal tensor: the search backpropagates through it
+        projection = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        projection.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
     return projection
 
 
@@ -87,7 +133,10 @@ class ProtoBoothPrototypeInit:
     DESCRIPTION = (
         "Finds starting vectors for each new token: the text embedding of 'a photo of <token>' is moved towards "
         "what CLIP sees in the photo and the masked object, blended with the class word. Feed the result to "
-        "Train Concept's token_init. tokens and class_words: comma-separated, one per mask, in mask order."
+        "Train Concept's token_init. tokens and class_words: comma-separated, one per mask, in mask order. "
+        "text_projection_file: SD1 checkpoints leave out CLIP's text projection, which puts text and image features "
+        "in one space; choose the full CLIP file (model.safetensors of openai/clip-vit-large-patch14, in "
+        "models/clip_vision; Load CLIP Vision loads the same file). SD2 checkpoints carry theirs."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("PROTOBOOTH_TOKEN_INIT",)
@@ -107,30 +156,38 @@ class ProtoBoothPrototypeInit:
                 "vectors": ("INT", {"default": 1, "min": 1, "max": 8}),
                 "steps": ("INT", {"default": 200, "min": 1, "max": 5000}),
                 "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-5, "max": 1.0, "step": 0.0005}),
-            }
-        }
+            },
+            "optional": {
+                "text_projection_file": (projection_files(), {
+                    "default": FROM_CHECKPOINT,
+                    "tooltip": "where CLIP's text projection comes from: SD1 checkpoints have none, so choose the full "
+                               "CLIP file (the one Load CLIP Vision can load too)"}),
+            },
+        }  # fmt: skip
 
-    def initialise(self, clip, clip_vision, image, masks, tokens, class_words, vectors, steps, learning_rate):
+    def initialise(self, clip, clip_vision, image, masks, tokens, class_words, vectors, steps, learning_rate,
+                   text_projection_file=FROM_CHECKPOINT):
         family = clip_family(clip)
         with node_errors(NODE):
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
-        encoder = getattr(clip.cond_stage_model, TEXT_ENCODERS[family])
-        projection = text_projection(encoder)
-        text_width = encoder.transformer.get_input_embeddings().weight.shape[1] if projection is None else projection.out_features
         image_width = vision_width(clip_vision)
-        if image_width != text_width:
+        encoder = getattr(clip.cond_stage_model, TEXT_ENCODERS[family])
+        projection = text_projection(encoder, family, text_projection_file)
+        if image_width != projection.out_features:
             raise InputError(f"{NODE}: the CLIP vision model gives {image_width}-wide image features but this "
-                             f"{family.upper()} checkpoint's text encoder gives {text_width}-wide text features; load "
-                             f"the CLIP vision file that fits it: {FITTING_VISION[family]}.")
+                             f"{family.upper()} checkpoint's text encoder gives {projection.out_features}-wide text "
+                             f"features (through the text projection {text_projection_file}); load the CLIP vision "
+                             f"file that fits it, with the text projection of the same CLIP model: "
+                             f"{FITTING_VISION[family]}.")
         settings = PrototypeSettings(n_vectors=vectors, steps=steps, learning_rate=learning_rate)
         progress = comfy.utils.ProgressBar(len(tokens) * steps)
         comfy.model_management.load_models_gpu([clip.patcher])
         with torch.inference_mode(False), node_errors(NODE):
-            text_model = text_encoder_view(clip, family, torch.device(clip.patcher.load_device))
+            # the whole tower: CLIP's joint-space text features come from its last layer, not SD2's penultimate one
+            text_model = text_encoder_view(clip, family, torch.device(clip.patcher.load_device), all_layers=True)
             towers = ComfyClipTowers(text_model=text_model, text_projection=projection, vision_model=None,
                                      visual_projection=None, image_size=0, clip_vision=clip_vision)
-            if projection is not None:
-                projection.to(towers.device)
+            projection.to(towers.device)
             results = prototype_embeddings(
                 towers, text_model, clip_tokenizer(pad_token=TOKENIZER_PADDING[family]), picture, masks, tokens,
                 class_words, settings, progress=lambda step, total: progress.update_absolute(step, total),

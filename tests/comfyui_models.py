@@ -3,8 +3,10 @@ and the photo the node and workflow tests segment.
 
 Random weights (nothing can be downloaded), seeded, with the real architectures and file layouts, so the
 server's own loaders read them as they would read the published files:
-- CLIP vision: a full-size OpenAI CLIP ViT-L/14 vision tower with its projection (transformers names,
-  which comfy/clip_vision.py recognises by the key of layer 22), fp16.
+- CLIP: a full CLIP model file as Hugging Face's openai/clip-vit-large-patch14 model.safetensors is laid
+  out: a full-size ViT-L/14 vision tower with its projection (comfy/clip_vision.py recognises it by the key
+  of layer 22 and leaves the rest out), and the checkpoint's text encoder as the text tower with a text
+  projection, which SD1 checkpoints lack and Prototype Init reads from this file; fp16.
 - SAM: the engine's tiny SAM (`engine.tiny.tiny_sam`) as a .pth state dict.
 - ControlNet: diffusers' ControlNetModel.from_unet on a UNet, written in the original (lllyasviel)
   `control_model.*` layout; comfy/controlnet.py reads that layout for any UNet shape, while its
@@ -45,8 +47,12 @@ def vit_l_14_vision_config():
     )  # fmt: skip
 
 
-def write_clip_vision(path: Path, seed: int = 0) -> Path:
-    """A ViT-L/14 CLIP vision file (about 304 M parameters, 580 MiB in fp16) with finite outputs."""
+def write_clip(path: Path, text_encoder, seed: int = 0) -> Path:
+    """A full CLIP ViT-L/14 file (about 427 M parameters, 815 MiB in fp16) whose text tower is `text_encoder`.
+
+    The towers' outputs are finite; the text projection is random (not the identity), so that text
+    features projected with it differ from the pooled text state.
+    """
     from transformers import CLIPVisionModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
@@ -56,8 +62,14 @@ def write_clip_vision(path: Path, seed: int = 0) -> Path:
         model.to_empty(device="cpu")
         _init_sensibly(model)
         torch.nn.init.normal_(model.vision_model.embeddings.class_embedding, std=0.02)
-    state = {name: tensor.half() for name, tensor in model.state_dict().items() if name != "vision_model.embeddings.position_ids"}
-    save_safetensors(state, path)
+        width = text_encoder.config.hidden_size
+        text_projection = torch.randn(vit_l_14_vision_config().projection_dim, width) * width**-0.5
+    state = {name: tensor for name, tensor in model.state_dict().items() if name != "vision_model.embeddings.position_ids"}
+    # transformers names a CLIPTextModel's tensors without the "text_model." that a CLIPModel file has
+    state.update({"text_model." + name.removeprefix("text_model."): tensor for name, tensor in text_encoder.state_dict().items()
+                  if not name.endswith("position_ids")})
+    state.update({"text_projection.weight": text_projection, "logit_scale": torch.tensor(4.6052)})
+    save_safetensors({name: tensor.half() for name, tensor in state.items()}, path)
     return path
 
 

@@ -56,7 +56,7 @@ class ProtoBoothTestTokenInitReport:
     def report(self, token_init):
         entries = [{"token": p.token, "class_word": p.class_word, "method": p.method, "shape": list(p.vectors.shape),
                     "finite": bool(torch.isfinite(p.vectors).all()), "cosine_start": p.cosine_start,
-                    "cosine_final": p.cosine_final} for p in token_init]
+                    "cosine_final": p.cosine_final, "vectors": p.vectors.flatten().tolist()} for p in token_init]
         return {"ui": {"token_init": entries}}
 
 
@@ -152,7 +152,8 @@ class ProtoBoothTestUNetPrediction:
         context = conditioning[0][0].float()
         with torch.no_grad():
             prediction = unet(sample, timesteps=torch.tensor([timestep]), context=context)
-        return {"ui": {"prediction": [prediction.flatten().tolist()], "context": [context.flatten()[:2000].tolist()]}}
+        # the whole text context: its first positions alone would hide a trigger word's later vectors
+        return {"ui": {"prediction": [prediction.flatten().tolist()], "context": [context.flatten().tolist()]}}
 
 
 class ProtoBoothTestViewOutputs:
@@ -181,7 +182,7 @@ class ProtoBoothTestViewOutputs:
             pixels = image[0, ..., :3].movedim(-1, 0)[None] * 2 - 1
             encoded = view.vae.encode(pixels).latent_dist.mean
             shared = view.unet.conv_in.weight.data_ptr() == model.model.diffusion_model.input_blocks[0][0].weight.data_ptr()
-        return {"ui": {"outputs": [{"prediction": prediction.flatten().tolist(), "states": states.flatten()[:2000].tolist(),
+        return {"ui": {"outputs": [{"prediction": prediction.flatten().tolist(), "states": states.flatten().tolist(),
                                     "latent_mean": encoded.flatten().tolist(), "unet_shares_storage": shared,
                                     "fingerprint": view.fingerprint}]}}
 
@@ -209,6 +210,67 @@ class ProtoBoothTestAsFamily:
         return (relabelled,)
 
 
+class ProtoBoothTestTextTower:
+    """Builds a small ComfyUI text encoder of a family (SD2: OpenCLIP-style, conditioning on the penultimate
+    layer, with a text projection) and reports what ComfyUI computes beside what the pack's text views and
+    Prototype Init's text features give: the conditioning view must match ComfyUI's conditioning, and the
+    all-layers view through the text projection must match ComfyUI's projected pooled output."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["sd1", "sd2"],), "last_layer": ("INT", {"default": -1, "min": -3, "max": -1})}}
+
+    def report(self, family, last_layer):
+        import json
+        import os
+        import tempfile
+        from types import SimpleNamespace
+
+        import comfy.sd1_clip
+        import torch.nn.functional as F
+
+        bridge = sys.modules["protobooth.nodes.bridge"]
+        prototype = sys.modules["protobooth.nodes.prototype"]
+        tokenizer = sys.modules["protobooth.engine.tokenizer"].clip_tokenizer(pad_token=bridge.TOKENIZER_PADDING[family])
+        config = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_hidden_layers": 4,
+                  "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": bridge.TEXT_ACTIVATIONS[family]}
+        with tempfile.TemporaryDirectory() as folder:  # the 2024-03 SDClipModel reads its config from a file
+            path = os.path.join(folder, "config.json")
+            with open(path, "w") as handle:
+                json.dump(config, handle)
+            layer = {"layer": "hidden", "layer_idx": -2} if family == "sd2" else {"layer": "last"}  # as SD2ClipHModel
+            encoder = comfy.sd1_clip.SDClipModel(textmodel_json_config=path, dtype=torch.float32, **layer)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # ComfyUI leaves its layers uninitialised: random weights that keep outputs finite
+            for name, parameter in encoder.transformer.named_parameters():
+                scale = 0.02 if parameter.ndim == 1 or "embedding" in name else parameter.shape[-1] ** -0.5
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale + float(name.endswith("norm.weight")))
+        clip = SimpleNamespace(cond_stage_model=SimpleNamespace(**{bridge.TEXT_ENCODERS[family]: encoder}),
+                               layer_idx=None if last_layer == -1 else last_layer)
+        if clip.layer_idx is not None:
+            encoder.set_clip_options({"layer": clip.layer_idx})  # what CLIPSetLastLayer makes CLIP.encode do
+        ids = tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        conditioning, pooled = encoder(ids.tolist())
+        with torch.inference_mode(False), torch.no_grad():
+            views = {kind: bridge.text_encoder_view(clip, family, torch.device("cpu"), all_layers=kind == "all")
+                     for kind in ("conditioning", "all")}
+            projection = prototype.text_projection(encoder, family, prototype.FROM_CHECKPOINT)
+            features = {kind: prototype.ComfyClipTowers(text_model=view, text_projection=projection, vision_model=None,
+                                                        visual_projection=None, image_size=0).text_features(ids)[0]
+                        for kind, view in views.items()}
+            states = views["conditioning"](input_ids=ids).last_hidden_state
+        joint = F.normalize(pooled.float(), dim=-1)[0]
+        facts = {kind: {"layers": view.config.num_hidden_layers,
+                        "feature_gap": float((features[kind] - joint).abs().max())} for kind, view in views.items()}
+        facts["conditioning"]["state_gap"] = float((states - conditioning).abs().max())
+        return {"ui": {"facts": [facts]}}
+
+
 NODE_CLASS_MAPPINGS = {
     "ProtoBoothTestBoxMasks": ProtoBoothTestBoxMasks,
     "ProtoBoothTestWeightsDigest": ProtoBoothTestWeightsDigest,
@@ -218,4 +280,5 @@ NODE_CLASS_MAPPINGS = {
     "ProtoBoothTestTokenInitReport": ProtoBoothTestTokenInitReport,
     "ProtoBoothTestFakeVision": ProtoBoothTestFakeVision,
     "ProtoBoothTestAsFamily": ProtoBoothTestAsFamily,
+    "ProtoBoothTestTextTower": ProtoBoothTestTextTower,
 }

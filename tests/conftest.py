@@ -116,12 +116,14 @@ def comfyui_sam(comfyui) -> str:
 
 
 @pytest.fixture(scope="session")
-def comfyui_clip_vision(comfyui) -> str:
-    """Name of a random full-size CLIP ViT-L/14 vision file in the server's models/clip_vision."""
-    from comfyui_models import write_clip_vision
+def comfyui_clip_vision(comfyui, comfy_tiny) -> str:
+    """Name of a random full CLIP ViT-L/14 file in the server's models/clip_vision, as users keep the published
+    one: Load CLIP Vision reads its vision tower, Prototype Init its text projection. Its text tower is the
+    tiny checkpoint's text encoder, as SD1's text encoder is CLIP ViT-L/14's text tower."""
+    from comfyui_models import write_clip
 
     name = "protobooth-random-clip-vit-l-14.safetensors"
-    write_clip_vision(comfyui.models("clip_vision") / name)
+    write_clip(comfyui.models("clip_vision") / name, comfy_tiny.text_encoder)
     return name
 
 

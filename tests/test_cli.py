@@ -108,6 +108,24 @@ def test_token_init_vectors_reach_the_saved_concept(files):
     assert (out / "embeddings/zqcat.safetensors").is_file()
 
 
+def test_two_objects_also_get_one_embedding_file_each(files):
+    from safetensors.torch import load_file
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 12:40] = 255
+    Image.fromarray(mask).save(files / "first.png")
+    Image.fromarray(255 - mask).save(files / "second.png")
+    out = files / "out-two"
+    assert main(["train", str(files / "photo.png"), "--model", str(files / "model"), "--token", "zqcat", "--class", "cat",
+                 "--mask", str(files / "first.png"), "--token", "zqmat", "--class", "mat", "--mask", str(files / "second.png"),
+                 "--steps", "2", "--lambda-class", "0", "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["zqcat.safetensors", "zqcat_zqcat.safetensors",
+                                                                      "zqcat_zqmat.safetensors"]
+    concept = load_concept(out / "embeddings/zqcat.safetensors", out / "loras/zqcat.safetensors")
+    for obj in concept.objects:
+        assert torch.equal(load_file(str(out / f"embeddings/zqcat_{obj.token}.safetensors"))["clip_l"], obj.vectors)
+
+
 @pytest.mark.parametrize("option, message", [
     (["--vectors", "0"], "vectors per token must be at least 1 (got 0)"),
     (["--prior-images", "0"], "prior images must be at least 1 while the class prior is on (got 0)"),

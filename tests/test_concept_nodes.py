@@ -281,6 +281,44 @@ def test_an_upstream_lora_gets_its_own_class_images_and_cancel_stops_drawing_the
     assert lora_keys_not_loaded(comfyui.log_text()[start:]) == []
 
 
+def test_each_object_of_a_saved_concept_has_its_own_stock_embedding(comfyui, comfyui_checkpoint):
+    from protobooth.engine.concept import Concept, ConceptObject, save_concept
+
+    source, name = "protobooth_pair_source", "protobooth_pair"
+    generator = torch.Generator().manual_seed(31)
+    objects = [ConceptObject("zqleft", "square", torch.randn(2, 768, generator=generator) * 0.05),
+               ConceptObject("zqright", "box", torch.randn(1, 768, generator=generator) * 0.05)]
+    save_concept(Concept(objects, {}, "sd1", "0" * 16), comfyui.models("loras") / f"{source}.safetensors",
+                 comfyui.models("embeddings") / f"{source}.safetensors")
+    comfyui.run({"load": {"class_type": "ProtoBoothLoadConcept", "inputs": {"concept_name": source}},
+                 "save": {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["load", 0], "name": name,
+                                                                             "overwrite": False}}})
+    for token in ("zqleft", "zqright"):
+        assert (comfyui.models("embeddings") / f"{name}_{token}.safetensors").is_file()
+    assert not (comfyui.models("loras") / f"{name}.safetensors").exists()  # the concept has no LoRA
+    assert name in comfyui.object_info("ProtoBoothLoadConcept")["ProtoBoothLoadConcept"]["input"]["required"]["concept_name"][0]
+    assert f"{name}_zqleft" not in comfyui.object_info("ProtoBoothLoadConcept")["ProtoBoothLoadConcept"]["input"]["required"]["concept_name"][0]
+
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui_checkpoint}},
+        "load": {"class_type": "ProtoBoothLoadConcept", "inputs": {"concept_name": name}},
+        "apply": {"class_type": "ProtoBoothApplyConcept", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "concept": ["load", 0],
+                                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+    }
+    for token, class_word in (("zqleft", "square"), ("zqright", "box")):
+        graph.update(prediction_nodes(f"applied_{token}", ["apply", 0], ["apply", 1], f"a photo of {token} {class_word} on a table"))
+        graph.update(prediction_nodes(f"stock_{token}", ["ckpt", 0], ["ckpt", 1],
+                                      f"a photo of embedding:{name}_{token} {class_word} on a table"))
+    graph.update(prediction_nodes("whole", ["ckpt", 0], ["ckpt", 1], f"a photo of embedding:{name} square on a table"))
+    entry = comfyui.run(graph, timeout=600)
+    for token in ("zqleft", "zqright"):
+        applied, stock = (np.array(entry["outputs"][f"{kind}_{token}_predict"]["context"][0]) for kind in ("applied", "stock"))
+        assert np.abs(applied - stock).max() <= 1e-5, token
+        assert np.abs(prediction(entry, f"applied_{token}") - prediction(entry, f"stock_{token}")).max() <= 1e-5, token
+    # the whole concept's file is one word spanning both objects' rows: not what either object alone gives
+    assert np.abs(prediction(entry, "whole") - prediction(entry, "applied_zqleft")).max() > 1e-3
+
+
 @pytest.mark.parametrize("change, message", [
     ({"boxes": [[0, 0, 0, 0]]}, "empty"),
     ({"boxes": [RED_SQUARE, BLUE_RECTANGLE]}, "2 mask(s) but 1 token(s)"),
