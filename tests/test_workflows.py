@@ -24,7 +24,7 @@ NAMES = ("one_object", "two_objects", "concept_controlnet", "concept_ipadapter")
 PHOTO = "workflow_photo.png"
 CONCEPT = "protobooth_test_mug"
 # Combo inputs that list model or input files: their values are the files a user would have, not the server's.
-FILE_INPUTS = {"ckpt_name", "sam_name", "clip_name", "control_net_name", "image", "concept_name"}
+FILE_INPUTS = {"ckpt_name", "sam_name", "clip_name", "control_net_name", "image", "concept_name", "text_projection_file"}
 
 # ComfyUI_IPAdapter_plus @9d076a3 (2025-02-26), IPAdapterPlus.py: the two nodes concept_ipadapter.json uses,
 # as that extension's /object_info entries would show them.
@@ -267,7 +267,8 @@ def tiny_files(comfyui, comfyui_checkpoint, comfyui_sam, comfyui_clip_vision, co
         "LoadImage": {"image": PHOTO},
         "EmptyLatentImage": {"width": 64, "height": 64},
         "KSampler": {"steps": 2},
-        "ProtoBoothPrototypeInit": {"steps": 2},
+        # the CLIP vision file is a full CLIP, as the published one is: it holds the text projection SD1 lacks
+        "ProtoBoothPrototypeInit": {"steps": 2, "text_projection_file": f"clip_vision/{comfyui_clip_vision}"},
         "ProtoBoothTrainConcept": {"steps": 2, "resolution": 64},
     }
 
