@@ -1,0 +1,1 @@
+"""Benchmarks: training speed (train_speed.py) and the ShapesWorld quality benchmark (shapesworld/)."""
