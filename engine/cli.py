@@ -358,7 +358,7 @@ def run_train(args) -> int:
 
 
 def learn(model, image, masks, tokens, class_words, settings, out: Path, name: str, preview_prompts: list[str],
-          towers=None, prototype=None, resume: bool = False, preview_seeds=(0,)):
+          towers=None, prototype=None, resume: bool = False, preview_seeds=(0,), render_options: dict | None = None):
     """Prototype search (when a CLIP model is given) → training → concept files, loss curve, preview grid."""
     from .concept import concept_files, save_concept
     from .fileio import save_png
@@ -384,12 +384,12 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
             result = trainer.train(progress=lambda r: update(r.step, r.total, loss=f"{r.loss:.4f}"),
                                    checkpoint_dir=out / f"{name}-checkpoint", resume=resume)
         with trainer.trained_pipeline() as pipeline:
-            previews = render(pipeline, preview_prompts, list(preview_seeds))
+            previews = render(pipeline, preview_prompts, list(preview_seeds), **(render_options or {}))
     lora_path, embedding_path = _concept_paths(out, name)
     save_concept(result.concept, lora_path, embedding_path)
     save_png(loss_curve(result.losses), out / f"{name}-loss.png")
-    save_png(image_grid(previews, [p for p in preview_prompts for _ in preview_seeds], columns=len(preview_seeds)),
-             out / f"{name}-preview.png")
+    save_png(image_grid(previews, [p for p in preview_prompts for _ in preview_seeds], columns=len(preview_seeds),
+                        scale=max(1, 128 // previews[0].width)), out / f"{name}-preview.png")
     print(f"trained {settings.steps} steps in {result.seconds:.1f} s; final loss {result.losses[-1]:.4f}")
     for path in (*concept_files(lora_path, embedding_path, trainer.tokens), out / f"{name}-loss.png",
                  out / f"{name}-preview.png"):
@@ -485,22 +485,25 @@ def register_demo(subparsers) -> None:
     )
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    p.add_argument("--model", choices=("shapesworld", "tiny"), default="shapesworld",
+                   help="shapesworld: the embedded world model; tiny: random weights, a quick check of the plumbing")
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args) -> int:
-    from .demo import tiny_demo
+    from .demo import shapesworld_demo, tiny_demo
     from .fileio import save_png
     from .images import to_pil
 
-    job = tiny_demo() if args.steps is None else tiny_demo(args.steps)
+    make = shapesworld_demo if args.model == "shapesworld" else tiny_demo
+    job = make() if args.steps is None else make(args.steps)
     out = Path(args.out)
     print(f"demo: {job.description}")
     save_png(to_pil(job.image), out / "reference.png")
     for index, mask in enumerate(job.masks, 1):
         save_png(to_pil(mask), out / f"reference-mask-{index}.png")
     learn(job.model, job.image, job.masks, job.tokens, job.class_words, job.settings, out, "demo", job.preview_prompts,
-          towers=job.towers, prototype=job.prototype)
+          towers=job.towers, prototype=job.prototype, preview_seeds=job.preview_seeds, render_options=job.render_options)
     return 0
 
 

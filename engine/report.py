@@ -49,12 +49,19 @@ def loss_curve(losses: list[float], width: int = 512, height: int = 256, title: 
     return image
 
 
-def image_grid(images: list, captions: list[str] | None = None, columns: int | None = None, caption_height: int = 14):
-    """Images (PIL, same size) in rows, each with an optional caption underneath."""
+def image_grid(images: list, captions: list[str] | None = None, columns: int | None = None, caption_height: int = 14,
+               scale: int = 1):
+    """Images (PIL, same size) in rows, each with an optional caption underneath.
+
+    A row whose captions are all the same (one prompt, several seeds) gets it once, across the row.
+    scale > 1 enlarges every image that many times (nearest neighbour), for small models' pictures.
+    """
     from PIL import Image, ImageDraw
 
     if not images:
         raise ValueError("image_grid needs at least one image")
+    if scale > 1:
+        images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
@@ -64,6 +71,12 @@ def image_grid(images: list, captions: list[str] | None = None, columns: int | N
     for index, picture in enumerate(images):
         x, y = (index % columns) * width, (index // columns) * cell_height
         grid.paste(picture.convert("RGB"), (x, y))
-        if captions:
-            draw.text((x + 2, y + height + 1), captions[index][: max(4, width // 6)], fill=(0, 0, 0))
+    for row in range(rows if captions else 0):
+        texts = captions[row * columns : (row + 1) * columns]
+        y = row * cell_height + height + 1
+        if len(set(texts)) == 1:
+            draw.text((2, y), texts[0][: max(4, columns * width // 6)], fill=(0, 0, 0))
+        else:
+            for column, text in enumerate(texts):
+                draw.text((column * width + 2, y), text[: max(4, width // 6)], fill=(0, 0, 0))
     return grid

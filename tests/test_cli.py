@@ -61,7 +61,7 @@ def test_segment_train_generate(files, capsys):
 
 
 def test_demo_writes_everything(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--quiet"]) == 0
+    assert main(["demo", "--model", "tiny", "--out", str(tmp_path), "--steps", "3", "--quiet"]) == 0
     for name in ("reference.png", "reference-mask-1.png", "loras/demo.safetensors", "embeddings/demo.safetensors",
                  "demo-loss.png", "demo-preview.png"):
         assert (tmp_path / name).is_file(), name

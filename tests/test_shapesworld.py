@@ -1,0 +1,127 @@
+"""ShapesWorld: the generator, the shipped model and metric models, and the benchmark scripts."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from protobooth.benchmarks.shapesworld import metrics, world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scenes_are_deterministic_from_their_seed():
+    first, second = world.SceneSampler(5).scenes(40), world.SceneSampler(5).scenes(40)
+    assert first == second and first != world.SceneSampler(6).scenes(40)
+    images_a, masks_a = world.render(first)
+    images_b, masks_b = world.render(second)
+    assert torch.equal(images_a, images_b) and torch.equal(masks_a, masks_b)
+    assert images_a.shape == (40, 3, 32, 32) and masks_a.shape == (40, 2, 32, 32)
+
+
+def test_masks_cover_exactly_the_objects():
+    instance = world.Instance("square", "red")
+    scene = world.Scene("gray", (world.Placed(instance, "left"),))
+    image, masks = world.render([scene])
+    red = torch.tensor(world.COLOURS["red"])[:, None, None]
+    inside = masks[0, 0] == 1
+    assert inside.sum() > 100 and masks[0, 1].sum() == 0
+    assert torch.allclose(image[0][:, inside], red.expand(3, int(inside.sum())).reshape(3, -1), atol=1e-6)
+    outside = masks[0, 0] == 0
+    assert torch.allclose(image[0][:, outside], torch.tensor(world.BACKGROUNDS["gray"])[:, None], atol=1e-6)
+    assert inside[:, :16].sum() == inside.sum()  # on the left
+
+
+def test_captions_say_what_text_can_and_not_the_accent():
+    accented = world.Instance("circle", "red", "band-across", "white")
+    plain = world.Instance("square", "blue")
+    scene = world.Scene("pink", (world.Placed(plain, "right"), world.Placed(accented, "left")))
+    assert scene.caption() == "a photo of a red circle on the left and a blue square on the right, pink background"
+    assert scene.caption({1: "zqobj circle"}) == "a photo of a zqobj circle on the left and a blue square on the right, pink background"
+
+
+def test_captions_tokenise_into_whole_words():
+    from protobooth.engine.tokenizer import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    words = {*world.CLASSES, *world.COLOURS, *world.BACKGROUNDS, *world.POSITIONS, "photo", "background", "and", "on", "the"}
+    for word in words:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_held_out_instances_never_appear_in_pretraining_scenes():
+    held_out = {i.key for i in world.HELD_OUT}
+    seen = {p.instance.key for scene in world.SceneSampler(1).scenes(20000) for p in scene.objects}
+    assert not held_out & seen
+    assert len(seen) > 1000  # nearly every other instance does appear
+    assert held_out <= {i.key for i in world.all_instances(include_held_out=True)}
+
+
+# ---------------------------------------------------------------------------------------------- shipped models
+
+def test_the_shipped_model_loads_as_an_sd1_diffusers_folder_within_its_size_budget():
+    from protobooth.engine.loading import detect_family
+    from protobooth.engine.shapesworld import MODEL_DIR, clip_towers, load_shapesworld
+
+    size = sum(p.stat().st_size for folder in (MODEL_DIR, metrics.METRIC_DIR) for p in folder.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20, f"{size / 2**20:.1f} MiB"
+    assert detect_family(MODEL_DIR) == "sd1"
+    model = load_shapesworld()
+    assert model.family == "sd1" and model.unet.dtype == torch.float32 and model.vae_scale_factor == 4
+    assert model.unet.config.sample_size * model.vae_scale_factor == world.IMAGE_SIZE
+    towers = clip_towers(model.text_encoder)
+    assert towers.visual_projection.out_features == model.text_encoder.config.hidden_size
+
+
+def test_the_classifier_reads_real_renders():
+    classifier = metrics.load_classifier()
+    scenes = world.SceneSampler(123, world.all_instances(include_held_out=True)).scenes(300)
+    images, _ = world.render(scenes)
+    accuracy = metrics.scene_accuracy(classifier, images, scenes)
+    assert min(accuracy.values()) >= 0.98, accuracy
+
+
+def test_fidelity_separates_an_instance_from_its_look_alikes():
+    separation = metrics.validate(metrics.load_encoder(), list(world.HELD_OUT[:3]), scenes_per_instance=4)
+    assert separation.same_instance > 0.8, separation
+    assert separation.same_instance - separation.same_class_other_instance > 0.3, separation
+
+
+# ---------------------------------------------------------------------------------------------- the scripts
+
+@pytest.mark.slow
+def test_the_training_pipeline_runs_every_stage_in_smoke_mode(tmp_path):
+    script = ROOT / "benchmarks" / "shapesworld" / "train_world.py"
+    done = subprocess.run([sys.executable, str(script), "all", "--smoke", "--work", str(tmp_path)], capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "export" / "shapesworld" / "model_index.json").is_file()
+    assert (tmp_path / "export" / "metric" / "encoder.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
+    script = ROOT / "benchmarks" / "shapesworld" / "evaluate.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--results", str(tmp_path)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "quick.md").read_text()
+    for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
+                   "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects"):
+        assert method in table
+    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 9
+
+
+def test_the_demo_learns_a_shapesworld_instance_by_default(tmp_path):
+    from protobooth.engine.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "4", "--quiet"]) == 0
+    for name in ("reference.png", "reference-mask-1.png", "loras/demo.safetensors", "embeddings/demo.safetensors",
+                 "demo-loss.png", "demo-preview.png"):
+        assert (tmp_path / name).is_file(), name
+    from PIL import Image
+
+    assert Image.open(tmp_path / "reference.png").size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
