@@ -8,6 +8,10 @@ LoRA on the UNet's attention projections with:
 - class-characterising regularisation: a prior term on class images the frozen model drew (λ_class),
   and/or a text-space term anchoring "a photo of a <tok> <class>" to the frozen "a photo of a <class>";
 - uniform or SNR-weighted timesteps.
+The text-space term anchors the new words rather than the class prompt itself: only the new token rows
+train, so the encoder's output for a prompt without them cannot drift from the frozen one. What can
+drift is "<tok> <class>", which the term keeps close to the class, so the class word keeps its meaning
+in the concept's prompts.
 Everything that does not change during training (instance latents, class latents, frozen text
 encodings) is computed once. The model is restored when training ends, however it ends.
 """

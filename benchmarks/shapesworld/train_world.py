@@ -560,6 +560,10 @@ def load_world_model(folder: Path, unet_state: dict | None = None):
                           family="sd1", name="shapesworld")
 
 
+# The base-model gate: what generated samples must score, read back by the attribute classifier.
+GATE = {"background": 0.9, "position": 0.9, "class": 0.7, "colour": 0.7}
+
+
 def gate_scenes(n: int) -> list[world.Scene]:
     return world.SceneSampler(GATE_SEED).scenes(n)
 
@@ -599,8 +603,9 @@ def stage_gate(run: Run, args) -> dict:
     for guidance in args.guidance:
         started = time.monotonic()
         generated = sample_scenes(model, scenes, guidance)
-        report[f"samples_cfg{guidance:g}"] = scene_accuracy(classifier, generated, scenes)
-        print(f"[gate] guidance {guidance:g}: {report[f'samples_cfg{guidance:g}']} ({time.monotonic() - started:.0f} s)", flush=True)
+        scores = report[f"samples_cfg{guidance:g}"] = scene_accuracy(classifier, generated, scenes)
+        verdict = "met" if all(scores[k] >= v for k, v in GATE.items()) else "MISSED"
+        print(f"[gate] guidance {guidance:g}: {scores} ({time.monotonic() - started:.0f} s); gate {GATE}: {verdict}", flush=True)
         if args.grid:
             _save_grid(generated[:64], run.work / f"gate_cfg{guidance:g}.png")
     print(json.dumps(report, indent=2), flush=True)
