@@ -26,10 +26,10 @@ def test_masks_cover_exactly_the_objects():
     instance = world.Instance("square", "red")
     scene = world.Scene("gray", (world.Placed(instance, "left"),))
     image, masks = world.render([scene])
-    red = torch.tensor(world.COLOURS["red"])[:, None, None]
+    red = torch.tensor(world.COLOURS["red"])[:, None]
     inside = masks[0, 0] == 1
     assert inside.sum() > 100 and masks[0, 1].sum() == 0
-    assert torch.allclose(image[0][:, inside], red.expand(3, int(inside.sum())).reshape(3, -1), atol=1e-6)
+    assert torch.allclose(image[0][:, inside], red.expand(3, int(inside.sum())), atol=1e-6)
     outside = masks[0, 0] == 0
     assert torch.allclose(image[0][:, outside], torch.tensor(world.BACKGROUNDS["gray"])[:, None], atol=1e-6)
     assert inside[:, :16].sum() == inside.sum()  # on the left
