@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +40,7 @@ import_this_checkout()
 
 from protobooth.benchmarks.shapesworld import metrics, world  # noqa: E402
 from protobooth.engine.generate import generate  # noqa: E402
+from protobooth.engine.images import load_image  # noqa: E402
 from protobooth.engine.prototype import PrototypeSettings, prototype_embeddings  # noqa: E402
 from protobooth.engine.shapesworld import GUIDANCE, SAMPLER_STEPS, clip_towers, load_shapesworld  # noqa: E402
 from protobooth.engine.tokens import class_word_vectors  # noqa: E402
@@ -125,7 +124,7 @@ def train_once(model, towers, method: Method, image, masks, tokens, classes, ste
 
 def render_scenes(model, concept, prompts: list[str], seeds: list[int]) -> torch.Tensor:
     pictures = generate(model, prompts, concept=concept, seeds=seeds, steps=SAMPLER_STEPS, guidance=GUIDANCE)
-    return torch.stack([torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1).float() / 255 for p in pictures])
+    return torch.stack([load_image(p) for p in pictures])
 
 
 @dataclass
@@ -261,24 +260,13 @@ def write_report(results: dict, args, command: str) -> Path:
     path.write_text("\n".join(lines) + "\n")
     for method, grid_rows in results["grids"].items():
         if grid_rows:
-            save_grid(grid_rows, out / f"{name}_grid_{slug(method)}.png")
+            world.save_grid(grid_rows, out / f"{name}_grid_{slug(method)}.png")
     (out / f"{name}.json").write_text(json.dumps({k: v for k, v in results.items() if k != "grids"}, indent=2))
     return path
 
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
-
-
-def save_grid(rows: list[torch.Tensor], path: Path, scale: int = 3) -> None:
-    from PIL import Image
-
-    columns = max(len(r) for r in rows)
-    grid = torch.ones(3, len(rows) * 34, columns * 34)
-    for r, row in enumerate(rows):
-        for c, picture in enumerate(row):
-            grid[:, r * 34 + 1 : r * 34 + 33, c * 34 + 1 : c * 34 + 33] = picture
-    Image.fromarray(world.to_uint8(grid[None])[0]).resize((columns * 34 * scale, len(rows) * 34 * scale), Image.NEAREST).save(path)
 
 
 def main(argv=None) -> int:

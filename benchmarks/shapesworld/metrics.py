@@ -47,16 +47,29 @@ def scene_accuracy(classifier, images: torch.Tensor, scenes: list[world.Scene]) 
     seen = read_attributes(classifier, images)
     hits = {"background": [], "position": [], "class": [], "colour": []}
     for n, scene in enumerate(scenes):
-        hits["background"].append(int(seen["background"][n]) == world.BACKGROUNDS_LIST.index(scene.background))
-        hits["position"].append(_occupied(seen, n) == {p.position for p in scene.objects})
+        hits["background"].append(_background_holds(seen, n, scene))
+        hits["position"].append(_sides_hold(seen, n, scene))
         for placed in scene.objects:
-            hits["class"].append(int(seen[f"{placed.position}_shape"][n]) == 1 + _SHAPES.index(placed.instance.shape))
-            hits["colour"].append(int(seen[f"{placed.position}_colour"][n]) == 1 + _COLOURS.index(placed.instance.colour))
+            shape, colour = _object_holds(seen, n, placed)
+            hits["class"].append(shape)
+            hits["colour"].append(colour)
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
-def _occupied(seen: dict[str, torch.Tensor], n: int) -> set[str]:
-    return {side for side in world.POSITIONS if int(seen[f"{side}_shape"][n]) != 0}
+def _background_holds(seen: dict[str, torch.Tensor], n: int, scene: world.Scene) -> bool:
+    return int(seen["background"][n]) == world.BACKGROUNDS_LIST.index(scene.background)
+
+
+def _sides_hold(seen: dict[str, torch.Tensor], n: int, scene: world.Scene) -> bool:
+    """Exactly the scene's sides hold an object."""
+    occupied = {side for side in world.POSITIONS if int(seen[f"{side}_shape"][n]) != 0}
+    return occupied == {p.position for p in scene.objects}
+
+
+def _object_holds(seen: dict[str, torch.Tensor], n: int, placed: world.Placed) -> tuple[bool, bool]:
+    """(right shape, right main colour) at the object's side."""
+    return (int(seen[f"{placed.position}_shape"][n]) == 1 + _SHAPES.index(placed.instance.shape),
+            int(seen[f"{placed.position}_colour"][n]) == 1 + _COLOURS.index(placed.instance.colour))
 
 
 def editability(classifier, images: torch.Tensor, scenes: list[world.Scene], concept_sides: list[set[str]]) -> torch.Tensor:
@@ -68,12 +81,10 @@ def editability(classifier, images: torch.Tensor, scenes: list[world.Scene], con
     seen = read_attributes(classifier, images)
     scores = []
     for n, (scene, concepts) in enumerate(zip(scenes, concept_sides)):
-        checks = [int(seen["background"][n]) == world.BACKGROUNDS_LIST.index(scene.background),
-                  _occupied(seen, n) == {p.position for p in scene.objects}]
+        checks = [_background_holds(seen, n, scene), _sides_hold(seen, n, scene)]
         for placed in scene.objects:
             if placed.position not in concepts:
-                checks.append(int(seen[f"{placed.position}_shape"][n]) == 1 + _SHAPES.index(placed.instance.shape))
-                checks.append(int(seen[f"{placed.position}_colour"][n]) == 1 + _COLOURS.index(placed.instance.colour))
+                checks.extend(_object_holds(seen, n, placed))
         scores.append(sum(checks) / len(checks))
     return torch.tensor(scores)
 
@@ -103,16 +114,8 @@ def validate(encoder, instances: list[world.Instance], scenes_per_instance: int 
     pool = world.all_instances(include_held_out=True)
 
     def renders(instance):
-        scenes, sides = [], []
-        for _ in range(scenes_per_instance):
-            side = world.POSITIONS[int(sampler.rng.integers(2))]
-            other = "right" if side == "left" else "left"
-            objects = [sampler.placed(instance, side)]
-            if sampler.rng.random() < 0.5:
-                objects.append(sampler.placed(sampler.instance(), other))
-            scenes.append(world.Scene(world.BACKGROUNDS_LIST[int(sampler.rng.integers(4))], tuple(objects)))
-            sides.append(side)
-        images, _ = world.render(scenes)
+        scenes, sides = zip(*(sampler.featuring(instance) for _ in range(scenes_per_instance)))
+        images, _ = world.render(list(scenes))
         return embed(encoder, images, sides)
 
     same, alike, any_class, gaps = [], [], [], []

@@ -96,6 +96,16 @@ class Run:
         return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
 
 
+def descend(optimizer, loss, clip_params=None) -> float:
+    """One optimiser step on `loss` (gradients clipped to norm 1 when clip_params is given); the loss value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_loop(run: Run, name: str, total_steps: int, modules: dict, optimizer, step_fn, schedule=None, ema=None):
     """Run `step_fn(step, generator)` up to `total_steps`, checkpointing; resumes from `name`'s checkpoint.
 
@@ -254,11 +264,7 @@ def stage_vae(run: Run, args) -> bool:
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         out = (vae.decode(z).sample + 1) / 2
         loss = (out - batch).abs().mean() + F.mse_loss(out, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        return float(loss.detach())
+        return descend(optimizer, loss, vae.parameters())
 
     done = train_loop(run, "vae_training", STEPS["vae"], {"vae": vae}, optimizer, step,
                       warmup_cosine(1e-3, STEPS["vae"], 200, floor=0.05))
@@ -390,10 +396,7 @@ def _train_classifier(run: Run) -> bool:
         picked = torch.randint(train_n, (BATCH["classifier"],), generator=generator)
         out = classifier(augment(images_to_float(images[picked]), generator))
         loss = sum(F.cross_entropy(out[k], labels[k][picked]) for k in out)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return descend(optimizer, loss)
 
     if not train_loop(run, "classifier_training", STEPS["classifier"], {"classifier": classifier}, optimizer, step,
                       warmup_cosine(2e-3, STEPS["classifier"], 100, floor=0.02)):
@@ -418,11 +421,8 @@ def encoder_pool(seed: int, scenes_per_instance: int) -> dict:
     scenes, sides, ids = [], [], []
     for index, instance in enumerate(instances):
         for _ in range(scenes_per_instance):
-            side = world.POSITIONS[int(sampler.rng.integers(2))]
-            placed = [sampler.placed(instance, side)]
-            if sampler.rng.random() < 0.5:
-                placed.append(sampler.placed(sampler.instance(), "right" if side == "left" else "left"))
-            scenes.append(world.Scene(world.BACKGROUNDS_LIST[int(sampler.rng.integers(4))], tuple(placed)))
+            scene, side = sampler.featuring(instance)
+            scenes.append(scene)
             sides.append(side)
             ids.append(index)
     images, _ = world.render(scenes)
@@ -458,10 +458,7 @@ def _train_encoder(run: Run) -> bool:
         same = (labels[:, None] == labels[None, :]).float()
         same.fill_diagonal_(0)
         loss = -(same * logits.log_softmax(1)).sum(1).div(same.sum(1)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return descend(optimizer, loss)
 
     if not train_loop(run, "encoder_training", STEPS["encoder"], {"encoder": encoder}, optimizer, step,
                       warmup_cosine(2e-3, STEPS["encoder"], 100, floor=0.02)):
@@ -524,12 +521,9 @@ def stage_unet(run: Run, args) -> bool:
         noisy = scheduler.add_noise(z0, noise, t)
         prediction = unet(noisy, t, encoder_hidden_states=states[which]).sample
         loss = ((prediction - noise) ** 2).mean(dim=(1, 2, 3)).mul(min_snr_weights(alphas, t)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
+        value = descend(optimizer, loss, unet.parameters())
         ema.update(unet)
-        return float(loss.detach())
+        return value
 
     if not train_loop(run, "unet_training", total, {"unet": unet}, optimizer, step,
                       warmup_cosine(args.unet_lr, total, 500, floor=0.1), ema=ema):
@@ -545,11 +539,9 @@ def stage_unet(run: Run, args) -> bool:
 def load_world_model(folder: Path, unet_state: dict | None = None):
     """An engine DiffusionModel from the work folder's parts (or an exported folder)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPModel
+    from transformers import CLIPModel, CLIPTextModel
 
     clip = CLIPModel.from_pretrained(folder / "clip").eval()
-    from transformers import CLIPTextModel
-
     text_encoder = CLIPTextModel(clip.config.text_config).eval()
     text_encoder.load_state_dict(clip.text_model.state_dict())
     unet = UNet2DConditionModel(**sw_models.unet_config()) if unet_state is not None else UNet2DConditionModel.from_pretrained(folder / "unet")
@@ -607,21 +599,11 @@ def stage_gate(run: Run, args) -> dict:
         verdict = "met" if all(scores[k] >= v for k, v in GATE.items()) else "MISSED"
         print(f"[gate] guidance {guidance:g}: {scores} ({time.monotonic() - started:.0f} s); gate {GATE}: {verdict}", flush=True)
         if args.grid:
-            _save_grid(generated[:64], run.work / f"gate_cfg{guidance:g}.png")
+            shown = generated[:64]
+            world.save_grid([shown[k : k + 8] for k in range(0, len(shown), 8)], run.work / f"gate_cfg{guidance:g}.png")
     print(json.dumps(report, indent=2), flush=True)
     run.note("gate", **report)
     return report
-
-
-def _save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
-    from PIL import Image
-
-    rows = math.ceil(len(images) / columns)
-    grid = torch.ones(3, rows * 34, columns * 34)
-    for k, image in enumerate(images):
-        r, c = divmod(k, columns)
-        grid[:, r * 34 + 1 : r * 34 + 33, c * 34 + 1 : c * 34 + 33] = image
-    Image.fromarray(world.to_uint8(grid[None])[0]).resize((columns * 34 * 3, rows * 34 * 3), Image.NEAREST).save(path)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -631,7 +613,6 @@ def stage_export(run: Run, args) -> None:
     import shutil
 
     from diffusers import DDPMScheduler
-    from safetensors.torch import save_file
     from transformers import CLIPModel, CLIPVisionModelWithProjection
 
     export_dir, metric_dir = args.export_dir, args.metric_dir

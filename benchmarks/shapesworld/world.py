@@ -153,6 +153,14 @@ class SceneSampler:
     def placed(self, instance: Instance, position: str) -> Placed:
         return self._jitter(instance, position)
 
+    def featuring(self, instance: Instance) -> tuple[Scene, str]:
+        """A random scene with `instance` on a random side (half the time beside a random companion): (scene, side)."""
+        side = POSITIONS[int(self.rng.integers(2))]
+        objects = [self.placed(instance, side)]
+        if self.rng.random() < 0.5:
+            objects.append(self.placed(self.instance(), "right" if side == "left" else "left"))
+        return Scene(BACKGROUNDS_LIST[int(self.rng.integers(len(BACKGROUNDS_LIST)))], tuple(objects)), side
+
 
 BACKGROUNDS_LIST = tuple(BACKGROUNDS)
 
@@ -253,3 +261,16 @@ def _render_chunk(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N,3,H,W] 0..1 → [N,H,W,3] uint8."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(rows: list[torch.Tensor], path, scale: int = 3) -> None:
+    """Rows of [3,H,W] pictures (rows may differ in length) → one PNG with 1-px white gaps, enlarged `scale` times."""
+    from PIL import Image
+
+    cell = IMAGE_SIZE + 2
+    columns = max(len(r) for r in rows)
+    grid = torch.ones(3, len(rows) * cell, columns * cell)
+    for r, row in enumerate(rows):
+        for c, picture in enumerate(row):
+            grid[:, r * cell + 1 : r * cell + 1 + IMAGE_SIZE, c * cell + 1 : c * cell + 1 + IMAGE_SIZE] = picture
+    Image.fromarray(to_uint8(grid[None])[0]).resize((columns * cell * scale, len(rows) * cell * scale), Image.NEAREST).save(path)
