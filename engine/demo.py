@@ -53,7 +53,7 @@ def shapesworld_demo(steps: int = 300) -> DemoJob:
         tokens=["zqobj"],
         class_words=[instance.shape],
         # No mirrored views (a mirror image moves the object to the other side); learning rates as in the benchmark.
-        settings=TrainSettings(steps=steps, lora_rank=4, flip=False, lora_learning_rate=5e-4, token_learning_rate=5e-4,
+        settings=TrainSettings(steps=steps, lora_rank=4, flip=False, lora_learning_rate=2e-3, token_learning_rate=5e-4,
                                prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE,
                                templates=("a photo of a {} on the left, gray background",)),
         prototype=PrototypeSettings(steps=100),

@@ -49,8 +49,8 @@ from protobooth.engine.train import OneShotTrainer, TrainSettings  # noqa: E402
 RESULTS = HERE / "results"  # the committed results; --results writes elsewhere
 REFERENCE_SIDE, REFERENCE_BACKGROUND = "left", "gray"
 TOKEN = "zqobj"
-# Chosen by sweep.py (one instance, 300 steps): SD's 1e-4 barely moves this small UNet in that budget.
-LORA_LEARNING_RATE, TOKEN_LEARNING_RATE = 5e-4, 5e-4
+# Chosen by sweep.py (instances 0-3, 300 steps; results/sweep.md): SD's 1e-4 barely moves this small UNet in that budget.
+LORA_LEARNING_RATE, TOKEN_LEARNING_RATE = 2e-3, 5e-4
 RARE_WORD = "sks"  # DreamBooth's identifier
 
 
