@@ -163,6 +163,22 @@ def test_same_seed_gives_identical_files_and_resume_equals_uninterrupted(tmp_pat
         assert (tmp_path / f"first-{kind}.safetensors").read_bytes() == (tmp_path / f"resumed-{kind}.safetensors").read_bytes()
 
 
+def test_gradient_checkpointing_gives_the_same_training_and_is_switched_off_after(prior_cache):
+    image, cat, _ = scene()
+    plain = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], FAST, prior_cache=prior_cache)
+    model = tiny.tiny_model(0)
+    active = []
+    checkpointed = train_concept(model, image, [cat], ["zqcat"], ["cat"],
+                                 dataclasses.replace(FAST, gradient_checkpointing=True), prior_cache=prior_cache,
+                                 progress=lambda report: active.append(model.unet.is_gradient_checkpointing))
+    assert active == [True] * FAST.steps
+    # Recomputing activations in the backward pass must not change a single number on CPU.
+    assert checkpointed.losses == plain.losses
+    for key, value in plain.concept.lora.items():
+        assert torch.equal(checkpointed.concept.lora[key], value), key
+    assert not model.unet.is_gradient_checkpointing
+
+
 def test_snr_timestep_sampling_prefers_noisy_steps():
     from protobooth.engine.losses import sample_timesteps, snr_timestep_weights
 
