@@ -52,14 +52,17 @@ def shapesworld_demo(steps: int = 300) -> DemoJob:
         masks=[(masks[0, 0] > 0.5).float()],
         tokens=["zqobj"],
         class_words=[instance.shape],
-        # No mirrored views (a mirror image moves the object to the other side); learning rates as in the benchmark.
-        settings=TrainSettings(steps=steps, lora_rank=4, flip=False, lora_learning_rate=2e-3, token_learning_rate=5e-4,
+        # No mirrored views (a mirror image moves the object to the other side). LoRA lr 1e-3, not the benchmark's
+        # 2e-3: nearly its fidelity (results/sweep.md: 0.58 vs 0.60) with less drift of the plain class word
+        # towards the instance, which the last preview row shows.
+        settings=TrainSettings(steps=steps, lora_rank=4, flip=False, lora_learning_rate=1e-3, token_learning_rate=5e-4,
                                prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE,
                                templates=("a photo of a {} on the left, gray background",)),
         prototype=PrototypeSettings(steps=100),
         preview_prompts=prompts + [scenes[0].caption({0: instance.words})],
         description="ShapesWorld (the embedded 32-px world model): learning a red circle with a white band, which its "
-        "captions cannot describe, from one photo; the last preview row is the base model asked for 'a red circle'",
+        "captions cannot describe, from one photo; the last preview row asks the trained model for a plain 'red circle' "
+        "(no trigger word): how far the class drifted towards the instance",
         preview_seeds=(0, 1, 2),
         render_options={"steps": SAMPLER_STEPS, "guidance": GUIDANCE},
     )
