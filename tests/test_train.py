@@ -149,7 +149,7 @@ def test_same_seed_gives_identical_files_and_resume_equals_uninterrupted(tmp_pat
         return result
 
     first = run("first")
-    second = run("second")
+    run("second")
     for kind in ("lora", "emb"):
         assert (tmp_path / f"first-{kind}.safetensors").read_bytes() == (tmp_path / f"second-{kind}.safetensors").read_bytes()
 
