@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     print("| LoRA lr | fidelity | editability | harmonic mean | train s |\n|---|---|---|---|---|", flush=True)
     for lora_lr in args.lora_lr:
         method = ev.Method(f"lora {lora_lr:g}", dict(lora_learning_rate=lora_lr))
-        fidelity, editability, seconds = [], [], []
+        scores = ev.Scores()
         for index in args.instances:
             instance = world.HELD_OUT[index]
             image, masks, reference_scene = ev.reference_photo([instance])
@@ -51,12 +51,12 @@ def main(argv=None) -> int:
             prompts = [s.caption({k: f"{ev.TOKEN} {instance.shape}"}) for s, k in pairs]
             pictures = ev.render_scenes(model, concept, prompts, seeds)
             f, e = ev.score(encoder, classifier, pictures, per_picture, concept_index, [reference])
-            fidelity.append(float(f.mean()))
-            editability.append(float(e.mean()))
-            seconds.append(took)
-        f, e = sum(fidelity) / len(fidelity), sum(editability) / len(editability)
-        hm = 0.0 if f + e == 0 else 2 * f * e / (f + e)
-        print(f"| {lora_lr:g} | {f:.3f} | {e:.3f} | {hm:.3f} | {sum(seconds) / len(seconds):.0f} |", flush=True)
+            scores.fidelity += f.tolist()
+            scores.editability += e.tolist()
+            scores.seconds.append(took)
+        row = scores.row()  # every instance has as many pictures, so this is the mean over instances too
+        print(f"| {lora_lr:g} | {row['fidelity']:.3f} | {row['editability']:.3f} | {row['harmonic mean']:.3f} | "
+              f"{row['train seconds']:.0f} |", flush=True)
     return 0
 
 
