@@ -112,6 +112,7 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
                    "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects"):
         assert method in table
+    assert "| class attributes | class likeness |" in table
     assert len(list(tmp_path.glob("quick_grid_*.png"))) == 9
 
 

@@ -17,6 +17,9 @@ renders of the same scenes with the real instance: the ceiling. Methods:
   loss, class-characterising regularisation; and its ablations without each of the three.
 - object-driven, two objects: two instances learned from one photo, rendered swapped and recoloured.
 
+Every trained model is also asked for the same scenes by plain class words (no trigger word), to see
+whether the learned instance leaks into its class (the drift class regularisation is meant to prevent).
+
 Writes results/<name>.md (the table, with the command and timings) and one grid PNG per method.
 """
 from __future__ import annotations
@@ -49,6 +52,7 @@ from protobooth.engine.train import OneShotTrainer, TrainSettings  # noqa: E402
 RESULTS = HERE / "results"  # the committed results; --results writes elsewhere
 REFERENCE_SIDE, REFERENCE_BACKGROUND = "left", "gray"
 TOKEN = "zqobj"
+TWO_TOKENS = ["zqone", "zqtwo"]  # the two-object photo's
 # Chosen by sweep.py (instances 0-3, 300 steps; results/sweep.md): SD's 1e-4 barely moves this small UNet in that budget.
 LORA_LEARNING_RATE, TOKEN_LEARNING_RATE = 2e-3, 5e-4
 RARE_WORD = "sks"  # DreamBooth's identifier
@@ -127,108 +131,141 @@ def render_scenes(model, concept, prompts: list[str], seeds: list[int]) -> torch
     return torch.stack([load_image(p) for p in pictures])
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 @dataclass
 class Scores:
     fidelity: list[float] = field(default_factory=list)
     editability: list[float] = field(default_factory=list)
+    # The trained model asked for the plain class words of the learned object(s), in the same scenes:
+    # does the class still come out as the words say (all attributes read back), and how much does it
+    # look like the learned instance anyway (fidelity's measure; the base model's value is no drift)?
+    class_attributes: list[float] = field(default_factory=list)
+    class_likeness: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     grid_rows: list[torch.Tensor] = field(default_factory=list)
 
     def row(self) -> dict:
-        f = sum(self.fidelity) / len(self.fidelity)
-        e = sum(self.editability) / len(self.editability)
+        f, e = _mean(self.fidelity), _mean(self.editability)
         hm = 0.0 if f + e == 0 else 2 * f * e / (f + e)
         return {"fidelity": f, "editability": e, "harmonic mean": hm,
-                "train seconds": sum(self.seconds) / len(self.seconds) if self.seconds else 0.0}
+                "class attributes": _mean(self.class_attributes), "class likeness": _mean(self.class_likeness),
+                "train seconds": _mean(self.seconds) or 0.0}
 
 
-def score(encoder, classifier, pictures, scenes_per_picture, concept_index, reference_embeddings):
-    """Fidelity of each learned object at its side, and editability of each picture's scene."""
+def score(encoder, classifier, pictures, scenes_per_picture, concept_index, reference_embeddings, words_name_concepts=True):
+    """Per picture: the mean fidelity of the learned objects at their sides, and editability of the scene.
+
+    With words_name_concepts=False the prompts named the objects by their class words instead, so
+    editability also checks the learned objects' shape and colour.
+    """
     fidelities = []
     for k, embedding in enumerate(reference_embeddings):
-        sides = [scene.objects[concept_index[n][k]].position for n, scene in enumerate(scenes_per_picture)]
-        fidelities.append(metrics.fidelity(encoder, pictures, sides, embedding))
-    concept_sides = [{scene.objects[i].position for i in concept_index[n]} for n, scene in enumerate(scenes_per_picture)]
+        present = [n for n in range(len(scenes_per_picture)) if concept_index[n][k] >= 0]
+        sides = [scenes_per_picture[n].objects[concept_index[n][k]].position for n in present]
+        column = torch.full((len(scenes_per_picture),), float("nan"))
+        column[present] = metrics.fidelity(encoder, pictures[present], sides, embedding)
+        fidelities.append(column)
+    concept_sides = [{scene.objects[i].position for i in concept_index[n] if i >= 0} if words_name_concepts else set()
+                     for n, scene in enumerate(scenes_per_picture)]
     edit = metrics.editability(classifier, pictures, scenes_per_picture, concept_sides)
-    return torch.stack(fidelities).mean(0), edit
+    return torch.stack(fidelities).nanmean(0), edit
+
+
+@dataclass
+class Bench:
+    """What every measurement shares: the world's models, the metric models, seeds and the training budget."""
+
+    model: object
+    towers: object
+    classifier: object
+    encoder: object
+    seeds: list[int]
+    steps: int
+    seed: int
+    cache: Path
+
+    @classmethod
+    def load(cls, seeds: list[int], steps: int, seed: int) -> "Bench":
+        return cls(load_shapesworld(), clip_towers(), metrics.load_classifier(), metrics.load_encoder(), seeds, steps,
+                   seed, Path(tempfile.mkdtemp(prefix="shapesworld-prior-")))
+
+    def measure(self, method: Method, instances: list[world.Instance], scenes: list[tuple[world.Scene, list[int]]],
+                into: Scores, reference: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Learn `instances` with `method` from one reference photo, render `scenes` and add the scores `into`.
+
+        scenes: (scene, per learned instance its index in scene.objects, -1 where absent). Returns the
+        fidelity and editability per picture (for the progress line).
+        """
+        image, masks, reference_scene = reference or reference_photo(instances)
+        sides = [REFERENCE_SIDE] if len(instances) == 1 else ["left", "right"]
+        references = list(metrics.embed(self.encoder, image[None].repeat(len(sides), 1, 1, 1), sides))
+        tokens = [TOKEN] if len(instances) == 1 else TWO_TOKENS
+        if method.trains:
+            concept, seconds = train_once(self.model, self.towers, method, image, masks, tokens,
+                                          [i.shape for i in instances], self.steps, self.seed, self.cache, reference_scene)
+            into.seconds.append(seconds)
+            learned_words = [f"{t} {i.shape}" for t, i in zip(tokens, instances)]
+        else:
+            concept, learned_words = None, [i.words for i in instances]
+        per_picture = [s for s, _ in scenes for _ in self.seeds]
+        concept_index = [where for _, where in scenes for _ in self.seeds]
+        prompts = [s.caption({i: w for i, w in zip(where, learned_words) if i >= 0}) for s, where in scenes]
+        pictures = render_scenes(self.model, concept, prompts, self.seeds)
+        f, e = score(self.encoder, self.classifier, pictures, per_picture, concept_index, references)
+        class_prompts = [s.caption() for s, _ in scenes]
+        class_pictures = pictures if class_prompts == prompts else render_scenes(self.model, concept, class_prompts, self.seeds)
+        likeness, attributes = score(self.encoder, self.classifier, class_pictures, per_picture, concept_index, references,
+                                     words_name_concepts=False)
+        into.fidelity += f.tolist()
+        into.editability += e.tolist()
+        into.class_likeness += likeness.tolist()
+        into.class_attributes += attributes.tolist()
+        into.grid_rows.append(torch.cat([image[None], pictures[:: len(self.seeds)]]))
+        return f, e
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    model, towers = load_shapesworld(), clip_towers()
-    classifier, encoder = metrics.load_classifier(), metrics.load_encoder()
+    bench = Bench.load(list(range(args.seeds)), args.steps, args.seed)
     instances = list(world.HELD_OUT[: args.instances])
-    seeds = list(range(args.seeds))
-    cache = Path(tempfile.mkdtemp(prefix="shapesworld-prior-"))
     table: dict[str, Scores] = {m.name: Scores() for m in [Method("ground truth"), *METHODS, TWO_OBJECTS]}
     started = time.perf_counter()
 
+    def progress(label: str, f: torch.Tensor, e: torch.Tensor) -> None:
+        print(f"[{time.perf_counter() - started:5.0f} s] {label}: fidelity {f.mean():.3f}, editability {e.mean():.3f}",
+              flush=True)
+
     for index, instance in enumerate(instances):
-        image, masks, reference_scene = reference_photo([instance])
-        reference = metrics.embed(encoder, image[None], [REFERENCE_SIDE])[0]
-        scenes = [s for s, _ in recontextualisations(instance, index)][: args.prompts]
-        where = [k for _, k in recontextualisations(instance, index)][: args.prompts]
-        per_picture = [s for s in scenes for _ in seeds]
-        concept_index = [[k] for k in where for _ in seeds]
+        photo = reference_photo([instance])
+        scenes = [(s, [k]) for s, k in recontextualisations(instance, index)][: args.prompts]
+        per_picture = [s for s, _ in scenes for _ in bench.seeds]
         truth, _ = world.render(per_picture)
-        f, e = score(encoder, classifier, truth, per_picture, concept_index, [reference])
+        reference = metrics.embed(bench.encoder, photo[0][None], [REFERENCE_SIDE])[0]
+        f, e = score(bench.encoder, bench.classifier, truth, per_picture, [w for _, w in scenes for _ in bench.seeds],
+                     [reference])
         table["ground truth"].fidelity += f.tolist()
         table["ground truth"].editability += e.tolist()
-        table["ground truth"].grid_rows.append(torch.cat([image[None], truth[:: len(seeds)]]))
+        table["ground truth"].grid_rows.append(torch.cat([photo[0][None], truth[:: len(bench.seeds)]]))
         for method in METHODS:
-            if method.trains:
-                concept, seconds = train_once(model, towers, method, image, masks, [TOKEN], [instance.shape], args.steps,
-                                              args.seed, cache, reference_scene)
-                words = f"{TOKEN} {instance.shape}"
-                table[method.name].seconds.append(seconds)
-            else:
-                concept, words = None, instance.words
-            prompts = [s.caption({k: words}) for s, k in zip(scenes, where)]
-            pictures = render_scenes(model, concept, prompts, seeds)
-            f, e = score(encoder, classifier, pictures, per_picture, concept_index, [reference])
-            table[method.name].fidelity += f.tolist()
-            table[method.name].editability += e.tolist()
-            table[method.name].grid_rows.append(torch.cat([image[None], pictures[:: len(seeds)]]))
-            print(f"[{time.perf_counter() - started:5.0f} s] {instance.key}: {method.name}: fidelity {f.mean():.3f}, "
-                  f"editability {e.mean():.3f}", flush=True)
+            f, e = bench.measure(method, [instance], scenes, table[method.name], photo)
+            progress(f"{instance.key}: {method.name}", f, e)
 
     for pair in range(args.pairs):
         first, second = world.HELD_OUT[(2 * pair) % len(world.HELD_OUT)], world.HELD_OUT[(2 * pair + 3) % len(world.HELD_OUT)]
-        image, masks, reference_scene = reference_photo([first, second])
-        references = list(metrics.embed(encoder, image[None].repeat(2, 1, 1, 1), ["left", "right"]))
-        tokens = ["zqone", "zqtwo"]
-        concept, seconds = train_once(model, towers, TWO_OBJECTS, image, masks, tokens, [first.shape, second.shape],
-                                      args.steps, args.seed, cache, reference_scene)
         companion = [i for i in world.all_instances() if i.accent == "none" and i.shape not in (first.shape, second.shape)][pair]
-        scenes = [  # (scene, index of the first object, index of the second; -1: absent)
-            (world.Scene("black", (world.Placed(second, "left"), world.Placed(first, "right"))), (1, 0)),
-            (world.Scene("pink", (world.Placed(first, "left"), world.Placed(second, "right"))), (0, 1)),
-            (world.Scene("brown", (world.Placed(second, "left"), world.Placed(first, "right"))), (1, 0)),
-            (world.Scene("black", (world.Placed(first, "left"), world.Placed(companion, "right"))), (0, -1)),
+        scenes = [  # (scene, [index of the first object, index of the second; -1: absent])
+            (world.Scene("black", (world.Placed(second, "left"), world.Placed(first, "right"))), [1, 0]),
+            (world.Scene("pink", (world.Placed(first, "left"), world.Placed(second, "right"))), [0, 1]),
+            (world.Scene("brown", (world.Placed(second, "left"), world.Placed(first, "right"))), [1, 0]),
+            (world.Scene("black", (world.Placed(first, "left"), world.Placed(companion, "right"))), [0, -1]),
         ][: max(2, args.prompts - 2)]
-        prompts = []
-        for scene, (a, b) in scenes:
-            words = {a: f"{tokens[0]} {first.shape}"}
-            if b >= 0:
-                words[b] = f"{tokens[1]} {second.shape}"
-            prompts.append(scene.caption(words))
-        pictures = render_scenes(model, concept, prompts, seeds)
-        per_picture = [s for s, _ in scenes for _ in seeds]
-        fid, edit = [], []
-        for n, (scene, (a, b)) in enumerate(s for s in scenes for _ in seeds):
-            present = [(a, references[0])] + ([(b, references[1])] if b >= 0 else [])
-            fid.append(sum(float(metrics.fidelity(encoder, pictures[n : n + 1], [scene.objects[i].position], r)[0])
-                           for i, r in present) / len(present))
-            concept_sides = {scene.objects[i].position for i, _ in present}
-            edit.append(float(metrics.editability(classifier, pictures[n : n + 1], [scene], [concept_sides])[0]))
-        table[TWO_OBJECTS.name].fidelity += fid
-        table[TWO_OBJECTS.name].editability += edit
-        table[TWO_OBJECTS.name].seconds.append(seconds)
-        table[TWO_OBJECTS.name].grid_rows.append(torch.cat([image[None], pictures[:: len(seeds)]]))
-        print(f"[{time.perf_counter() - started:5.0f} s] pair {pair}: fidelity {sum(fid) / len(fid):.3f}, "
-              f"editability {sum(edit) / len(edit):.3f}", flush=True)
+        f, e = bench.measure(TWO_OBJECTS, [first, second], scenes, table[TWO_OBJECTS.name])
+        progress(f"pair {pair}", f, e)
 
-    separation = metrics.validate(encoder, instances, scenes_per_instance=4 if args.quick else 6)
+    separation = metrics.validate(bench.encoder, instances, scenes_per_instance=4 if args.quick else 6)
     return {"rows": {name: s.row() for name, s in table.items() if s.fidelity}, "grids": {n: s.grid_rows for n, s in table.items()},
             "separation": dataclasses.asdict(separation), "seconds": time.perf_counter() - started}
 
@@ -244,11 +281,20 @@ def write_report(results: dict, args, command: str) -> Path:
              f"Command: `{command}`  ", f"Held-out instances: {args.instances}; prompts per instance: {args.prompts}; "
              f"seeds: {args.seeds}; training steps per method: {args.steps}; sampler: DDIM {SAMPLER_STEPS} steps, "
              f"guidance {GUIDANCE}; whole run {results['seconds'] / 60:.1f} min.", "",
-             "| method | fidelity | ÷ ground truth | editability | ÷ base | harmonic mean | train s |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | fidelity | ÷ ground truth | editability | ÷ base | harmonic mean | class attributes | "
+             "class likeness | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, row in rows.items():
+        kept, likeness = row["class attributes"], row["class likeness"]
         lines.append(f"| {method} | {row['fidelity']:.3f} | {row['fidelity'] / truth:.2f} | {row['editability']:.3f} | "
-                     f"{row['editability'] / base_edit:.2f} | {row['harmonic mean']:.3f} | {row['train seconds']:.1f} |")
+                     f"{row['editability'] / base_edit:.2f} | {row['harmonic mean']:.3f} | "
+                     f"{'—' if kept is None else f'{kept:.3f}'} | {'—' if likeness is None else f'{likeness:.3f}'} | "
+                     f"{row['train seconds']:.1f} |")
+    lines += ["", "Class prompts: every trained model, asked for the same scenes with the learned object(s) named by "
+              "their plain class words (colour and shape, no trigger word). \"class attributes\": the share of the "
+              "scene read back as asked, the learned objects' shape and colour included; \"class likeness\": "
+              "fidelity's measure on those pictures, how much the plain class looks like the learned instance "
+              "(the base model's value is no drift; higher means the concept leaks into its class)."]
     sep = results["separation"]
     lines += ["", "Metric check on ground-truth renders (instance encoder cosine): same instance in other scenes "
               f"{sep['same_instance']:.3f}; other instances of the same class and main colour {sep['same_class_other_instance']:.3f}; "
