@@ -294,6 +294,9 @@ def register_train(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/NAME-checkpoint")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=defaults.mixed_precision,
+                   help="autocast: auto is bf16 on a GPU that has it (else fp16) and fp32 on CPU; bf16 on CPU pays off "
+                        "only where it has bf16 matrix units (e.g. AMX); fp16 needs a CUDA GPU")
     p.add_argument("--preview-prompt", action="append", help="prompt for the preview grid (default: a few new scenes)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda when available)")
     p.set_defaults(run=run_train)
@@ -323,10 +326,12 @@ def _concept_paths(out: Path, name: str) -> tuple[Path, Path]:
 
 
 def run_train(args) -> int:
+    import torch
+
     from .images import load_image
     from .loading import load_model
     from .prototype import PrototypeSettings
-    from .train import DEFAULT_TEMPLATES, TrainSettings
+    from .train import DEFAULT_TEMPLATES, TrainSettings, autocast_dtype
 
     from .concept import check_concept_name, concept_files
 
@@ -337,7 +342,8 @@ def run_train(args) -> int:
         background_weight=args.background_weight, prior_weight=args.lambda_class, prior_images=args.prior_images,
         text_anchor_weight=args.text_anchor, timestep_sampling=args.timesteps,
         templates=tuple(args.template or DEFAULT_TEMPLATES), class_prompt=args.class_prompt, resolution=args.resolution,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
     )
     prototype = PrototypeSettings(n_vectors=args.vectors, steps=args.prototype_steps)
     # Impossible settings are refused before the slow parts (SAM, loading the model) start.
@@ -347,6 +353,7 @@ def run_train(args) -> int:
     if not args.overwrite and any(p.exists() for p in concept_files(*_concept_paths(out, name), args.token)):
         raise InputError(f"concept {name!r} already exists in {out}; pass --overwrite or choose another --name.")
     device = _device(args.device)
+    autocast_dtype(settings.mixed_precision, torch.device(device))  # refuses fp16 without a GPU
     image = load_image(args.image)
     masks = _object_masks(args, image)
     model = load_model(args.model).to(device)

@@ -79,7 +79,7 @@ class TrainSettings:
     flip: bool = True
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"  # "auto" (bf16 on a GPU that has it), "no", "fp16", "bf16"
+    mixed_precision: str = "auto"  # "auto" (bf16 on a GPU that has it, else fp16; fp32 on CPU), "no", "fp16", "bf16"
     seed: int = 0
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0: none
 
@@ -211,14 +211,23 @@ def _smallest_latent_side(config) -> int:
         side += 1
 
 
-def _autocast_dtype(setting: str, device: torch.device):
-    if device.type != "cuda" or setting == "no":
+def autocast_dtype(setting: str, device: torch.device):
+    """The autocast dtype for this setting on this device, or None for full precision.
+
+    On CPU only an explicit bf16 casts: it is faster only where the CPU has bf16 matrix units (e.g. AMX),
+    so auto keeps CPU runs in fp32.
+    """
+    if setting == "no":
         return None
-    if setting == "fp16":
+    if device.type == "cuda":
+        if setting == "fp16":
+            return torch.float16
+        if setting == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
         return torch.float16
-    if setting == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    if setting == "fp16":
+        raise InputError(f"fp16 mixed precision needs a CUDA GPU (the model is on {device}); use bf16 or no.")
+    return torch.bfloat16 if setting == "bf16" else None
 
 
 class OneShotTrainer:
@@ -257,6 +266,7 @@ class OneShotTrainer:
         self.vocabulary = ConceptVocabulary(model.tokenizer, self.tokens, list(init_vectors))
         self.norm_bounds = [max(vocabulary_norm(model.text_encoder), float(v.norm(dim=1).max())) for v in init_vectors]
         self.device = model.device
+        self.autocast = autocast_dtype(settings.mixed_precision, self.device)
         self.losses: list[float] = []
         self.step = 0
         self._frozen_prompts: dict[str, torch.Tensor] = {}
@@ -309,7 +319,6 @@ class OneShotTrainer:
         self.optimizer = torch.optim.AdamW(params, betas=(0.9, 0.999), eps=1e-8)
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.rng = random.Random(settings.seed)
-        self.autocast = _autocast_dtype(settings.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
         self._prepared = True
 

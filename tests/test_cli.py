@@ -147,6 +147,7 @@ def test_two_objects_also_get_one_embedding_file_each(files):
     (["--alpha", "0"], "LoRA alpha must be above 0"),
     (["--checkpoint-every", "-2"], "checkpoint every must be 0"),
     (["--clip", "no-such-clip", "--prototype-steps", "0"], "prototype steps must be a whole number of at least 1"),
+    (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 mixed precision needs a CUDA GPU (the model is on cpu)"),
 ])
 def test_impossible_settings_are_a_one_line_error(files, capsys, option, message):
     out = files / "refused"

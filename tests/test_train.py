@@ -179,6 +179,24 @@ def test_gradient_checkpointing_gives_the_same_training_and_is_switched_off_afte
     assert not model.unet.is_gradient_checkpointing
 
 
+def test_bf16_autocast_on_cpu_when_asked_and_fp16_refused_there(prior_cache):
+    image, cat, _ = scene()
+
+    def trained(mixed_precision):
+        return train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"],
+                             dataclasses.replace(FAST, mixed_precision=mixed_precision), prior_cache=prior_cache)
+
+    plain, bf16, again = trained("auto"), trained("bf16"), trained("bf16")
+    assert trained("no").losses == plain.losses  # auto is full precision on CPU
+    assert bf16.losses == again.losses  # still deterministic
+    assert bf16.losses != plain.losses  # the casts really happen
+    assert abs(bf16.losses[0] - plain.losses[0]) < 0.05 * plain.losses[0]
+    with pytest.raises(InputError, match="fp16 mixed precision needs a CUDA GPU"):
+        OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"],
+                       dataclasses.replace(FAST, mixed_precision="fp16"), prior_cache=prior_cache / "unused")
+    assert not (prior_cache / "unused").exists()
+
+
 def test_snr_timestep_sampling_prefers_noisy_steps():
     from protobooth.engine.losses import sample_timesteps, snr_timestep_weights
 
