@@ -1,15 +1,18 @@
-"""LoRA learning-rate sweep for the object-driven method on ShapesWorld held-out instances.
+"""One-setting sweep for the object-driven method on ShapesWorld held-out instances.
 
     python benchmarks/shapesworld/sweep.py                          # instances 0-3, LoRA lr 5e-4, 1e-3, 2e-3, 3e-3
-    python benchmarks/shapesworld/sweep.py --instances 7 --lora-lr 5e-4 2e-3
+    python benchmarks/shapesworld/sweep.py --setting prior_weight --values 0.25 0.5 1
+    python benchmarks/shapesworld/sweep.py --instances 7 --values 5e-4 2e-3
 
 Prints fidelity, editability and the class-prompt columns (evaluate.Scores) per setting, averaged over the chosen instances (six new scenes x two
-seeds each, 300 steps); this is how evaluate.py's LoRA learning rate was chosen. The instances are among
+seeds each, 300 steps); this is how evaluate.py's LoRA learning rate was chosen. --setting names any numeric TrainSettings
+field; the others stay as evaluate.py sets them. The instances are among
 the eight the full benchmark reports, so the choice is not independent of that table: say so with it.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,27 +22,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluate as ev  # noqa: E402  (also makes `protobooth` this checkout)
 
 from protobooth.benchmarks.shapesworld import world  # noqa: E402
+from protobooth.engine.train import TrainSettings  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--instances", type=int, nargs="+", default=[0, 1, 2, 3], help="indices into HELD_OUT")
-    parser.add_argument("--lora-lr", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 3e-3], help="LoRA learning rates")
+    parser.add_argument("--setting", default="lora_learning_rate", help="the TrainSettings field to vary")
+    parser.add_argument("--values", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 3e-3], help="its values")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     args = parser.parse_args(argv)
+    defaults = TrainSettings()
+    numeric = {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(TrainSettings)
+               if type(getattr(defaults, f.name)) in (int, float)}
+    if args.setting not in numeric:
+        parser.error(f"--setting must be a numeric TrainSettings field: {', '.join(sorted(numeric))}")
     torch.set_num_threads(args.threads)
     bench = ev.Bench.load(seeds=[0, 1], steps=args.steps, seed=0)
-    print("| LoRA lr | fidelity | editability | harmonic mean | class attributes | class likeness | train s |\n"
+    print(f"| {args.setting} | fidelity | editability | harmonic mean | class attributes | class likeness | train s |\n"
           "|---|---|---|---|---|---|---|", flush=True)
-    for lora_lr in args.lora_lr:
-        method = ev.Method(f"lora {lora_lr:g}", dict(lora_learning_rate=lora_lr))
+    for value in args.values:
+        value = numeric[args.setting](value)
+        method = ev.Method(f"{args.setting} {value:g}", {args.setting: value})
         scores = ev.Scores()
         for index in args.instances:
             instance = world.HELD_OUT[index]
             bench.measure(method, [instance], [(s, [k]) for s, k in ev.recontextualisations(instance, index)], scores)
         row = scores.row()  # every instance has as many pictures, so this is the mean over instances too
-        print(f"| {lora_lr:g} | {row['fidelity']:.3f} | {row['editability']:.3f} | {row['harmonic mean']:.3f} | "
+        print(f"| {value:g} | {row['fidelity']:.3f} | {row['editability']:.3f} | {row['harmonic mean']:.3f} | "
               f"{row['class attributes']:.3f} | {row['class likeness']:.3f} | {row['train seconds']:.0f} |", flush=True)
     return 0
 
