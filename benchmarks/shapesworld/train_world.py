@@ -50,17 +50,19 @@ SMOKE_SIZES = {"scenes": 256, "classifier_pool": 300, "classifier_validation": 6
 # shipped attribute classifier (a measuring instrument, not part of the recipe).
 STAGE1_SIZES = {"scenes": 30_000}
 STAGE1_STEPS = {"vae": 1500, "clip": 200, "unet": 3200}
-# A quarter of the batch costs a third of the time per UNet step (8x8 latents leave the CPU underused at
-# small batches), so a short run buys three times the updates; early on, updates matter more than samples.
-STAGE1_BATCH = {"unet": 16}
-UNET_LEARNING_RATE = {"full": 5e-4, "stage1": 1e-3}  # a short run can afford a hotter start
+UNET_LEARNING_RATE = 1e-3
 DATA_SEED, METRIC_SEED, GATE_SEED = 1, 2, 3
 CHECKPOINT_SECONDS = 300
 CAPTION_TOKENS = 32
 
-STEPS = {"vae": 5000, "clip": 1500, "classifier": 1500, "encoder": 1500, "unet": 9000}
+# UNet batch 16: a quarter of batch 64 costs a third of the time per step (8x8 latents leave the CPU
+# underused at small batches), so the same minutes buy three times the updates (results/stage1.md).
+# 12,000 such steps cost 36 CPU-minutes at one thread and pass the gate (results/stage2.md); the first
+# recipe, batch 64 x 9,000 at lr 5e-4, needed 3.2 CPU-hours for the same gate (rerun it with
+# --unet-batch 64 --unet-steps 9000 --unet-lr 5e-4).
+STEPS = {"vae": 5000, "clip": 1500, "classifier": 1500, "encoder": 1500, "unet": 12000}
 UNET_EMA_DECAY = {"full": 0.999, "stage1": 0.99}  # 0.999 keeps 30% of the random start after 1,200 steps
-BATCH = {"vae": 32, "clip": 128, "classifier": 128, "encoder": 256, "unet": 64}
+BATCH = {"vae": 32, "clip": 128, "classifier": 128, "encoder": 256, "unet": 16}
 
 
 # ------------------------------------------------------------------------------------------ book-keeping
@@ -665,9 +667,8 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, help="stop this working stretch after about this long (resume later)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--unet-steps", type=int, help=f"UNet steps (default {STEPS['unet']})")
-    parser.add_argument("--unet-lr", type=float,
-                        help=f"peak UNet learning rate (default {UNET_LEARNING_RATE['full']}, "
-                             f"with --stage1 {UNET_LEARNING_RATE['stage1']})")
+    parser.add_argument("--unet-batch", type=int, help=f"UNet batch (default {BATCH['unet']})")
+    parser.add_argument("--unet-lr", type=float, default=UNET_LEARNING_RATE, help="peak UNet learning rate")
     parser.add_argument("--gate-samples", type=int, default=256, help="captions sampled for the gate")
     parser.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="classifier-free guidance scale(s) for the gate")
     parser.add_argument("--grid", action="store_true", help="also save a grid of gate samples into --work")
@@ -680,8 +681,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny data and a few steps per stage, exported inside --work: checks the pipeline, not quality")
     args = parser.parse_args(argv)
-    if args.unet_lr is None:
-        args.unet_lr = UNET_LEARNING_RATE["stage1" if args.stage1 else "full"]
+    if args.unet_batch:
+        BATCH["unet"] = args.unet_batch
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: checkpoint, then exit
     if args.smoke:
         if args.work == DEFAULT_WORK:
@@ -696,7 +697,6 @@ def main(argv=None) -> int:
             parser.error("--stage1 needs its own --work folder")
         SIZES.update(STAGE1_SIZES)
         STEPS.update(STAGE1_STEPS)
-        BATCH.update(STAGE1_BATCH)
         stages = [s for s in stages if s not in ("metric", "export")]
         args.work.mkdir(parents=True, exist_ok=True)
         classifier = args.work / "classifier.safetensors"
