@@ -635,6 +635,11 @@ def stage_export(run: Run, args) -> None:
     model.vae.to(torch.float16).save_pretrained(tmp / "vae", variant="fp16")
     model.text_encoder.to(torch.float16).save_pretrained(tmp / "text_encoder", variant="fp16")
     DDPMScheduler(**sw_models.noise_scheduler_config()).save_pretrained(tmp / "scheduler")
+    for part in ("unet", "vae"):  # diffusers records the work folder it loaded from; it means nothing shipped
+        config_file = tmp / part / "config.json"
+        config = json.loads(config_file.read_text())
+        config.pop("_name_or_path", None)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     clip = CLIPModel.from_pretrained(run.work / "clip")
     vision = CLIPVisionModelWithProjection(clip.config.vision_config)
     vision.vision_model.load_state_dict(clip.vision_model.state_dict())
