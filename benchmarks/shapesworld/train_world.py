@@ -59,7 +59,8 @@ CAPTION_TOKENS = 32
 # underused at small batches), so the same minutes buy three times the updates (results/stage1.md).
 # 12,000 such steps cost 36 CPU-minutes at one thread and pass the gate (results/stage2.md); the first
 # recipe, batch 64 x 9,000 at lr 5e-4, needed 3.2 CPU-hours for the same gate (rerun it with
-# --unet-batch 64 --unet-steps 9000 --unet-lr 5e-4).
+# --unet-batch 64 --unet-steps 9000 --unet-lr 5e-4). The shipped weights are that first recipe's: one-shot
+# learning took up instances better on them (results/stage2.md, "Which weights ship").
 STEPS = {"vae": 5000, "clip": 1500, "classifier": 1500, "encoder": 1500, "unet": 12000}
 UNET_EMA_DECAY = {"full": 0.999, "stage1": 0.99}  # 0.999 keeps 30% of the random start after 1,200 steps
 BATCH = {"vae": 32, "clip": 128, "classifier": 128, "encoder": 256, "unet": 16}
