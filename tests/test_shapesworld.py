@@ -1,6 +1,8 @@
 """ShapesWorld: the generator, the shipped model and metric models, and the benchmark scripts."""
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +102,18 @@ def test_the_training_pipeline_runs_every_stage_in_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "export" / "shapesworld" / "model_index.json").is_file()
     assert (tmp_path / "export" / "metric" / "encoder.safetensors").is_file()
+
+
+def test_the_gate_reads_an_exported_folder_such_as_the_shipped_model(tmp_path):
+    from protobooth.engine.shapesworld import MODEL_DIR
+
+    shutil.copy(metrics.METRIC_DIR / "classifier.safetensors", tmp_path / "classifier.safetensors")
+    script = ROOT / "benchmarks" / "shapesworld" / "train_world.py"
+    done = subprocess.run([sys.executable, str(script), "gate", "--model", str(MODEL_DIR), "--work", str(tmp_path),
+                           "--gate-samples", "16", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "gate" in json.loads((tmp_path / "log.json").read_text())
+    assert ": met" in done.stdout, done.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ import_this_checkout()
 from protobooth.benchmarks.shapesworld import models as sw_models  # noqa: E402
 from protobooth.benchmarks.shapesworld import world  # noqa: E402
 from protobooth.benchmarks.shapesworld.metrics import METRIC_DIR, load_classifier, scene_accuracy  # noqa: E402
+from protobooth.engine.loading import load_model  # noqa: E402
 from protobooth.engine.models import DiffusionModel  # noqa: E402
 from protobooth.engine.prototype import CLIP_MEAN, CLIP_STD  # noqa: E402
 from protobooth.engine.tokenizer import clip_tokenizer  # noqa: E402
@@ -551,7 +552,7 @@ def stage_unet(run: Run, args) -> bool:
 # ------------------------------------------------------------------------------------------ the gate
 
 def load_world_model(folder: Path, unet_state: dict | None = None):
-    """An engine DiffusionModel from the work folder's parts (or an exported folder)."""
+    """An engine DiffusionModel from the work folder's parts."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel
 
@@ -590,15 +591,17 @@ def sample_scenes(model, scenes: list[world.Scene], guidance: float, steps: int 
 
 
 def stage_gate(run: Run, args) -> dict:
-    folder = Path(args.model) if args.model else run.work
-    unet_state = None
-    if not (folder / "unet" / "config.json").exists():
-        state = run.load("unet_training")
-        if state is None:
-            raise SystemExit("no UNet yet: run the unet stage first")
-        unet_state = state["ema"]
-        print(f"[gate] using the EMA weights of the UNet checkpoint at step {state['step']}", flush=True)
-    model = load_world_model(folder, unet_state)
+    if args.model:  # an exported folder (e.g. the shipped one): loaded the way users load it
+        model = load_model(Path(args.model))
+    else:
+        unet_state = None
+        if not (run.work / "unet" / "config.json").exists():
+            state = run.load("unet_training")
+            if state is None:
+                raise SystemExit("no UNet yet: run the unet stage first")
+            unet_state = state["ema"]
+            print(f"[gate] using the EMA weights of the UNet checkpoint at step {state['step']}", flush=True)
+        model = load_world_model(run.work, unet_state)
     classifier = load_classifier(run.work / "classifier.safetensors")
     scenes = gate_scenes(args.gate_samples)
     real, _ = world.render(scenes)
