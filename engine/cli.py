@@ -282,6 +282,8 @@ def register_train(subparsers) -> None:
     p.add_argument("--lambda-class", type=float, default=defaults.prior_weight, help="weight of the class-image prior (0: off)")
     p.add_argument("--prior-images", type=int, default=defaults.prior_images, help="class images drawn per class word (cached)")
     p.add_argument("--text-anchor", type=float, default=defaults.text_anchor_weight, help="weight of the text-space class term (0: off)")
+    p.add_argument("--attention-weight", type=float, default=defaults.attention_weight,
+                   help="weight of the cross-attention loss that pulls each token's attention onto its mask (0: off)")
     p.add_argument("--background-weight", type=float, default=defaults.background_weight, help="loss weight outside the masks")
     p.add_argument("--no-mask", action="store_true", help="plain unmasked loss (as DreamBooth)")
     p.add_argument("--timesteps", choices=["uniform", "snr"], default=defaults.timestep_sampling, help="timestep sampling")
@@ -340,7 +342,7 @@ def run_train(args) -> int:
         steps=args.steps, lora_rank=args.rank, lora_alpha=args.alpha, lora_learning_rate=args.lr,
         token_learning_rate=args.token_lr, n_vectors=args.vectors, use_mask=not args.no_mask,
         background_weight=args.background_weight, prior_weight=args.lambda_class, prior_images=args.prior_images,
-        text_anchor_weight=args.text_anchor, timestep_sampling=args.timesteps,
+        text_anchor_weight=args.text_anchor, attention_weight=args.attention_weight, timestep_sampling=args.timesteps,
         templates=tuple(args.template or DEFAULT_TEMPLATES), class_prompt=args.class_prompt, resolution=args.resolution,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every,

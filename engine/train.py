@@ -7,7 +7,10 @@ LoRA on the UNet's attention projections with:
 - several objects per image: every step names a random non-empty subset of the objects;
 - class-characterising regularisation: a prior term on class images the frozen model drew (λ_class),
   and/or a text-space term anchoring "a photo of a <tok> <class>" to the frozen "a photo of a <class>";
-- uniform or SNR-weighted timesteps.
+- uniform or SNR-weighted timesteps;
+- optionally, Break-A-Scene's cross-attention loss (arXiv 2305.16311): each named token's cross-attention
+  map, averaged over the UNet's cross-attention layers, pulled onto its object's mask, so that tokens
+  learned from one photo of several objects stay bound to their own object.
 The text-space term anchors the new words rather than the class prompt itself: only the new token rows
 train, so the encoder's output for a prompt without them cannot drift from the frozen one. What can
 drift is "<tok> <class>", which the term keeps close to the class, so the class word keeps its meaning
@@ -39,7 +42,7 @@ from .images import check_masks, load_image
 from .losses import diffusion_target, latent_mask, masked_mse, sample_timesteps, snr_timestep_weights
 from .models import SUPPORTED_FAMILIES
 from .prior import class_latents
-from .tokens import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vocabulary_norm
+from .tokens import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vector_names, vocabulary_norm
 
 log = logging.getLogger("protobooth")
 
@@ -72,6 +75,7 @@ class TrainSettings:
     prior_steps: int = 25
     prior_guidance: float = 7.5
     text_anchor_weight: float = 0.1  # the text-space class term; 0 turns it off
+    attention_weight: float = 0.0  # pulls each token's cross-attention map onto its mask (Break-A-Scene); 0: off
     timestep_sampling: str = "uniform"  # or "snr"
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     class_prompt: str = "a photo of a {}"
@@ -90,7 +94,7 @@ class TrainSettings:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise InputError(f"{_label(name)} must be a whole number (got {value!r}).")
         for name in ("lora_learning_rate", "token_learning_rate", "background_weight", "prior_weight", "prior_guidance",
-                     "text_anchor_weight", "max_grad_norm") + (("lora_alpha",) if self.lora_alpha is not None else ()):
+                     "text_anchor_weight", "attention_weight", "max_grad_norm") + (("lora_alpha",) if self.lora_alpha is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise InputError(f"{_label(name)} must be a finite number (got {value!r}).")
@@ -104,7 +108,8 @@ class TrainSettings:
             raise InputError(f"vectors per token must be at least 1 (got {self.n_vectors}).")
         if not (self.train_lora or self.train_tokens):
             raise InputError("nothing to train: enable the LoRA, the tokens, or both.")
-        for name in ("lora_learning_rate", "token_learning_rate", "background_weight", "prior_weight", "text_anchor_weight"):
+        for name in ("lora_learning_rate", "token_learning_rate", "background_weight", "prior_weight", "text_anchor_weight",
+                     "attention_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"{_label(name)} must not be negative (got {getattr(self, name)}).")
         if self.prior_weight > 0 and self.prior_images < 1:
@@ -377,6 +382,12 @@ class OneShotTrainer:
             for p in self.lora_parameters:
                 p.data = p.data.float()
                 p.requires_grad_(True)
+        self._attention_positions, self._attention_maps = None, []
+        if settings.attention_weight > 0:
+            for name, module in model.unet.named_modules():
+                if name.endswith("attn2"):  # the cross-attention of every transformer block
+                    handle = module.register_forward_pre_hook(self._record_attention, with_kwargs=True)
+                    self._exit.callback(handle.remove)
         if settings.gradient_checkpointing and not model.unet.is_gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             self._exit.callback(model.unet.disable_gradient_checkpointing)
@@ -443,8 +454,13 @@ class OneShotTrainer:
             states = self._encode_prompt(prompt)
             if prior_class is not None:
                 states = torch.cat([states, self.prior[prior_class][1].to(states.dtype)])
+            if settings.attention_weight > 0:
+                self._attention_positions = self._token_positions(prompt, subset)
             prediction = model.unet(noisy, timesteps, encoder_hidden_states=states).sample
+            self._attention_positions = None  # a recomputing backward (checkpointing) records nothing
         loss = masked_mse(prediction[:1], target[:1], mask, settings.background_weight)
+        if settings.attention_weight > 0:
+            loss = loss + settings.attention_weight * self._attention_loss(view, subset)
         if prior_class is not None:
             loss = loss + settings.prior_weight * F.mse_loss(prediction[1:].float(), target[1:].float())
         if self.anchor_targets is not None:
@@ -478,6 +494,47 @@ class OneShotTrainer:
             with torch.no_grad():
                 self._frozen_prompts[prompt] = self.model.text_encoder(input_ids=self.vocabulary.input_ids([prompt]).to(self.device))[0]
         return self._frozen_prompts[prompt]
+
+    def _token_positions(self, prompt: str, subset: list[int]) -> dict[int, torch.Tensor]:
+        """Per named object, the positions of its vectors in the encoded prompt."""
+        ids = self.vocabulary.input_ids([prompt])[0]
+        tokenizer = self.vocabulary.tokenizer
+        positions = {}
+        for index in subset:
+            own = tokenizer.convert_tokens_to_ids(vector_names(self.tokens[index], self.vocabulary.vectors[index].shape[0]))
+            positions[index] = torch.nonzero(torch.isin(ids, torch.tensor(own)), as_tuple=True)[0].to(self.device)
+        return positions
+
+    def _record_attention(self, attn, args, kwargs) -> None:
+        """Forward pre-hook on a cross-attention module: keep, for the instance row, each named object's share of
+        the attention at every position (summed over its vectors, averaged over heads)."""
+        if self._attention_positions is None:
+            return
+        hidden = (args[0] if args else kwargs["hidden_states"])[:1]
+        context = kwargs.get("encoder_hidden_states")
+        if context is None:
+            context = args[1]
+        context = context[:1]
+        heads = attn.heads
+        query = attn.to_q(hidden).unflatten(-1, (heads, -1)).transpose(1, 2)
+        key = attn.to_k(context).unflatten(-1, (heads, -1)).transpose(1, 2)
+        probabilities = (query @ key.transpose(-1, -2) * attn.scale).float().softmax(-1).mean(1)[0]  # [pixels, text]
+        side = math.isqrt(probabilities.shape[0])
+        self._attention_maps.append({index: probabilities[:, where].sum(-1).view(1, 1, side, side)
+                                     for index, where in self._attention_positions.items()})
+
+    def _attention_loss(self, view: dict, subset: list[int]) -> torch.Tensor:
+        """Break-A-Scene's cross-attention loss: each named object's attention map (every cross-attention layer
+        resized to the latent grid and averaged, then scaled to a peak of 1) against its mask."""
+        maps, self._attention_maps = self._attention_maps, []
+        losses = []
+        for index in subset:
+            mask = view["masks"][index]
+            size = tuple(mask.shape[-2:])
+            average = torch.stack([F.interpolate(m[index], size=size, mode="bilinear", align_corners=False)
+                                   for m in maps]).mean(0)
+            losses.append(F.mse_loss(average / average.amax().clamp(min=1e-8), mask.float()))
+        return torch.stack(losses).mean()
 
     def _anchor_loss(self, subset: list[int]) -> torch.Tensor:
         pooled = self._pooled([self.settings.class_prompt.format(f"{self.tokens[i]} {self.class_words[i]}") for i in subset])

