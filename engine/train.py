@@ -525,7 +525,9 @@ class OneShotTrainer:
 
     def _attention_loss(self, view: dict, subset: list[int]) -> torch.Tensor:
         """Break-A-Scene's cross-attention loss: each named object's attention map (every cross-attention layer
-        resized to the latent grid and averaged, then scaled to a peak of 1) against its mask."""
+        resized to the latent grid and averaged, then scaled to a peak of 1) against its mask, averaged over the
+        named objects. Break-A-Scene averages only SD's 16x16 layers and sums over objects; every layer is
+        used here so that models without a 16x16 layer (ShapesWorld's 8x8 latents) work alike."""
         maps, self._attention_maps = self._attention_maps, []
         losses = []
         for index in subset:
