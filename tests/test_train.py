@@ -227,6 +227,21 @@ def test_attention_loss_pulls_the_tokens_attention_onto_its_mask_and_its_hooks_g
     assert after[1.0] < 0.6 * before and after[1.0] < 0.6 * after[1e-9], (before, after)
 
 
+def test_attention_loss_finds_each_objects_own_vectors_in_the_prompt(prior_cache):
+    image, cat, pot = scene()
+    model = tiny.tiny_model(0)
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    init = [torch.zeros(2, width), torch.zeros(1, width)]  # two vectors for the first object, one for the second
+    settings = dataclasses.replace(FAST, attention_weight=0.1, prior_weight=0.0)
+    with OneShotTrainer(model, image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings, init,
+                        prior_cache=prior_cache) as trainer:
+        prompt = "a photo of zqpot teapot and zqcat cat"
+        ids = trainer.vocabulary.input_ids([prompt])[0]
+        found = trainer._token_positions(prompt, [0, 1])
+        words = [trainer.vocabulary.tokenizer.convert_ids_to_tokens(ids[p].tolist()) for p in (found[0], found[1])]
+    assert words == [["zqcat", "zqcat_1"], ["zqpot"]]
+
+
 def test_snr_timestep_sampling_prefers_noisy_steps():
     from protobooth.engine.losses import sample_timesteps, snr_timestep_weights
 
