@@ -122,10 +122,12 @@ class ConceptVocabulary:
         self.offset = len(self.tokenizer)
         self.tokens = list(tokens)
         self.vectors = nn.ParameterList([nn.Parameter(v.detach().float().clone()) for v in vectors])
-        names = [name for token, v in zip(tokens, vectors) for name in vector_names(token, v.shape[0])]
-        self.tokenizer.add_tokens(names)
+        names = [vector_names(token, v.shape[0]) for token, v in zip(tokens, vectors)]
+        self.tokenizer.add_tokens([name for own in names for name in own])
+        # Per token, the tokenizer ids of its vectors (where it stands in an encoded prompt).
+        self.token_ids = [torch.tensor(self.tokenizer.convert_tokens_to_ids(own)) for own in names]
         self._pattern = re.compile(r"(?<![\w<>-])(" + "|".join(re.escape(t) for t in tokens) + r")(?![\w<>-])")
-        self._expansion = {t: " ".join(vector_names(t, v.shape[0])) for t, v in zip(tokens, vectors)}
+        self._expansion = {t: " ".join(own) for t, own in zip(tokens, names)}
 
     def expand(self, prompt: str) -> str:
         """'a zqcat cat' → 'a zqcat zqcat_1 cat' for multi-vector tokens."""

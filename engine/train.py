@@ -42,7 +42,7 @@ from .images import check_masks, load_image
 from .losses import diffusion_target, latent_mask, masked_mse, sample_timesteps, snr_timestep_weights
 from .models import SUPPORTED_FAMILIES
 from .prior import class_latents
-from .tokens import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vector_names, vocabulary_norm
+from .tokens import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vocabulary_norm
 
 log = logging.getLogger("protobooth")
 
@@ -498,12 +498,8 @@ class OneShotTrainer:
     def _token_positions(self, prompt: str, subset: list[int]) -> dict[int, torch.Tensor]:
         """Per named object, the positions of its vectors in the encoded prompt."""
         ids = self.vocabulary.input_ids([prompt])[0]
-        tokenizer = self.vocabulary.tokenizer
-        positions = {}
-        for index in subset:
-            own = tokenizer.convert_tokens_to_ids(vector_names(self.tokens[index], self.vocabulary.vectors[index].shape[0]))
-            positions[index] = torch.nonzero(torch.isin(ids, torch.tensor(own)), as_tuple=True)[0].to(self.device)
-        return positions
+        return {index: torch.nonzero(torch.isin(ids, self.vocabulary.token_ids[index]), as_tuple=True)[0].to(self.device)
+                for index in subset}
 
     def _record_attention(self, attn, args, kwargs) -> None:
         """Forward pre-hook on a cross-attention module: keep, for the instance row, each named object's share of
