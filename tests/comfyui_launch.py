@@ -11,6 +11,7 @@ for this server alone), so a killed test run leaves neither a server nor its mod
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import runpy
 import shutil
@@ -52,17 +53,28 @@ def main() -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()
+    # The current ComfyUI has a top-level `utils` package that main.py imports first; imported later, the name
+    # can resolve to comfy/utils.py instead.
+    if os.path.isfile(os.path.join(comfyui_dir, "utils", "extra_config.py")):
+        import utils.extra_config  # noqa: F401
 
     # transformers caches whether torchvision is installed; let it decide while torchvision is absent.
     from transformers.utils import is_torchvision_available
 
     is_torchvision_available()
 
+    # A module-level logging call during these imports would give the root logger a default handler before the
+    # current main.py sets up its own, and every line would be logged twice. (The 2024 build sets its handler up in
+    # comfy.cli_args, which is imported first so that its handler stays.)
+    import comfy.cli_args  # noqa: F401
+
+    handlers = list(logging.root.handlers)
     with _torchvision_stand_in():
         import comfy.sd  # noqa: F401
         import execution  # noqa: F401
         import nodes  # noqa: F401
         import server  # noqa: F401
+    logging.root.handlers[:] = handlers
 
     _models_in_scratch(comfyui_dir, scratch_dir)
     runpy.run_path(main_py, run_name="__main__")

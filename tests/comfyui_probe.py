@@ -10,6 +10,19 @@ from types import SimpleNamespace
 import torch
 
 
+def _pack_part(name: str):
+    """A submodule of the pack ("nodes.bridge"), whatever name ComfyUI gave the pack's module."""
+    return sys.modules[f"{_pack_module().__name__}.{name}"]
+
+
+def _pack_module():
+    """The ProtoBooth pack's module: named "protobooth" by the 2024 ComfyUI, by its folder's full path by newer ones."""
+    if "protobooth" in sys.modules:
+        return sys.modules["protobooth"]
+    return next((module for name, module in list(sys.modules.items())
+                 if name.replace("_x_", ".").endswith("custom_nodes/protobooth")), None)
+
+
 class ProtoBoothTestProbe:
     CATEGORY = "testing"
     RETURN_TYPES = ()
@@ -29,7 +42,7 @@ class ProtoBoothTestProbe:
         from transformers.utils import is_torchvision_available
 
         sams = folder_paths.folder_names_and_paths.get("sams", ([], set()))
-        pack = sys.modules.get("protobooth")
+        pack = _pack_module()
         facts = {
             "pack_file": getattr(pack, "__file__", None),
             "pack_nodes": sorted(getattr(pack, "NODE_CLASS_MAPPINGS", {})),
@@ -114,9 +127,18 @@ class ProtoBoothTestWeightsDigest:
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "clip": ("CLIP",)}, "optional": {"after": ("PROTOBOOTH_CONCEPT",)}}
 
+    @classmethod
+    def IS_CHANGED(cls, **_inputs):
+        return float("nan")  # the weights can change under the same inputs (see below): never serve a cached digest
+
     def report(self, model, clip, after=None):
         import hashlib
 
+        import comfy.model_management
+
+        # Clones share one set of weights, which hold the patches of whichever clone was loaded last (until another
+        # is loaded); loading this MODEL and CLIP first makes the digest theirs.
+        comfy.model_management.load_models_gpu([model, clip.patcher])
         digest = hashlib.sha256()
         for module in (model.model.diffusion_model, clip.cond_stage_model):
             for name, tensor in sorted(module.state_dict().items()):
@@ -172,7 +194,7 @@ class ProtoBoothTestViewOutputs:
     def report(self, model, clip, vae, image, latent, prompt):
         import json
 
-        bridge = sys.modules["protobooth.nodes.bridge"]
+        bridge = _pack_part("nodes.bridge")
         with torch.inference_mode(False), torch.no_grad():
             view = bridge.diffusion_model_view(model, clip, vae)
             ids = view.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -234,11 +256,12 @@ class ProtoBoothTestTextTower:
         import comfy.sd1_clip
         import torch.nn.functional as F
 
-        bridge = sys.modules["protobooth.nodes.bridge"]
-        prototype = sys.modules["protobooth.nodes.prototype"]
-        tokenizer = sys.modules["protobooth.engine.tokenizer"].clip_tokenizer(pad_token=bridge.TOKENIZER_PADDING[family])
+        bridge = _pack_part("nodes.bridge")
+        prototype = _pack_part("nodes.prototype")
+        tokenizer = _pack_part("engine.tokenizer").clip_tokenizer(pad_token=bridge.TOKENIZER_PADDING[family])
         config = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_hidden_layers": 4,
-                  "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": bridge.TEXT_ACTIVATIONS[family]}
+                  "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": bridge.TEXT_ACTIVATIONS[family],
+                  "bos_token_id": 49406, "eos_token_id": 49407}
         with tempfile.TemporaryDirectory() as folder:  # the 2024-03 SDClipModel reads its config from a file
             path = os.path.join(folder, "config.json")
             with open(path, "w") as handle:

@@ -148,7 +148,8 @@ def test_training_in_the_graph_leaves_its_inputs_untouched_and_reuses_its_result
     again = comfyui.run(training_graph(comfyui_checkpoint, photo, lambda_class=1.0, train_id="train_again"), timeout=600)
     assert again["outputs"]["train_again"]["text"][0] == summary
     assert comfyui.log_text().count("Train Concept: zqsquare: 3 steps") == trainings
-    assert "reusing its result" in comfyui.log_text()
+    if comfyui.build.name == "2024-03":  # the current ComfyUI's own cache answers before the node runs
+        assert "reusing its result" in comfyui.log_text()
 
 
 def test_saved_files_give_stock_loaders_the_same_result_as_apply_concept(comfyui, comfyui_checkpoint, photo):

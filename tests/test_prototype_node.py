@@ -133,9 +133,9 @@ def test_checkpoint_without_a_text_projection_needs_the_clip_file(comfyui, comfy
     # the tiny checkpoint, like real SD1 checkpoints, has no CLIP text projection; no file is chosen
     graph = prototype_graph(comfyui_checkpoint, comfyui_sam, photo, loaded_vision(comfyui_clip_vision))
     message = failure(comfyui, graph)
-    assert ("Prototype Init: this SD1 checkpoint holds no CLIP text projection (SD1 checkpoints can leave it out; "
-            "ComfyUI then holds an identity matrix in its place), so its text features are not in CLIP's joint space "
-            f"with the image features; {FIX}") in message and "InputError" in message
+    assert ("Prototype Init: this SD1 checkpoint holds no CLIP text projection (SD1 checkpoints can leave it out, and "
+            "ComfyUI then holds an identity or unset matrix in its place), so its text features are not in CLIP's joint "
+            f"space with the image features; {FIX}") in message and "InputError" in message
 
 
 @pytest.mark.parametrize(
