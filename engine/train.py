@@ -382,10 +382,18 @@ class OneShotTrainer:
                 model.unet.add_adapter(config, adapter_name=ADAPTER)
             self._exit.callback(self._remove_lora, had_peft)
             model.unet.set_adapter(ADAPTER)
-            self.lora_parameters = [p for n, p in model.unet.named_parameters() if f".{ADAPTER}." in n]
-            for p in self.lora_parameters:
+            named = [(n, p) for n, p in model.unet.named_parameters() if f".{ADAPTER}." in n]
+            # peft puts the LoRA in the dtype of the layer it wraps; over weights stored in half or fp8 that rounds
+            # its initial values, so they are drawn again, in fp32, the way peft draws them.
+            rounded = any(m.base_layer.weight.dtype != torch.float32 for m in model.unet.modules() if hasattr(m, "lora_A"))
+            generator = torch.Generator().manual_seed(settings.seed)
+            for name, p in named:
                 p.data = p.data.float()
+                if rounded:
+                    p.data = (torch.randn(p.shape, generator=generator) / settings.lora_rank if ".lora_A." in name
+                              else torch.zeros(p.shape)).to(p.device)
                 p.requires_grad_(True)
+            self.lora_parameters = [p for _, p in named]
         self._attention_positions, self._attention_maps = None, []
         if settings.attention_weight > 0:
             for name, module in model.unet.named_modules():
