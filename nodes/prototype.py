@@ -22,7 +22,7 @@ import folder_paths
 from ..engine.errors import InputError
 from ..engine.prototype import ClipTowers, PrototypeSettings, load_text_projection, prototype_embeddings
 from ..engine.tokenizer import clip_tokenizer
-from .bridge import TEXT_ENCODERS, TOKENIZER_PADDING, text_encoder_view
+from .bridge import TEXT_ENCODERS, TOKENIZER_PADDING, load_whole, text_encoder_view
 from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
@@ -185,7 +185,7 @@ class ProtoBoothPrototypeInit:
                              f"{FITTING_VISION[family]}.")
         settings = PrototypeSettings(n_vectors=vectors, steps=steps, learning_rate=learning_rate)
         progress = comfy.utils.ProgressBar(len(tokens) * steps)
-        comfy.model_management.load_models_gpu([clip.patcher])
+        load_whole([clip.patcher])
         with torch.inference_mode(False), node_errors(NODE):
             # the whole tower: CLIP's joint-space text features come from its last layer, not SD2's penultimate one
             text_model = text_encoder_view(clip, family, torch.device(clip.patcher.load_device), all_layers=True)
