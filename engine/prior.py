@@ -3,7 +3,10 @@
 The frozen base model draws images from a class prompt ("a photo of a cat"); training then keeps the
 model able to draw them, so learning one cat does not turn every cat into it. Generation is the slow
 part, so results are cached as latents, keyed by model fingerprint, prompt, count, seed and sampler
-settings, under ~/.cache/protobooth/class-latents (or $PROTOBOOTH_CACHE).
+settings. The cache folder is the one a caller gives, else cache_dir(): $PROTOBOOTH_CACHE/class-latents when
+that is set, else the caller's default (inside ComfyUI a folder in its user directory, see nodes/train.py), else
+~/.cache/protobooth/class-latents. It is kept under a size bound (CACHE_LIMIT_BYTES, or
+$PROTOBOOTH_CACHE_LIMIT_MB), least recently used entries first out.
 """
 from __future__ import annotations
 
@@ -20,10 +23,41 @@ from .fileio import save_safetensors
 
 log = logging.getLogger("protobooth")
 
+# One entry is a few images' latents: 256 KiB for four 512-px SD images, 1 MiB at 1024 px. 1 GiB holds
+# thousands of them, enough for every class a user trains in a long while.
+CACHE_LIMIT_BYTES = 1 << 30
 
-def cache_dir() -> Path:
-    root = os.environ.get("PROTOBOOTH_CACHE") or Path.home() / ".cache" / "protobooth"
-    return Path(root) / "class-latents"
+
+def cache_dir(default: Path | None = None) -> Path:
+    configured = os.environ.get("PROTOBOOTH_CACHE")
+    if configured:
+        return Path(configured) / "class-latents"
+    return Path(default) if default is not None else Path.home() / ".cache" / "protobooth" / "class-latents"
+
+
+def cache_limit() -> int:
+    configured = os.environ.get("PROTOBOOTH_CACHE_LIMIT_MB")
+    return int(float(configured) * 2**20) if configured else CACHE_LIMIT_BYTES
+
+
+def trim_cache(directory: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used entries until the folder holds at most `limit` bytes; never `keep`.
+
+    A read touches its entry (see class_latents), so the modification time says when it was last used."""
+    entries = sorted(directory.glob("*/*.safetensors"), key=lambda path: path.stat().st_mtime)
+    total = sum(path.stat().st_size for path in entries)
+    removed = []
+    for path in entries:
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        total -= path.stat().st_size
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.info("class-image cache over %d MiB: removed the %d least recently used entries", limit >> 20, len(removed))
+    return removed
 
 
 def cache_entry(fingerprint: str, prompt: str, count: int, size: int, seed: int, steps: int = 25,
@@ -66,6 +100,7 @@ def class_latents(
 
         if progress is not None:
             progress(total, total)
+        path.touch()  # recently used: the size bound removes other entries first
         return load_file(str(path))["latents"]
     log.info("drawing %d class image(s) for %r with the frozen model (cached for next time)", count, prompt)
     pipeline = model.pipeline()
@@ -88,6 +123,7 @@ def class_latents(
     latents = torch.cat(latents)
     # Written only once every image is drawn, atomically: a cancel or crash leaves no partial cache entry.
     save_safetensors({"latents": latents}, path, metadata={"key": json.dumps(key, sort_keys=True)})
+    trim_cache(path.parent.parent, cache_limit(), keep=path)
     return latents
 
 

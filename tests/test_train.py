@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,6 +395,35 @@ def test_class_images_are_cached_per_weights_key(prior_cache):
     assert torch.equal(plain, patched)  # the same weights here, so the same pictures
     class_latents(model, "a photo of a cat", 1, 64, 0, steps=2, directory=prior_cache, weights_key="lora-a")
     assert len(list(prior_cache.rglob("*.safetensors"))) == 2
+
+
+def test_the_class_image_cache_stays_under_its_bound_least_recently_used_out(prior_cache, monkeypatch):
+    import os
+
+    from protobooth.engine.prior import class_latents
+
+    model = tiny.tiny_model(0)
+    entry = 4 * 8 * 8 * 4  # bytes of one image's latents; the file adds its header
+    monkeypatch.setenv("PROTOBOOTH_CACHE_LIMIT_MB", str(2.5 * (entry + 200) / 2**20))  # room for two entries
+    files = {}
+    for number, word in enumerate(("cat", "dog")):
+        class_latents(model, f"a photo of a {word}", 1, 64, 0, steps=1, directory=prior_cache)
+        [files[word]] = set(prior_cache.rglob("*.safetensors")) - set(files.values())
+        os.utime(files[word], (1000 + number, 1000 + number))  # used in this order, a second apart
+    class_latents(model, "a photo of a cat", 1, 64, 0, steps=1, directory=prior_cache)  # a hit: the cat is used again
+    class_latents(model, "a photo of a bird", 1, 64, 0, steps=1, directory=prior_cache)  # a third entry: one must go
+    left = set(prior_cache.rglob("*.safetensors"))
+    assert files["cat"] in left and files["dog"] not in left and len(left) == 2
+
+
+def test_the_cache_folder_is_the_callers_unless_the_variable_says_otherwise(tmp_path, monkeypatch):
+    from protobooth.engine.prior import cache_dir
+
+    monkeypatch.delenv("PROTOBOOTH_CACHE", raising=False)
+    assert cache_dir(default=tmp_path / "comfy-user") == tmp_path / "comfy-user"
+    assert cache_dir() == Path.home() / ".cache" / "protobooth" / "class-latents"
+    monkeypatch.setenv("PROTOBOOTH_CACHE", str(tmp_path / "mine"))
+    assert cache_dir(default=tmp_path / "comfy-user") == tmp_path / "mine" / "class-latents"
 
 
 def test_greyscale_rgba_and_16_bit_images_are_converted(prior_cache):
