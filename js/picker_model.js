@@ -66,8 +66,13 @@ function asXY(point) {
 }
 
 // Display scaling: the picture is drawn `scale` times its pixel size; clicks map back to image pixels.
-export function fitScale(width, height, maxWidth, maxHeight) {
-  return Math.min(1, maxWidth / width, maxHeight / height);
+// Large pictures shrink to fit the window; small ones grow until their longer side reaches `comfortable`
+// pixels (a 64-px photo at its own size is too small to click on), never beyond the window.
+export const COMFORTABLE_SIDE = 512;
+
+export function fitScale(width, height, maxWidth, maxHeight, comfortable = COMFORTABLE_SIDE) {
+  const fits = Math.min(maxWidth / width, maxHeight / height);
+  return Math.min(fits, Math.max(1, comfortable / Math.max(width, height)));
 }
 
 export function toImagePixel(canvasX, canvasY, scale, width, height) {

@@ -58,6 +58,7 @@ function openPicker(url, initialJSON, onDone) {
 
   function draw() {
     const ctx = canvas.getContext("2d");
+    ctx.imageSmoothingEnabled = scale < 1;  // a small photo drawn larger keeps its pixels sharp
     ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
     objects.forEach((o, i) => {
       const colour = COLOURS[i % COLOURS.length];
@@ -139,7 +140,7 @@ app.registerExtension({
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = created?.apply(this, arguments);
-      this.addWidget("button", "pick objects…", null, () => {
+      const picker = this.addWidget("button", "pick objects…", null, () => {
         const url = sourceImageUrl(this);
         if (!url) {
           alert("ProtoBooth: connect a Load Image node (or run the graph once) so there is a picture to pick on.");
@@ -151,6 +152,9 @@ app.registerExtension({
           app.graph.setDirtyCanvas(true, true);
         });
       }, { serialize: false });
+      // The current frontend reads `serialize` on the widget itself (the old one its options): without it every
+      // saved workflow gets a trailing null in this node's widgets_values, which a later widget would inherit.
+      picker.serialize = false;
       return result;
     };
   },

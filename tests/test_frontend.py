@@ -13,7 +13,7 @@ def test_picker_model_with_node():
         pytest.skip("Node.js is not installed; the frontend's logic tests need it")
     result = subprocess.run([node, "--test", str(ROOT / "tests" / "js")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "# pass 4" in result.stdout and "# fail 0" in result.stdout
+    assert "# pass 5" in result.stdout and "# fail 0" in result.stdout
 
 
 def test_extension_modules_parse():

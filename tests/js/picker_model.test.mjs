@@ -38,5 +38,12 @@ test("canvas clicks map back to image pixels inside the image", () => {
   assert.equal(scale, 0.4);
   assert.deepEqual(toImagePixel(400, 200, scale, 2000, 1000), [1000, 500]);
   assert.deepEqual(toImagePixel(-5, 900, scale, 2000, 1000), [0, 999]);
-  assert.equal(fitScale(100, 100, 800, 800), 1);
+  assert.equal(fitScale(800, 400, 2000, 2000), 1);  // already comfortable: drawn at its own size
+});
+
+test("small photos are drawn at a comfortable size, within the window", () => {
+  assert.equal(fitScale(64, 64, 2000, 2000), 8);  // 512 px on screen
+  assert.equal(fitScale(64, 32, 2000, 2000), 8);  // the longer side decides
+  assert.equal(fitScale(64, 64, 300, 2000), 300 / 64);  // a small window wins
+  assert.deepEqual(toImagePixel(300, 100, 8, 64, 64), [37.5, 12.5]);  // clicks still land in image pixels
 });
