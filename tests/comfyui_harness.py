@@ -203,9 +203,11 @@ def _free_port() -> int:
 class ComfyUIServer:
     """One ComfyUI server process with its own folders; this checkout is loaded as a custom-node pack."""
 
-    def __init__(self, build: Build = OLD, pack: Path = ROOT, flags: tuple[str, ...] = ()):
-        """A server of `build` with this checkout as a pack; `flags` are more main.py options (--fp16-unet, ...)."""
+    def __init__(self, build: Build = OLD, pack: Path = ROOT, flags: tuple[str, ...] = (), unset: tuple[str, ...] = ()):
+        """A server of `build` with this checkout as a pack; `flags` are more main.py options (--fp16-unet, ...),
+        `unset` environment variables the server process must not see."""
         self.build = build
+        self.unset = tuple(unset)
         self.comfyui = build.directory()
         if not build.is_prepared():
             raise FileNotFoundError(build.unavailable() or
@@ -266,7 +268,8 @@ class ComfyUIServer:
                    "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                    # both builds append "temp" to the given folder, and empty it on start and exit
                    "--temp-directory", str(self.base)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {name: value for name, value in os.environ.items() if name not in self.unset}
+        env["PYTHONUNBUFFERED"] = "1"
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=self.base, env=env, stdin=subprocess.DEVNULL,

@@ -82,8 +82,10 @@ def main() -> None:
 
 def _models_in_scratch(comfyui_dir: str, scratch_dir: str) -> None:
     """Make SCRATCH_DIR/models the default models folder, where nodes that save models (Save Concept)
-    write, so tests never write into the cached ComfyUI."""
+    write, and SCRATCH_DIR/user the user directory, so tests never write into the cached ComfyUI."""
     import folder_paths
+
+    folder_paths.user_directory = os.path.join(scratch_dir, "user")
 
     ours, theirs = os.path.join(scratch_dir, "models"), os.path.join(comfyui_dir, "models")
     folder_paths.models_dir = ours

@@ -73,6 +73,18 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.comfyui)
 
 
+def _long_runs_build() -> str:
+    from comfyui_harness import CURRENT
+
+    return "2024-03" if CURRENT.unavailable() else "current"
+
+
+# The slowest end-to-end graphs (whole example workflows, the prototype search's movement) run against one build
+# only, the current one users run (the 2024-03 one where the current archive is absent); every quicker test runs
+# against both. Use as a decorator.
+long_run_on_one_build = pytest.mark.parametrize("comfyui", [_long_runs_build()], indirect=True)
+
+
 @pytest.fixture(scope="session", params=["2024-03", "current"])
 def comfyui(request):
     """One real ComfyUI server per build for the session (tests/comfyui_harness.py), this checkout loaded as a

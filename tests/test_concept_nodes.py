@@ -421,3 +421,17 @@ def test_two_chained_apply_concepts_make_both_trigger_words_work(comfyui, comfyu
     chained, stock, only_first = (prediction(entry, p) for p in ("chained", "stock", "only_first"))
     assert np.abs(chained - stock).max() <= 1e-5  # both words read their own vectors
     assert np.abs(chained - only_first).max() > 1e-3  # the second concept did something
+
+
+def test_inside_comfyui_class_images_are_cached_in_its_user_directory(comfy_tiny):
+    from comfyui_harness import CURRENT, ComfyUIServer
+    from protobooth.engine.checkpoints import write_single_file
+
+    if CURRENT.unavailable():
+        pytest.skip(CURRENT.unavailable())
+    with ComfyUIServer(CURRENT, unset=("PROTOBOOTH_CACHE",)) as comfyui:  # as a user runs it: no cache variable
+        write_single_file(comfy_tiny, comfyui.models("checkpoints") / "tiny.safetensors")
+        Image.fromarray(two_shapes_photo()).save(comfyui.input_dir / PHOTO)
+        comfyui.run(training_graph("tiny.safetensors", PHOTO, steps=1, lambda_class=1.0), timeout=600)
+        cached = list((comfyui.base / "user" / "protobooth" / "class-latents").rglob("*.safetensors"))
+        assert len(cached) == 1, comfyui.log_tail()

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from comfyui_harness import execution_error
+from conftest import long_run_on_one_build
 from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
 from protobooth.engine.fileio import save_safetensors
 
@@ -96,6 +97,7 @@ def test_node_is_registered_with_its_widgets(comfyui, projections):
     assert node["output"] == ["PROTOBOOTH_TOKEN_INIT"] and node["output_name"] == ["token_init"]
 
 
+@long_run_on_one_build
 def test_token_vectors_move_towards_what_clip_sees_in_clips_joint_space(
         comfyui, comfyui_checkpoint, comfyui_sam, comfyui_clip_vision, projections, photo):
     log_start = len(comfyui.log_text())

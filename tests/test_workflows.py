@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
-from conftest import ROOT
+from conftest import ROOT, long_run_on_one_build
 from workflow_convert import Widget, WorkflowError, to_api_prompt, widgets_of
 
 WORKFLOWS = ROOT / "workflows"
@@ -207,6 +207,18 @@ def server_nodes(comfyui) -> dict:
     return comfyui.object_info()
 
 
+@pytest.mark.parametrize("name", ["one_object", "two_objects"])
+def test_a_save_with_the_pickers_trailing_null_converts_the_same(server_nodes, name):
+    # Before the picker's button said serialize = false to the current frontend, saving there added its value
+    # (null) after Segment Objects' widgets; such files must load and run as before.
+    workflow = load_workflow(name)
+    saved = copy.deepcopy(workflow)
+    for node in saved["nodes"]:
+        if node["type"] == "ProtoBoothSegmentObjects":
+            node["widgets_values"].append(None)
+    assert to_api_prompt(saved, server_nodes) == to_api_prompt(workflow, server_nodes)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_fits_the_servers_nodes(server_nodes, name):
     workflow = load_workflow(name)
@@ -305,12 +317,14 @@ def one_object_run(comfyui, tiny_files) -> tuple[dict, dict]:
     return run_workflow(comfyui, "one_object", changes)
 
 
+@long_run_on_one_build
 def test_one_object_workflow_learns_saves_and_draws_three_scenes(comfyui, one_object_run):
     prompt, entry = one_object_run
     assert check_saved_images(comfyui, prompt, entry) == 3
     assert all(path.is_file() for path in concept_files(comfyui, CONCEPT))
 
 
+@long_run_on_one_build
 def test_two_objects_workflow_draws_both(comfyui, tiny_files):
     name = f"{CONCEPT}_and_rectangle"
     changes = dict(tiny_files, ProtoBoothSaveConcept={"name": name},
@@ -320,6 +334,7 @@ def test_two_objects_workflow_draws_both(comfyui, tiny_files):
     assert all(path.is_file() for path in concept_files(comfyui, name))
 
 
+@long_run_on_one_build
 def test_concept_controlnet_workflow_uses_the_saved_concept(comfyui, tiny_files, one_object_run):
     changes = dict(tiny_files, ProtoBoothLoadConcept={"concept_name": CONCEPT})
     prompt, entry = run_workflow(comfyui, "concept_controlnet", changes)
