@@ -57,7 +57,7 @@ import_this_checkout()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from protobooth.engine.losses import diffusion_target  # noqa: E402
+from protobooth.engine.train.losses import diffusion_target  # noqa: E402
 from protobooth.engine.train import DEFAULT_TEMPLATES, LORA_TARGETS, TrainSettings  # noqa: E402
 
 SEED = 0
@@ -91,15 +91,16 @@ SIZES = {
 
 def build_model(size: str, device: str):
     """The tiny test model, or SD1.5's UNet, VAE and CLIP-L text encoder with seeded random weights."""
-    from protobooth.engine import tiny
+    from protobooth.engine.models import tiny
 
     if size == "tiny":
         return tiny.tiny_model(SEED).to(device)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from protobooth.engine.models import DiffusionModel
-    from protobooth.engine.tokenizer import clip_tokenizer
+    from protobooth.engine.models.diffusion_model import DiffusionModel
+    from protobooth.engine.models.families import noise_scheduler
+    from protobooth.engine.text.tokenizer import clip_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
@@ -119,7 +120,7 @@ def build_model(size: str, device: str):
         ))
     model = DiffusionModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                            tokenizer=clip_tokenizer(pad_token="<|endoftext|>"),
-                           noise_scheduler=tiny.noise_scheduler("epsilon"), family="sd1", name="sd15-random")
+                           noise_scheduler=noise_scheduler("epsilon"), family="sd1", name="sd15-random")
     return model.to(device)
 
 
@@ -135,17 +136,18 @@ def scene(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def our_settings(resolution: int, **variant) -> TrainSettings:
     # steps is raised as the benchmark asks for more; fp32 (unless the variant says otherwise) on every
     # device so the sides compute alike.
-    return TrainSettings(**{**dict(steps=1, lora_rank=LORA_RANK, prior_images=1, prior_steps=PRIOR_STEPS,
-                                   resolution=resolution, mixed_precision="no", seed=SEED), **variant})
+    return TrainSettings.from_values(**{**dict(steps=1, lora_rank=LORA_RANK, prior_images=1, prior_steps=PRIOR_STEPS,
+                                               resolution=resolution, mixed_precision="no", seed=SEED), **variant})
 
 
 def cached_class_latents(model, resolution: int, cache: Path) -> torch.Tensor:
     """The class latents our trainer uses (the same call it makes, so the second call reads the cache)."""
-    from protobooth.engine.prior import class_latents
+    from protobooth.engine.train.class_prior import class_latents
 
     s = our_settings(resolution)
-    return class_latents(model, s.class_prompt.format(CLASS_WORD), s.prior_images, resolution, s.seed,
-                         s.prior_steps, s.prior_guidance, cache)
+    prior = s.method
+    return class_latents(model, prior.class_prompt.format(CLASS_WORD), prior.prior_images, resolution, s.seed,
+                         prior.prior_steps, prior.prior_guidance, cache)
 
 
 def attach_lora(unet, rank: int, seed: int) -> list[torch.nn.Parameter]:
@@ -284,7 +286,7 @@ def prepare_side(side: str, model, resolution: int, cache: Path, stack: contextl
             class_image = model.vae.decode(class_latent / model.latent_scaling).sample[0]
         loop = DreamBoothLoraReference(model, _to_uint8(image * 2 - 1), _to_uint8(class_image),
                                        DEFAULT_TEMPLATES[0].format(f"{TOKEN} {CLASS_WORD}"),
-                                       our_settings(resolution).class_prompt.format(CLASS_WORD))
+                                       our_settings(resolution).method.class_prompt.format(CLASS_WORD))
         return lambda n: _timed_steps(loop.step, n)
     if side == "bare":
         loop = BareUNetLoop(model, resolution)

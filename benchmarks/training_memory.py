@@ -2,7 +2,7 @@
 
 An SD1.5-size UNet, VAE and CLIP-L text encoder with seeded random weights are built in a child process, stored
 in the dtype given (fp32 as ComfyUI keeps the UNet on a CPU, fp16 as it does on most GPUs) and viewed through
-engine/precision.py exactly as the node views a graph's models; then the trainer prepares (encodes the photo,
+engine/models/precision.py exactly as the node views a graph's models; then the trainer prepares (encodes the photo,
 reads class images from a pre-filled cache: drawing them at 512 px takes most of an hour on a CPU) and runs a few
 steps with the class prior on (a UNet batch of 2). The child reports the model's bytes and its peak RSS above
 the RSS after the model was built: the memory training adds on top of the loaded models.
@@ -33,8 +33,8 @@ def child(stored: str, resolution: int, steps: int, cache: Path) -> dict:
     import torch
 
     from protobooth.engine.fileio import save_safetensors
-    from protobooth.engine.precision import compute_in
-    from protobooth.engine.prior import cache_entry
+    from protobooth.engine.models.precision import compute_in
+    from protobooth.engine.train.class_prior import cache_entry
     from protobooth.engine.train import OneShotTrainer
     from train_speed import CLASS_WORD, TOKEN, build_model, our_settings, scene
 
@@ -46,10 +46,10 @@ def child(stored: str, resolution: int, steps: int, cache: Path) -> dict:
         compute_in(module.requires_grad_(False), torch.float32)
     weights = sum(p.numel() * p.element_size() for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters())
     settings = our_settings(resolution, steps=steps, prior_images=4, prior_steps=25)
-    path, _ = cache_entry(model.fingerprint, settings.class_prompt.format(CLASS_WORD), settings.prior_images, resolution,
-                          settings.seed, settings.prior_steps, settings.prior_guidance, cache)
+    path, _ = cache_entry(model.fingerprint, settings.method.class_prompt.format(CLASS_WORD), settings.method.prior_images,
+                          resolution, settings.seed, settings.method.prior_steps, settings.method.prior_guidance, cache)
     latent = resolution // 8
-    save_safetensors({"latents": torch.randn(settings.prior_images, 4, latent, latent)}, path)
+    save_safetensors({"latents": torch.randn(settings.method.prior_images, 4, latent, latent)}, path)
     before = psutil.Process().memory_info().rss
     image, mask = scene(resolution)
     with OneShotTrainer(model, image, [mask], [TOKEN], [CLASS_WORD], settings, prior_cache=cache) as trainer:

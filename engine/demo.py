@@ -29,9 +29,9 @@ class DemoJob:
 
 
 def shapesworld_demo(steps: int = 300) -> DemoJob:
-    from ..benchmarks.shapesworld import world
+    from .shapesworld import world
     from .prototype import PrototypeSettings
-    from .shapesworld import GUIDANCE, SAMPLER_STEPS, clip_towers, load_shapesworld
+    from .shapesworld.model import GUIDANCE, SAMPLER_STEPS, clip_towers, load_shapesworld
     from .train import TrainSettings
 
     model = load_shapesworld()
@@ -55,7 +55,7 @@ def shapesworld_demo(steps: int = 300) -> DemoJob:
         # No mirrored views (a mirror image moves the object to the other side). LoRA lr 1e-3, not the benchmark's
         # 2e-3: nearly its fidelity (results/sweep.md: 0.58 vs 0.60) with less drift of the plain class word
         # towards the instance, which the last preview row shows.
-        settings=TrainSettings(steps=steps, lora_rank=4, flip=False, lora_learning_rate=1e-3, token_learning_rate=5e-4,
+        settings=TrainSettings.from_values(steps=steps, lora_rank=4, flip=False, lora_learning_rate=1e-3, token_learning_rate=5e-4,
                                prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE,
                                templates=("a photo of a {} on the left, gray background",)),
         prototype=PrototypeSettings(steps=100),
@@ -81,7 +81,7 @@ def _disc_scene(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tiny_demo(steps: int = 60) -> DemoJob:
-    from . import tiny
+    from .models import tiny
     from .prototype import ClipTowers, PrototypeSettings
     from .train import TrainSettings
 
@@ -94,7 +94,7 @@ def tiny_demo(steps: int = 60) -> DemoJob:
         masks=[mask],
         tokens=["zqdisc"],
         class_words=["ball"],
-        settings=TrainSettings(steps=steps, prior_images=2, prior_steps=10),
+        settings=TrainSettings.from_values(steps=steps, prior_images=2, prior_steps=10),
         prototype=PrototypeSettings(steps=50),
         preview_prompts=["a photo of zqdisc ball on the beach", "a photo of zqdisc ball in the snow", "a photo of a ball"],
         description="tiny seeded model with random weights: the pictures are noise; the run checks the whole job end to end",

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from .concept import Concept, concept_applied
+from .concept.concept import Concept, concept_applied
 from .errors import InputError
 
 log = logging.getLogger("protobooth")

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .tokens import ConceptVocabulary, class_word_vectors, eos_pooled, nearest_words, vocabulary_norm
-from .train import check_template
+from .text.templates import check_template
+from .text.tokenizer import END_TOKEN_ID
+from .text.vocabulary import ConceptVocabulary, class_word_vectors, eos_pooled, nearest_words, vocabulary_norm
 
 log = logging.getLogger("protobooth")
 
@@ -41,7 +42,7 @@ class ClipTowers:
     vision_model: nn.Module  # pixel_values → .pooler_output
     visual_projection: nn.Module
     image_size: int
-    eos_token_id: int = 49407
+    eos_token_id: int = END_TOKEN_ID
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
 

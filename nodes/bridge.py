@@ -26,19 +26,18 @@ import comfy.model_management
 import comfy.model_sampling
 import comfy.sd
 
-from ..engine.checkpoints import (from_original_layout, unet_config_from_original, unet_module_map,
-                                  vae_config_from_original, vae_module_map)
 from ..engine.errors import InputError
-from ..engine.models import DiffusionModel, model_fingerprint
-from ..engine.precision import compute_in
+from ..engine.models import single_file
+from ..engine.models.diffusion_model import DiffusionModel, model_fingerprint
+from ..engine.models.families import FAMILIES, noise_scheduler
+from ..engine.models.precision import compute_in
+from ..engine.text.tokenizer import clip_tokenizer
 
 log = logging.getLogger("protobooth")
 
 # ComfyUI's model-config class → engine family. Subclasses (unCLIP, …) are other models, so names must match.
-FAMILIES = {"SD15": "sd1", "SD20": "sd2"}
-TEXT_ENCODERS = {"sd1": "clip_l", "sd2": "clip_h"}  # the attribute of ComfyUI's CLIP model holding it
-TEXT_ACTIVATIONS = {"sd1": "quick_gelu", "sd2": "gelu"}  # OpenAI CLIP-L / OpenCLIP-H
-TOKENIZER_PADDING = {"sd1": "<|endoftext|>", "sd2": "!"}  # what ComfyUI pads prompts with
+COMFY_CONFIGS = {name: record.name for record in FAMILIES.values() if record.trainable
+                 for name in record.comfy_model_configs}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -48,8 +47,8 @@ TOKENIZER_PADDING = {"sd1": "<|endoftext|>", "sd2": "!"}  # what ComfyUI pads pr
 def model_family(model) -> tuple[str, str]:
     """(family, prediction type) of a MODEL, or an InputError saying why it cannot be trained."""
     config = model.model.model_config
-    family = FAMILIES.get(type(config).__name__)
-    if family is None:
+    found = COMFY_CONFIGS.get(type(config).__name__)
+    if found is None:
         raise InputError(f"the MODEL is a {type(config).__name__} model; ProtoBooth works with Stable Diffusion 1.x "
                          "and 2.x checkpoints (SDXL, SD3, Flux and others are not supported yet).")
     if config.unet_config.get("in_channels") != 4:
@@ -62,7 +61,7 @@ def model_family(model) -> tuple[str, str]:
     if not _is_sd_schedule(sampling.sigmas):
         raise InputError("the MODEL's noise schedule is not Stable Diffusion's (zero terminal SNR, LCM or another "
                          "ModelSampling patch); connect the MODEL before that patch.")
-    return family, prediction
+    return found, prediction
 
 
 def _is_sd_schedule(sigmas: torch.Tensor) -> bool:
@@ -72,30 +71,23 @@ def _is_sd_schedule(sigmas: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _sd_sigmas() -> torch.Tensor:
-    from ..engine.tiny import noise_scheduler
-
     alphas = noise_scheduler().alphas_cumprod.float()
     return ((1 - alphas) / alphas) ** 0.5
 
 
-def native_latent_size(family: str, prediction: str) -> int:
-    """SD1.x and SD2.x-base draw 512 pixels; the v-prediction SD2.x models 768."""
-    return 96 if family == "sd2" and prediction == "v_prediction" else 64
-
-
-def _unet_tensors(model, sample_size: int):
-    """(a diffusers UNet on the meta device, its parameter names → ComfyUI's current UNet tensors)."""
+def _unet_tensors(model, family_name: str, prediction: str):
+    """(a diffusers UNet on the meta device, its parameter names → ComfyUI's current UNet tensors, not copied)."""
     from diffusers import UNet2DConditionModel
 
-    config = unet_config_from_original(model.model.model_config.unet_config, sample_size)
+    state = model.model.diffusion_model.state_dict()
+    config = single_file.unet_config({name: tuple(t.shape) for name, t in state.items()}, family_name, prediction, prefix="")
     unet = _on_meta(lambda: UNet2DConditionModel(**config))
-    tensors = from_original_layout(unet.state_dict(), unet_module_map(unet.config), model.model.diffusion_model.state_dict())
-    return unet, tensors
+    return unet, single_file.unet_tensors(state, unet.config, prefix="")
 
 
 def _text_encoder(clip, family: str):
     """ComfyUI's text-encoder module (SDClipModel) inside a CLIP, checked against the model family."""
-    name = TEXT_ENCODERS[family]
+    name = FAMILIES[family].comfy_text_encoder
     encoder = getattr(clip.cond_stage_model, name, None)
     if encoder is None:
         raise InputError(f"the CLIP has no {name} text encoder, so it does not belong to an {family} MODEL; "
@@ -106,7 +98,7 @@ def _text_encoder(clip, family: str):
 def base_fingerprint(model, clip) -> str:
     """The engine's fingerprint of the base model (the same value a diffusers copy of the checkpoint has)."""
     family, prediction = model_family(model)
-    _, tensors = _unet_tensors(model, native_latent_size(family, prediction))
+    _, tensors = _unet_tensors(model, family, prediction)
     embedding = _text_encoder(clip, family).transformer.get_input_embeddings().weight
     return model_fingerprint(tensors, embedding)
 
@@ -147,7 +139,7 @@ def unet_view(model, device: torch.device | None = None):
     """
     family, prediction = model_family(model)
     device = device or model.load_device
-    unet, tensors = _unet_tensors(model, native_latent_size(family, prediction))
+    unet, tensors = _unet_tensors(model, family, prediction)
     elsewhere = sorted({str(t.device) for t in tensors.values()} - {str(torch.device(device))})
     unpatched = [name for name, module in model.model.diffusion_model.named_modules()
                  if getattr(module, "weight_function", None) or getattr(module, "bias_function", None)]
@@ -195,23 +187,18 @@ def text_encoder_view(clip, family: str, device: torch.device | None = None, all
     to float32 on use, as ComfyUI does. With `all_layers` it is the whole tower whatever the CLIP conditions
     on: CLIP's own text features (the ones it projects into its joint space) come from the last layer.
     """
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     encoder = _text_encoder(clip, family)
     state = encoder.transformer.state_dict()
     embedding = state["text_model.embeddings.token_embedding.weight"]
-    config = CLIPTextConfig(
+    config = FAMILIES[family].text_encoder_config(
         vocab_size=embedding.shape[0],
         hidden_size=embedding.shape[1],
         intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=_stored_layers(state) if all_layers else text_encoder_layers(clip, encoder),
         num_attention_heads=encoder.transformer.text_model.encoder.layers[0].self_attn.heads,
         max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
-        hidden_act=TEXT_ACTIVATIONS[family],
-        layer_norm_eps=1e-5,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407 if family == "sd1" else 0,
     )
     module = _on_meta(lambda: CLIPTextModel(config))
     # transformers 5 names have no "text_model." prefix; ComfyUI's do.
@@ -226,10 +213,10 @@ def vae_view(vae, scaling_factor: float, device: torch.device | None = None):
     from diffusers import AutoencoderKL
 
     state = vae.first_stage_model.state_dict()
-    config = vae_config_from_original(state, scaling_factor)
+    config = single_file.vae_config({name: tuple(t.shape) for name, t in state.items()}, sample_size=512, prefix="",
+                                    scaling_factor=scaling_factor)
     module = _on_meta(lambda: AutoencoderKL(**config))
-    tensors = from_original_layout(module.state_dict(), vae_module_map(module.config), state)
-    return _view(module, tensors, device or vae.device, torch.float32)
+    return _view(module, single_file.vae_tensors(state, module.config, prefix=""), device or vae.device, torch.float32)
 
 
 def load_whole(patchers) -> None:
@@ -254,9 +241,6 @@ def diffusion_model_view(model, clip, vae) -> DiffusionModel:
     `torch.inference_mode(False)`. A text encoder or VAE that ComfyUI keeps on another device than the
     UNet is copied to the UNet's device (a logged exception to "no copy").
     """
-    from ..engine.tiny import noise_scheduler
-    from ..engine.tokenizer import clip_tokenizer
-
     family, prediction = model_family(model)
     load_whole([model, clip.patcher, vae.patcher])
     device = torch.device(model.load_device)
@@ -268,7 +252,7 @@ def diffusion_model_view(model, clip, vae) -> DiffusionModel:
         unet=unet_view(model, device),
         vae=vae_view(vae, model.model.latent_format.scale_factor, device),
         text_encoder=text_encoder_view(clip, family, device),
-        tokenizer=clip_tokenizer(pad_token=TOKENIZER_PADDING[family]),
+        tokenizer=clip_tokenizer(pad_token=FAMILIES[family].pad_token),
         noise_scheduler=noise_scheduler(prediction),
         family=family,
         name=f"ComfyUI {type(model.model.model_config).__name__} model",
@@ -339,8 +323,7 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
     strength_clip interpolates each token's vectors between its class word's embedding (0) and the
     learned vectors (1).
     """
-    from ..engine.tokenizer import clip_tokenizer
-    from ..engine.tokens import class_word_vectors
+    from ..engine.text.vocabulary import class_word_vectors
 
     family, _ = model_family(model)
     if concept.family != family:

@@ -7,8 +7,8 @@ import torch
 
 from ..engine.errors import InputError
 from ..engine.images import check_masks
-from ..engine.tokenizer import clip_tokenizer
-from ..engine.tokens import check_objects
+from ..engine.text.tokenizer import clip_tokenizer
+from ..engine.text.vocabulary import check_objects
 
 CATEGORY = "ProtoBooth"
 

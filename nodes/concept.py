@@ -10,7 +10,7 @@ import os
 
 import folder_paths
 
-from ..engine.concept import check_concept_name, concept_files, load_concept, read_concept_metadata, save_concept
+from ..engine.concept.concept import check_concept_name, concept_files, load_concept, read_concept_metadata, save_concept
 from ..engine.errors import InputError
 from .bridge import apply_concept
 from .common import CATEGORY, node_errors

@@ -21,22 +21,14 @@ import folder_paths
 
 from ..engine.errors import InputError
 from ..engine.prototype import ClipTowers, PrototypeSettings, load_text_projection, prototype_embeddings
-from ..engine.tokenizer import clip_tokenizer
-from .bridge import TEXT_ENCODERS, TOKENIZER_PADDING, load_whole, text_encoder_view
+from ..engine.text.tokenizer import clip_tokenizer
+from ..engine.models.families import FAMILIES, TRAINABLE
+from .bridge import load_whole, text_encoder_view
 from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
 
 NODE = "Prototype Init"
-FITTING_VISION = {
-    "sd1": "CLIP ViT-L/14 (768-wide features; e.g. openai/clip-vit-large-patch14 saved as clip-vit-large-patch14.safetensors)",
-    "sd2": "CLIP ViT-H/14 (1024-wide features; e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
-}
-# Full CLIP model files (both towers, both projections) in Hugging Face's layout, which Load CLIP Vision reads too.
-FULL_CLIP = {
-    "sd1": "model.safetensors of openai/clip-vit-large-patch14",
-    "sd2": "model.safetensors of laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-}
 FROM_CHECKPOINT = "(from the checkpoint)"
 PROJECTION_FOLDERS = ("clip_vision", "clip")  # newer ComfyUI calls "clip" text_encoders and keeps the old name
 SAFETENSORS = (".safetensors", ".sft")  # only these are read: no pickles
@@ -44,7 +36,7 @@ SAFETENSORS = (".safetensors", ".sft")  # only these are read: no pickles
 
 def clip_family(clip) -> str:
     """"sd1" or "sd2" from the text encoders a CLIP holds (SD1: CLIP-L alone; SD2: OpenCLIP-H alone)."""
-    held = {family for family, name in TEXT_ENCODERS.items() if hasattr(clip.cond_stage_model, name)}
+    held = {name for name in TRAINABLE if hasattr(clip.cond_stage_model, FAMILIES[name].comfy_text_encoder)}
     others = [name for name in ("clip_g", "t5xxl") if hasattr(clip.cond_stage_model, name)]
     if len(held) != 1 or others:
         raise InputError(f"{NODE}: this CLIP is not a Stable Diffusion 1.x/2.x text encoder (SDXL and newer models "
@@ -59,7 +51,7 @@ def vision_width(clip_vision) -> int:
     if not callable(getattr(clip_vision, "encode_image", None)) or not isinstance(weight, torch.Tensor):
         raise InputError(f"{NODE}: clip_vision is not a CLIP image encoder with a projection into CLIP's joint "
                          f"space ({type(clip_vision).__name__}); load a CLIP vision file with Load CLIP Vision: "
-                         f"for SD1.x {FITTING_VISION['sd1']}, for SD2.x {FITTING_VISION['sd2']}.")
+                         f"for SD1.x {FAMILIES['sd1'].clip_vision}, for SD2.x {FAMILIES['sd2'].clip_vision}.")
     return weight.shape[0]
 
 
@@ -72,7 +64,7 @@ def projection_files() -> list[str]:
 
 
 def projection_fix(family: str) -> str:
-    return (f"choose the full CLIP model file in text_projection_file (the {FULL_CLIP[family]}, in models/clip_vision: "
+    return (f"choose the full CLIP model file in text_projection_file (the {FAMILIES[family].full_clip}, in models/clip_vision: "
             "Load CLIP Vision loads the same file, so both can point at it), or leave Prototype Init out so that "
             "training starts from the class word.")
 
@@ -175,14 +167,14 @@ class ProtoBoothPrototypeInit:
         with node_errors(NODE):
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
         image_width = vision_width(clip_vision)
-        encoder = getattr(clip.cond_stage_model, TEXT_ENCODERS[family])
+        encoder = getattr(clip.cond_stage_model, FAMILIES[family].comfy_text_encoder)
         projection = text_projection(encoder, family, text_projection_file)
         if image_width != projection.out_features:
             raise InputError(f"{NODE}: the CLIP vision model gives {image_width}-wide image features but this "
                              f"{family.upper()} checkpoint's text encoder gives {projection.out_features}-wide text "
                              f"features (through the text projection {text_projection_file}); load the CLIP vision "
                              f"file that fits it, with the text projection of the same CLIP model: "
-                             f"{FITTING_VISION[family]}.")
+                             f"{FAMILIES[family].clip_vision}.")
         settings = PrototypeSettings(n_vectors=vectors, steps=steps, learning_rate=learning_rate)
         progress = comfy.utils.ProgressBar(len(tokens) * steps)
         load_whole([clip.patcher])
@@ -193,7 +185,7 @@ class ProtoBoothPrototypeInit:
                                      visual_projection=None, image_size=0, clip_vision=clip_vision)
             projection.to(towers.device)
             results = prototype_embeddings(
-                towers, text_model, clip_tokenizer(pad_token=TOKENIZER_PADDING[family]), picture, masks, tokens,
+                towers, text_model, clip_tokenizer(pad_token=FAMILIES[family].pad_token), picture, masks, tokens,
                 class_words, settings, progress=lambda step, total: progress.update_absolute(step, total),
             )  # fmt: skip
         return (results,)

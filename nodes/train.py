@@ -1,4 +1,6 @@
-"""Train Concept: one-shot training inside the graph, on the graph's own MODEL, CLIP and VAE (engine.train).
+"""Train Concept: one-shot training inside the graph, on the graph's own MODEL, CLIP and VAE (engine.train), one
+node per training method in the registry ("Train Concept" for the default, object-driven; "Train Concept (<method>)"
+for the others), each showing its method's widgets.
 
 The engine trains a diffusers view of ComfyUI's weights (nodes/bridge.py): the same tensors, no second
 copy of the UNet. ComfyUI's ProgressBar advances every step; its Cancel raises out of the training loop,
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -22,15 +25,16 @@ import comfy.utils
 import folder_paths
 
 from ..engine.errors import InputError
-from ..engine.prior import cache_dir
+from ..engine.train.class_prior import cache_dir
 from ..engine.report import loss_curve
-from ..engine.train import TrainSettings, train_concept
+from ..engine.train import train_concept
+from ..engine.train.methods import default_method, registry
+from ..engine.train.options import settings_from_widgets, widget_specs
 from .bridge import apply_concept, base_fingerprint, diffusion_model_view, model_family
 from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
 
-NODE = "Train Concept"
 CACHED_RESULTS = 4  # concepts are small (a few MB); the last few runs are kept for re-runs of the graph
 
 
@@ -100,7 +104,7 @@ def _patches_key(model, clip) -> str | None:
     return digest.hexdigest()[:24]
 
 
-def _run_key(model, clip, vae, picture, masks, tokens, class_words, settings: TrainSettings, init_vectors) -> str:
+def _run_key(model, clip, vae, picture, masks, tokens, class_words, settings, init_vectors) -> str:
     """What decides the result: the weights (and the patches on them), the photo, masks, words, settings."""
     digest = hashlib.sha256(base_fingerprint(model, clip).encode())
     _tensor_digest(digest, next(iter(vae.first_stage_model.state_dict().values())))
@@ -109,28 +113,31 @@ def _run_key(model, clip, vae, picture, masks, tokens, class_words, settings: Tr
         _tensor_digest(digest, {k: repr(v) for k, v in getattr(patcher, "object_patches", {}).items()})
     digest.update(str(clip.layer_idx).encode())
     _tensor_digest(digest, [picture, masks, init_vectors])
-    digest.update(json.dumps([tokens, class_words, settings.__dict__], sort_keys=True, default=str).encode())
+    digest.update(json.dumps([tokens, class_words, settings.as_dict()], sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
-class ProtoBoothTrainConcept:
-    DESCRIPTION = (
-        "Teaches the model the object(s) in one photo: a LoRA on the UNet plus one new trigger word per mask, trained "
-        "with the loss limited to the masked object and a class prior that keeps the class word intact. Outputs the "
-        "MODEL and CLIP with the concept applied (write 'a photo of <token> <class word> ...'), the concept to save, "
-        "and the loss curve. tokens and class_words: comma-separated, one per mask, in mask order. It trains in the "
-        "precision ComfyUI runs the model in (fp32, fp16, bf16; fp8-stored UNets are cast on use), LoRA and token "
-        "vectors in fp32, and loads the models whole for the run (low-VRAM mode would leave parts unpatched). Memory "
-        "for SD1.5 at 512 px with the class prior: training adds about 4.8 GB on a CPU (measured, "
-        "benchmarks/training_memory.py; 1.4-2.0 GB at 256 px) on top of the models (2 GB in fp16, 4 GB in fp32); on "
-        "a GPU computing in fp16 or bf16 expect about half, 2.5 GB (an estimate: not yet measured on a GPU)."
-    )
+HELP = (
+    " Outputs the MODEL and CLIP with the concept applied (write 'a photo of <token> <class word> ...'), the concept to "
+    "save, and the loss curve. tokens and class_words: comma-separated, one per mask, in mask order. It trains in the "
+    "precision ComfyUI runs the model in (fp32, fp16, bf16; fp8-stored UNets are cast on use), LoRA and token "
+    "vectors in fp32, and loads the models whole for the run (low-VRAM mode would leave parts unpatched). Memory "
+    "for SD1.5 at 512 px with the class prior: training adds about 4.8 GB on a CPU (measured, "
+    "benchmarks/training_memory.py; 1.4-2.0 GB at 256 px) on top of the models (2 GB in fp16, 4 GB in fp32); on "
+    "a GPU computing in fp16 or bf16 expect about half, 2.5 GB (an estimate: not yet measured on a GPU)."
+)
+
+
+class TrainNode:
+    """One Train node per method (made from the registry below): the photo and words, then the method's widgets."""
+
+    METHOD = None  # the Method it trains with
+    NODE = ""  # its display name, which its error messages start with
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "PROTOBOOTH_CONCEPT", "IMAGE")
     RETURN_NAMES = ("model", "clip", "concept", "loss_curve")
     FUNCTION = "train"
-
-    _results: OrderedDict = OrderedDict()
+    _results: OrderedDict  # per node class: the last few results, for re-runs of the graph
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -141,44 +148,34 @@ class ProtoBoothTrainConcept:
                 "vae": ("VAE",),
                 "image": ("IMAGE",),
                 "masks": ("MASK",),
-                "tokens": ("STRING", {"default": "zqcat"}),
-                "class_words": ("STRING", {"default": "cat"}),
-                "steps": ("INT", {"default": 400, "min": 1, "max": 100000}),
-                "lora_learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5}),
-                "token_learning_rate": ("FLOAT", {"default": 5e-4, "min": 0.0, "max": 1.0, "step": 1e-5}),
-                "rank": ("INT", {"default": 8, "min": 1, "max": 128}),
-                "lambda_class": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05}),
-                "background_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05}),
-                "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64,
-                                       "tooltip": "training size in pixels; 0: the model's own (512 for SD1.x)"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "tokens": ("STRING", {"default": "zqcat", "tooltip": "the new trigger word of each object, comma-separated"}),
+                "class_words": ("STRING", {"default": "cat", "tooltip": "each object's class word, comma-separated"}),
+                **widget_specs(cls.METHOD),
             },
-            "optional": {"token_init": ("PROTOBOOTH_TOKEN_INIT",)},
+            "optional": {"token_init": ("PROTOBOOTH_TOKEN_INIT", {"tooltip": "starting vectors from Prototype Init "
+                                                                             "(without: each class word's)"})},
         }
 
-    def train(self, model, clip, vae, image, masks, tokens, class_words, steps, lora_learning_rate,
-              token_learning_rate, rank, lambda_class, background_weight, resolution, seed, token_init=None):
-        with node_errors(NODE):
+    def train(self, model, clip, vae, image, masks, tokens, class_words, token_init=None, **widgets):
+        node = self.NODE
+        with node_errors(node):
             model_family(model)
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
             init_vectors = _initial_vectors(token_init, tokens)
-            settings = TrainSettings(
-                steps=steps, lora_rank=rank, lora_learning_rate=lora_learning_rate,
-                token_learning_rate=token_learning_rate, prior_weight=lambda_class,
-                background_weight=background_weight, resolution=resolution or None, seed=seed % 2**63,
-            )  # fmt: skip
+            settings = settings_from_widgets(self.METHOD, widgets)
             settings.check()
         key = _run_key(model, clip, vae, picture, masks, tokens, class_words, settings, init_vectors)
         if key in self._results:
-            log.info("%s: same inputs and seed as an earlier run; reusing its result.", NODE)
+            log.info("%s: same inputs and seed as an earlier run; reusing its result.", node)
             self._results.move_to_end(key)
             concept, losses, summary = self._results[key]
         else:
-            concept, losses, summary = _train(model, clip, vae, picture, masks, tokens, class_words, settings, init_vectors)
+            concept, losses, summary = _train(node, model, clip, vae, picture, masks, tokens, class_words, settings,
+                                              init_vectors)
             self._results[key] = (concept, losses, summary)
             while len(self._results) > CACHED_RESULTS:
                 self._results.popitem(last=False)
-        with node_errors(NODE):
+        with node_errors(node):
             trained_model, trained_clip = apply_concept(model, clip, concept)
         curve = torch.from_numpy(np.asarray(loss_curve(losses), dtype=np.float32) / 255.0)[None, ..., :3]
         return {"ui": {"text": [summary]}, "result": (trained_model, trained_clip, concept, curve)}
@@ -203,12 +200,12 @@ def class_image_cache() -> Path:
     return cache_dir(default=Path(user) / "protobooth" / "class-latents")
 
 
-def _train(model, clip, vae, picture, masks, tokens, class_words, settings, init_vectors):
+def _train(node, model, clip, vae, picture, masks, tokens, class_words, settings, init_vectors):
     bar = comfy.utils.ProgressBar(settings.steps)
 
-    with torch.inference_mode(False), node_errors(NODE):
+    with torch.inference_mode(False), node_errors(node):
         diffusion = diffusion_model_view(model, clip, vae)
-        log.info("%s: training %s for %d steps on %s", NODE, ", ".join(tokens), settings.steps, diffusion.device)
+        log.info("%s: training %s for %d steps on %s", node, ", ".join(tokens), settings.steps, diffusion.device)
         memory = _MemoryWatch(diffusion.device)
         started = time.perf_counter()
 
@@ -235,9 +232,21 @@ def _train(model, clip, vae, picture, masks, tokens, class_words, settings, init
                f"-> {np.mean(result.losses[-10:]):.4f} (first and last 10 steps); memory added by training "
                f"{extra / 2**20:.0f} MiB "
                f"({'CUDA' if memory.cuda else 'process'}; the UNet's weights are {unet_bytes / 2**20:.0f} MiB)")
-    log.info("%s: %s", NODE, summary)
+    log.info("%s: %s", node, summary)
     return result.concept, result.losses, summary
 
 
-NODE_CLASS_MAPPINGS = {"ProtoBoothTrainConcept": ProtoBoothTrainConcept}
-NODE_DISPLAY_NAME_MAPPINGS = {"ProtoBoothTrainConcept": "Train Concept"}
+def _node_name(method) -> tuple[str, str]:
+    """(class name, display name): the default method keeps the first node's, which saved workflows name."""
+    if method is default_method():
+        return "ProtoBoothTrainConcept", "Train Concept"
+    return "ProtoBoothTrain" + "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", method.name)), \
+        f"Train Concept ({method.label})"
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+for _method in registry().values():
+    _key, _display = _node_name(_method)
+    NODE_CLASS_MAPPINGS[_key] = type(_key, (TrainNode,), {"METHOD": _method, "NODE": _display, "DESCRIPTION":
+                                                          _method.description + HELP, "_results": OrderedDict()})
+    NODE_DISPLAY_NAME_MAPPINGS[_key] = _display

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-SAM_IMPORT = Path(__file__).resolve().parents[1] / "engine" / "sam_import.py"
+SAM_IMPORT = Path(__file__).resolve().parents[1] / "engine" / "segment" / "sam_import.py"
 
 
 def _torchvision_stand_in():

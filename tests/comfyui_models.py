@@ -7,7 +7,7 @@ server's own loaders read them as they would read the published files:
   out: a full-size ViT-L/14 vision tower with its projection (comfy/clip_vision.py recognises it by the key
   of layer 22 and leaves the rest out), and the checkpoint's text encoder as the text tower with a text
   projection, which SD1 checkpoints lack and Prototype Init reads from this file; fp16.
-- SAM: the engine's tiny SAM (`engine.tiny.tiny_sam`) as a .pth state dict.
+- SAM: the engine's tiny SAM (`kit.sam.tiny_sam`) as a .pth state dict.
 - ControlNet: diffusers' ControlNetModel.from_unet on a UNet, written in the original (lllyasviel)
   `control_model.*` layout; comfy/controlnet.py reads that layout for any UNet shape, while its
   diffusers-layout path only knows the published SD1.5/SD2/SDXL shapes.
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protobooth.engine.checkpoints import original_names, unet_module_map
+from kit.checkpoints import original_names, unet_module_map
 from protobooth.engine.fileio import save_safetensors
-from protobooth.engine.segment import save_sam_checkpoint
-from protobooth.engine.tiny import _init_sensibly, tiny_sam
+from kit.models import _init_sensibly
+from kit.sam import save_sam_checkpoint, tiny_sam
 
 CONTROLNET_PREFIX = "control_model."
 RED_SQUARE = (8, 8, 28, 28)  # (left, top, right, bottom) in the test photo

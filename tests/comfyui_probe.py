@@ -258,9 +258,10 @@ class ProtoBoothTestTextTower:
 
         bridge = _pack_part("nodes.bridge")
         prototype = _pack_part("nodes.prototype")
-        tokenizer = _pack_part("engine.tokenizer").clip_tokenizer(pad_token=bridge.TOKENIZER_PADDING[family])
+        record = _pack_part("engine.models.families").FAMILIES[family]
+        tokenizer = _pack_part("engine.text.tokenizer").clip_tokenizer(pad_token=record.pad_token)
         config = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_hidden_layers": 4,
-                  "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": bridge.TEXT_ACTIVATIONS[family],
+                  "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": record.text_activation,
                   "bos_token_id": 49406, "eos_token_id": 49407}
         with tempfile.TemporaryDirectory() as folder:  # the 2024-03 SDClipModel reads its config from a file
             path = os.path.join(folder, "config.json")
@@ -273,7 +274,7 @@ class ProtoBoothTestTextTower:
             for name, parameter in encoder.transformer.named_parameters():
                 scale = 0.02 if parameter.ndim == 1 or "embedding" in name else parameter.shape[-1] ** -0.5
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale + float(name.endswith("norm.weight")))
-        clip = SimpleNamespace(cond_stage_model=SimpleNamespace(**{bridge.TEXT_ENCODERS[family]: encoder}),
+        clip = SimpleNamespace(cond_stage_model=SimpleNamespace(**{record.comfy_text_encoder: encoder}),
                                layer_idx=None if last_layer == -1 else last_layer)
         if clip.layer_idx is not None:
             encoder.set_clip_options({"layer": clip.layer_idx})  # what CLIPSetLastLayer makes CLIP.encode do

@@ -49,18 +49,21 @@ def refuse_network():
 
 
 def run_python(code: str, timeout: float = 120, **kwargs):
-    """Run `code` in a fresh interpreter (the same venv), returning the CompletedProcess."""
+    """Run `code` in a fresh interpreter (the same venv, the test kit importable), returning the CompletedProcess."""
     import subprocess
 
+    env = kwargs.pop("env", os.environ)
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))}
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT),
+        env=env, **kwargs
     )
 
 
 @pytest.fixture(scope="session")
 def comfy_tiny():
     """The ComfyUI-detectable SD1 model (about 233 M parameters): built once per test session."""
-    from protobooth.engine.tiny import comfy_tiny_model
+    from kit.models import comfy_tiny_model
 
     return comfy_tiny_model(seed=0)
 
@@ -113,7 +116,7 @@ def comfyui(request):
 @pytest.fixture(scope="session")
 def comfyui_checkpoint(comfyui, comfy_tiny) -> str:
     """Name of a tiny SD1.5-layout checkpoint in the server's models/checkpoints, written once a session."""
-    from protobooth.engine.checkpoints import write_single_file
+    from kit.checkpoints import write_single_file
 
     name = "protobooth-tiny-sd15.safetensors"
     write_single_file(comfy_tiny, comfyui.models("checkpoints") / name)

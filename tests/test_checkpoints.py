@@ -16,9 +16,10 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors import safe_open
 
-from protobooth.engine.checkpoints import HINTS_METADATA_KEY, ldm_state_dict, write_single_file
+from kit.checkpoints import ldm_state_dict, write_single_file
+from protobooth.engine.models.single_file import HINTS_METADATA_KEY
 from protobooth.engine.errors import InputError
-from protobooth.engine.tiny import tiny_model
+from protobooth.engine.models.tiny import tiny_model
 
 
 def original_config(model) -> dict:
@@ -109,7 +110,7 @@ def test_sd15_layout_names_for_a_full_size_unet():
 
     Building the 860 M-parameter UNet is too slow for a unit test; the map needs only its config.
     """
-    from protobooth.engine.checkpoints import original_names, unet_module_map
+    from kit.checkpoints import original_names, unet_module_map
 
     class Config:  # the diffusers SD1.5 UNet config values that decide the layout
         block_out_channels = (320, 640, 1280, 1280)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from protobooth.engine import tiny
+from protobooth.engine.models import tiny
 from protobooth.engine.cli import main
-from protobooth.engine.concept import load_concept
-from protobooth.engine.segment import save_sam_checkpoint
+from protobooth.engine.concept.concept import load_concept
+from kit.sam import save_sam_checkpoint, tiny_sam
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def files(tmp_path_factory):
     picture = np.full((64, 64, 3), 110, dtype=np.uint8)
     picture[16:48, 12:40] = (230, 60, 30)
     Image.fromarray(picture).save(root / "photo.png")
-    save_sam_checkpoint(tiny.tiny_sam(0), root / "sam_tiny.pth")
+    save_sam_checkpoint(tiny_sam(0), root / "sam_tiny.pth")
     tiny.tiny_model(0).pipeline().save_pretrained(root / "model")
     return root
 
@@ -96,9 +96,9 @@ def test_bad_model_path_is_a_clean_error(files, capsys):
 
 def test_token_init_vectors_reach_the_saved_concept(files):
     from protobooth.engine.images import check_masks, load_image
-    from protobooth.engine.loading import load_model
+    from protobooth.engine.models.loading import load_model
     from protobooth.engine.prototype import ClipTowers, PrototypeSettings, prototype_embeddings
-    from protobooth.engine.tokens import class_word_vectors
+    from protobooth.engine.text.vocabulary import class_word_vectors
     from transformers import CLIPModel
 
     out = files / "out-clip"
@@ -143,9 +143,9 @@ def test_two_objects_also_get_one_embedding_file_each(files):
 @pytest.mark.parametrize("option, message", [
     (["--vectors", "0"], "vectors per token must be at least 1 (got 0)"),
     (["--prior-images", "0"], "prior images must be at least 1 while the class prior is on (got 0)"),
-    (["--resolution", "-64"], "resolution must be a positive number of pixels (got -64)"),
+    (["--resolution", "-64"], "resolution must be at least 8 or unset (got -64)"),
     (["--alpha", "0"], "LoRA alpha must be above 0"),
-    (["--checkpoint-every", "-2"], "checkpoint every must be 0"),
+    (["--checkpoint-every", "-2"], "checkpoint every must be at least 0 (got -2)"),
     (["--clip", "no-such-clip", "--prototype-steps", "0"], "prototype steps must be a whole number of at least 1"),
     (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 mixed precision needs a CUDA GPU (the model is on cpu)"),
 ])

@@ -3,7 +3,7 @@
 Each case starts the current ComfyUI with the flags users (or their GPUs) choose: the UNet stored in fp32, fp16,
 bf16 or fp8, the VAE and the text encoder in fp32, fp16 or bf16. On a CPU ComfyUI computes a half-precision or
 fp8 UNet in fp32 (its manual cast) and the text encoder in fp32; the views compute the same way, and the VAE in
-fp32, casting the stored weights on use (engine/precision.py). In each case the class images are drawn, the loss
+fp32, casting the stored weights on use (engine/models/precision.py). In each case the class images are drawn, the loss
 must fall, and the saved concept through the stock LoraLoader and `embedding:` must give Apply Concept's
 prediction exactly.
 
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.comfyui
 def model_files(tmp_path_factory, comfy_tiny):
     """The tiny checkpoint and a random full CLIP ViT-L/14 file, written once and linked into every server."""
     from comfyui_models import write_clip
-    from protobooth.engine.checkpoints import write_single_file
+    from kit.checkpoints import write_single_file
 
     if CURRENT.unavailable():
         pytest.skip(CURRENT.unavailable())
@@ -57,7 +57,7 @@ def run_case(model_files, unet: str, vae: str, text: str) -> None:
         (comfyui.models("clip_vision") / VISION).symlink_to(model_files / VISION)
         Image.fromarray(two_shapes_photo()).save(comfyui.input_dir / PHOTO)
         name = f"protobooth_dtype_{unet}_{vae}_{text}"
-        graph = training_graph(CHECKPOINT, PHOTO, boxes=(RED_SQUARE,), steps=20, lambda_class=1.0, lora_learning_rate=5e-3,
+        graph = training_graph(CHECKPOINT, PHOTO, boxes=(RED_SQUARE,), steps=20, prior_weight=1.0, lora_learning_rate=5e-3,
                                token_init=["init", 0])
         graph.update({
             "vision": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VISION}},

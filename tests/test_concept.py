@@ -1,5 +1,5 @@
 """Concept files: per-object embeddings for several objects, replacing an earlier concept of the same name,
-and the checks that loading makes (engine/concept.py)."""
+and the checks that loading makes (engine/concept/concept.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from protobooth.engine.concept import (METADATA_KEY, Concept, ConceptObject, concept_files, load_concept,
+from protobooth.engine.concept.concept import (METADATA_KEY, Concept, ConceptObject, concept_files, load_concept,
                                        read_concept_metadata, save_concept)
 from protobooth.engine.errors import InputError
 from protobooth.engine.fileio import save_safetensors
@@ -45,7 +45,7 @@ def test_several_objects_also_get_one_embedding_file_each(tmp_path):
 
 
 def test_a_per_object_file_loads_in_diffusers_as_that_object(tmp_path):
-    from protobooth.engine import tiny
+    from protobooth.engine.models import tiny
 
     concept = make_concept()
     lora, embedding = paths(tmp_path)

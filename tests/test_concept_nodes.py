@@ -20,7 +20,7 @@ PHOTO = "concept_photo.png"
 LATENT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
 NODES = {
     "ProtoBoothTrainConcept": ["model", "clip", "vae", "image", "masks", "tokens", "class_words", "steps",
-                               "lora_learning_rate", "token_learning_rate", "rank", "lambda_class", "background_weight",
+                               "lora_learning_rate", "token_learning_rate", "lora_rank", "prior_weight", "background_weight",
                                "resolution", "seed"],
     "ProtoBoothSaveConcept": ["concept", "name", "overwrite"],
     "ProtoBoothLoadConcept": ["concept_name"],
@@ -35,7 +35,7 @@ def photo(comfyui) -> str:
 
 
 def training_graph(checkpoint, photo, boxes=(RED_SQUARE,), tokens="zqsquare", class_words="square", steps=3,
-                   lambda_class=0.0, train_id="train", **settings) -> dict:
+                   prior_weight=0.0, train_id="train", **settings) -> dict:
     return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
@@ -43,7 +43,7 @@ def training_graph(checkpoint, photo, boxes=(RED_SQUARE,), tokens="zqsquare", cl
         train_id: {"class_type": "ProtoBoothTrainConcept", "inputs": {
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["photo", 0], "masks": ["masks", 0],
             "tokens": tokens, "class_words": class_words, "steps": steps, "lora_learning_rate": 1e-3,
-            "token_learning_rate": 5e-3, "rank": 4, "lambda_class": lambda_class, "background_weight": 0.0,
+            "token_learning_rate": 5e-3, "lora_rank": 4, "prior_weight": prior_weight, "background_weight": 0.0,
             "resolution": 64, "seed": 7, **settings}},
         "curve": {"class_type": "PreviewImage", "inputs": {"images": [train_id, 3]}},
     }
@@ -96,7 +96,7 @@ def test_nodes_are_registered_with_their_widgets(comfyui):
 
 
 def test_views_share_comfyuis_tensors_and_compute_what_diffusers_does(comfyui, comfyui_checkpoint, photo):
-    from protobooth.engine.loading import load_model
+    from protobooth.engine.models.loading import load_model
 
     graph = training_graph(comfyui_checkpoint, photo)
     del graph["train"], graph["masks"]
@@ -123,7 +123,7 @@ def test_views_share_comfyuis_tensors_and_compute_what_diffusers_does(comfyui, c
 def test_training_in_the_graph_leaves_its_inputs_untouched_and_reuses_its_result(comfyui, comfyui_checkpoint, photo):
     before = comfyui.run({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui_checkpoint}},
                           "digest": digest_node(["ckpt", 0], ["ckpt", 1])})["outputs"]["digest"]["facts"][0]
-    graph = training_graph(comfyui_checkpoint, photo, lambda_class=1.0)
+    graph = training_graph(comfyui_checkpoint, photo, prior_weight=1.0)
     graph.update({
         "inputs_after": digest_node(["ckpt", 0], ["ckpt", 1], after=["train", 2]),
         "outputs": digest_node(["train", 0], ["train", 1]),
@@ -145,7 +145,7 @@ def test_training_in_the_graph_leaves_its_inputs_untouched_and_reuses_its_result
     trainings = comfyui.log_text().count("Train Concept: zqsquare: 3 steps")
 
     # Same inputs under another node id: ComfyUI runs the node again, the node reuses its result.
-    again = comfyui.run(training_graph(comfyui_checkpoint, photo, lambda_class=1.0, train_id="train_again"), timeout=600)
+    again = comfyui.run(training_graph(comfyui_checkpoint, photo, prior_weight=1.0, train_id="train_again"), timeout=600)
     assert again["outputs"]["train_again"]["text"][0] == summary
     assert comfyui.log_text().count("Train Concept: zqsquare: 3 steps") == trainings
     if comfyui.build.name == "2024-03":  # the current ComfyUI's own cache answers before the node runs
@@ -190,15 +190,15 @@ def test_saved_files_give_stock_loaders_the_same_result_as_apply_concept(comfyui
 
 
 def test_a_concept_trained_by_the_engine_reproduces_in_comfyui_through_stock_loaders(comfyui, comfyui_checkpoint):
-    from protobooth.engine.concept import save_concept
-    from protobooth.engine.loading import load_model
+    from protobooth.engine.concept.concept import save_concept
+    from protobooth.engine.models.loading import load_model
     from protobooth.engine.train import OneShotTrainer, TrainSettings
 
     name = "protobooth_engine_square"
     model = load_model(comfyui.models("checkpoints") / comfyui_checkpoint)
     mask = torch.zeros(64, 64)
     mask[8:28, 8:28] = 1
-    settings = TrainSettings(steps=2, lora_rank=4, lora_learning_rate=1e-3, token_learning_rate=5e-3, prior_weight=0,
+    settings = TrainSettings.from_values(steps=2, lora_rank=4, lora_learning_rate=1e-3, token_learning_rate=5e-3, prior_weight=0,
                              resolution=64, seed=3)
     with OneShotTrainer(model, two_shapes_photo(), [mask], ["zqsquare"], ["square"], settings) as trainer:
         trainer.train()
@@ -248,11 +248,11 @@ def test_cancel_stops_training_writes_nothing_and_leaves_the_inputs(comfyui, com
 def test_an_upstream_lora_gets_its_own_class_images_and_cancel_stops_drawing_them(comfyui, comfyui_checkpoint,
                                                                                    comfy_tiny, photo):
     from protobooth.engine.fileio import save_safetensors
-    from protobooth.engine.prior import cache_dir, cache_entry
+    from protobooth.engine.train.class_prior import cache_dir, cache_entry
     from protobooth.engine.train import TrainSettings
 
     # A cache entry for the plain checkpoint's class images, standing in for an earlier run's.
-    seed, settings = 23, TrainSettings()
+    seed, settings = 23, TrainSettings().method
     entry, _ = cache_entry(comfy_tiny.fingerprint, settings.class_prompt.format("square"), settings.prior_images, 64, seed,
                            settings.prior_steps, settings.prior_guidance)
     save_safetensors({"latents": torch.zeros(settings.prior_images, 4, 8, 8)}, entry)
@@ -260,7 +260,7 @@ def test_an_upstream_lora_gets_its_own_class_images_and_cancel_stops_drawing_the
 
     # The plain checkpoint reads it: the entry is where the node looks.
     start = len(comfyui.log_text())
-    comfyui.run(training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=1, lambda_class=1.0, seed=seed), timeout=600)
+    comfyui.run(training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=1, prior_weight=1.0, seed=seed), timeout=600)
     assert "drawing 4 class image(s)" not in comfyui.log_text()[start:]
 
     # Through a LoRA the same checkpoint draws other pictures: the node draws its own, and Cancel stops that.
@@ -273,7 +273,7 @@ def test_an_upstream_lora_gets_its_own_class_images_and_cancel_stops_drawing_the
             lora[f"{key}.lora_up.weight"] = torch.randn(module.weight.shape[0], 4, generator=generator) * 0.1
             lora[f"{key}.alpha"] = torch.tensor(4.0)
     save_safetensors(lora, comfyui.models("loras") / "protobooth_upstream.safetensors")
-    graph = training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=100000, lambda_class=1.0, seed=seed)
+    graph = training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=100000, prior_weight=1.0, seed=seed)
     graph["lora"] = {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "strength_model": 1.0,
                                                             "strength_clip": 1.0, "lora_name": "protobooth_upstream.safetensors"}}
     graph["train"]["inputs"].update(model=["lora", 0], clip=["lora", 1])
@@ -294,7 +294,7 @@ def test_an_upstream_lora_gets_its_own_class_images_and_cancel_stops_drawing_the
 
 
 def test_each_object_of_a_saved_concept_has_its_own_stock_embedding(comfyui, comfyui_checkpoint):
-    from protobooth.engine.concept import Concept, ConceptObject, save_concept
+    from protobooth.engine.concept.concept import Concept, ConceptObject, save_concept
 
     source, name = "protobooth_pair_source", "protobooth_pair"
     generator = torch.Generator().manual_seed(31)
@@ -370,7 +370,7 @@ def test_a_model_family_the_engine_does_not_support_is_refused(comfyui, comfyui_
 
 
 def test_apply_concept_checks_the_family_and_warns_about_another_base_model(comfyui, comfyui_checkpoint):
-    from protobooth.engine.concept import Concept, ConceptObject, save_concept
+    from protobooth.engine.concept.concept import Concept, ConceptObject, save_concept
 
     vectors = torch.randn(1, 768, generator=torch.Generator().manual_seed(0)) * 0.01
     for name, family in (("protobooth_other_base", "sd1"), ("protobooth_sd2_concept", "sd2")):
@@ -394,7 +394,7 @@ def test_apply_concept_checks_the_family_and_warns_about_another_base_model(comf
 
 
 def test_two_chained_apply_concepts_make_both_trigger_words_work(comfyui, comfyui_checkpoint):
-    from protobooth.engine.concept import Concept, ConceptObject, save_concept
+    from protobooth.engine.concept.concept import Concept, ConceptObject, save_concept
 
     names = {"zqfirst": "protobooth_chain_first", "zqsecond": "protobooth_chain_second"}
     for seed, (token, name) in enumerate(names.items()):
@@ -423,15 +423,16 @@ def test_two_chained_apply_concepts_make_both_trigger_words_work(comfyui, comfyu
     assert np.abs(chained - only_first).max() > 1e-3  # the second concept did something
 
 
+@pytest.mark.comfyui
 def test_inside_comfyui_class_images_are_cached_in_its_user_directory(comfy_tiny):
     from comfyui_harness import CURRENT, ComfyUIServer
-    from protobooth.engine.checkpoints import write_single_file
+    from kit.checkpoints import write_single_file
 
     if CURRENT.unavailable():
         pytest.skip(CURRENT.unavailable())
     with ComfyUIServer(CURRENT, unset=("PROTOBOOTH_CACHE",)) as comfyui:  # as a user runs it: no cache variable
         write_single_file(comfy_tiny, comfyui.models("checkpoints") / "tiny.safetensors")
         Image.fromarray(two_shapes_photo()).save(comfyui.input_dir / PHOTO)
-        comfyui.run(training_graph("tiny.safetensors", PHOTO, steps=1, lambda_class=1.0), timeout=600)
+        comfyui.run(training_graph("tiny.safetensors", PHOTO, steps=1, prior_weight=1.0), timeout=600)
         cached = list((comfyui.base / "user" / "protobooth" / "class-latents").rglob("*.safetensors"))
         assert len(cached) == 1, comfyui.log_tail()

@@ -69,7 +69,7 @@ def test_console_script_help_and_version():
 
 
 def test_tokenizer_matches_openai_clip():
-    from protobooth.engine.tokenizer import clip_tokenizer
+    from protobooth.engine.text.tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     assert tokenizer("a photo of a sks dog").input_ids == [49406, 320, 1125, 539, 320, 48136, 1929, 49407]
@@ -82,7 +82,7 @@ def test_tokenizer_matches_openai_clip():
 
 
 def test_tiny_models_are_seeded_and_run():
-    from protobooth.engine import tiny
+    from protobooth.engine.models import tiny
 
     a, b, c = tiny.tiny_model(0), tiny.tiny_model(0), tiny.tiny_model(1)
     assert a.fingerprint == b.fingerprint != c.fingerprint
@@ -106,7 +106,7 @@ def test_tiny_models_are_seeded_and_run():
 
 
 def test_sd2_variant_differs_where_sd2_differs():
-    from protobooth.engine import tiny
+    from protobooth.engine.models import tiny
 
     sd2 = tiny.tiny_model(0, family="sd2", prediction_type="v_prediction")
     assert sd2.unet.config.use_linear_projection and sd2.prediction_type == "v_prediction"
@@ -119,12 +119,12 @@ def test_segment_anything_stand_in_is_scoped():
     # segment-anything is what would show a stand-in left behind in sys.modules.
     code = """
 import sys, numpy as np
-from protobooth.engine.sam_import import import_segment_anything
+from protobooth.engine.segment.sam_import import import_segment_anything
 sam_module = import_segment_anything()
 assert not {"transformers", "diffusers"} & set(sys.modules), "imported before the check could see a leak"
 from transformers.utils import is_torchvision_available as transformers_sees
 from diffusers.utils import is_torchvision_available as diffusers_sees
-from protobooth.engine.tiny import tiny_sam
+from kit.sam import tiny_sam
 predictor = sam_module.SamPredictor(tiny_sam())
 predictor.set_image(np.zeros((48, 64, 3), dtype=np.uint8))
 masks, scores, _ = predictor.predict(box=np.array([8, 8, 40, 40]), multimask_output=True)

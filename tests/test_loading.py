@@ -9,12 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_python
-from protobooth.engine.checkpoints import ldm_state_dict, write_single_file
+from kit.checkpoints import ldm_state_dict, write_single_file
 from protobooth.engine.errors import InputError
-from protobooth.engine.loading import CheckpointFile, detect_family, load_model, single_file_configs, text_encoder_config
-from protobooth.engine.models import DiffusionModel
-from protobooth.engine.tiny import noise_scheduler, tiny_model
-from protobooth.engine.tokenizer import clip_tokenizer
+from protobooth.engine.models.loading import detect_family, load_model
+from protobooth.engine.models.families import FAMILIES
+from protobooth.engine.models.single_file import CheckpointFile, configs
+from protobooth.engine.models.diffusion_model import DiffusionModel
+from protobooth.engine.models.families import noise_scheduler
+from protobooth.engine.models.tiny import tiny_model
+from protobooth.engine.text.tokenizer import clip_tokenizer
 
 MODULES = ("unet", "vae", "text_encoder")
 
@@ -125,7 +128,7 @@ def _rule_following_model(family: str) -> DiffusionModel:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
     text_encoder = CLIPTextModel(
-        text_encoder_config(family, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1)
+        FAMILIES[family].text_encoder_config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1)
     )
     return DiffusionModel(
         unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
@@ -199,8 +202,8 @@ def comfy_tiny_file(comfy_tiny, tmp_path_factory):
 def test_comfy_tiny_file_loads_by_the_rules(comfy_tiny, comfy_tiny_file):
     checkpoint = CheckpointFile(comfy_tiny_file)
     # Its hidden settings are real SD1.5's, so the metadata and the rules agree.
-    with_hints = single_file_configs(checkpoint, "sd1", "epsilon")
-    by_rules = single_file_configs(checkpoint, "sd1", "epsilon", use_hints=False)
+    with_hints = configs(checkpoint, "sd1", "epsilon")
+    by_rules = configs(checkpoint, "sd1", "epsilon", use_hints=False)
     assert with_hints[0] == by_rules[0] and with_hints[1] == by_rules[1]
     assert with_hints[2].to_dict() == by_rules[2].to_dict()
 
@@ -292,7 +295,7 @@ def refuse(*args, **kwargs):
     raise OSError("network used")
 socket.socket.connect = refuse
 socket.create_connection = refuse
-from protobooth.engine.loading import load_model
+from protobooth.engine.models.loading import load_model
 for path in ({str(folder)!r}, {str(file)!r}):
     print(load_model(path).family)
 """

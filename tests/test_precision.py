@@ -1,15 +1,14 @@
-"""Weights stored in one dtype, used in another (engine/precision.py): exact, without copies, and trainable."""
+"""Weights stored in one dtype, used in another (engine/models/precision.py): exact, without copies, and trainable."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
-from protobooth.engine import tiny
-from protobooth.engine.precision import compute_in
-from protobooth.engine.prior import class_latents
+from protobooth.engine.models import tiny
+from protobooth.engine.models.precision import compute_in
+from protobooth.engine.train.class_prior import class_latents
 from protobooth.engine.train import TrainSettings, train_concept
 
 STORED = [torch.float16, torch.bfloat16, torch.float8_e4m3fn]
@@ -91,7 +90,7 @@ def test_training_over_weights_stored_in_half_or_fp8(dtype, tmp_path):
     from test_train import FAST, scene
 
     image, cat, _ = scene()
-    settings = dataclasses.replace(FAST, steps=80, prior_weight=0.0, text_anchor_weight=0.0, lora_learning_rate=3e-3,
+    settings = FAST.replace(steps=80, prior_weight=0.0, text_anchor_weight=0.0, lora_learning_rate=3e-3,
                                    flip=False)
     losses = {}
     for stored in (torch.float32, dtype):
@@ -116,7 +115,7 @@ def test_a_model_computing_in_fp16_trains_with_loss_scaling(tmp_path):
     model = tiny.tiny_model(0)
     for module in (model.unet, model.text_encoder):
         stored_as(module, torch.float16)
-    settings = dataclasses.replace(FAST, steps=80, prior_weight=0.0, text_anchor_weight=0.0, lora_learning_rate=3e-3,
+    settings = FAST.replace(steps=80, prior_weight=0.0, text_anchor_weight=0.0, lora_learning_rate=3e-3,
                                    flip=False)
     result = train_concept(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=tmp_path)
     assert all(torch.isfinite(torch.tensor(result.losses)))

@@ -6,12 +6,12 @@ import logging
 import pytest
 import torch
 
-from protobooth.engine import tiny
+from protobooth.engine.models import tiny
 from protobooth.engine.errors import InputError
 from protobooth.engine.fileio import save_safetensors
 from protobooth.engine.prototype import (ClipTowers, PrototypeSettings, load_text_projection, masked_object_crop,
                                          prototype_embeddings)
-from protobooth.engine.tokens import class_word_vectors
+from protobooth.engine.text.vocabulary import class_word_vectors
 
 
 def picture():

@@ -20,20 +20,10 @@ from conftest import ROOT
 from protobooth.engine.cli import main
 from protobooth.engine.errors import InputError
 from protobooth.engine.images import to_pil, to_uint8_hwc
-from protobooth.engine.sam_import import import_segment_anything
-from protobooth.engine.segment import (
-    SAM_CONFIGS,
-    ObjectPrompt,
-    Segmenter,
-    load_sam,
-    overlay_masks,
-    parse_prompts,
-    refine_mask,
-    sam_config_from_state_dict,
-    sam_from_config,
-    save_sam_checkpoint,
-)
-from protobooth.engine.tiny import tiny_sam, tiny_sam_config
+from protobooth.engine.segment.sam_import import import_segment_anything
+from kit.sam import save_sam_checkpoint, tiny_sam, tiny_sam_config
+from protobooth.engine.segment import ObjectPrompt, Segmenter, load_sam, overlay_masks, parse_prompts, refine_mask
+from protobooth.engine.segment.sam_files import SAM_CONFIGS, sam_config_from_state_dict, sam_from_config
 
 WIDTH, HEIGHT = 64, 48
 PROMPTS = [

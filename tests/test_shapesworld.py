@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from protobooth.benchmarks.shapesworld import metrics, world
+from protobooth.benchmarks.shapesworld import metrics
+from protobooth.engine.shapesworld import world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_captions_say_what_text_can_and_not_the_accent():
 
 
 def test_captions_tokenise_into_whole_words():
-    from protobooth.engine.tokenizer import clip_tokenizer
+    from protobooth.engine.text.tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     words = {*world.CLASSES, *world.COLOURS, *world.BACKGROUNDS, *world.POSITIONS, "photo", "background", "and", "on", "the"}
@@ -65,7 +66,7 @@ def test_held_out_instances_never_appear_in_pretraining_scenes():
 # ---------------------------------------------------------------------------------------------- shipped models
 
 def test_the_shipped_model_loads_as_an_sd1_diffusers_folder_within_its_size_budget():
-    from protobooth.engine.loading import detect_family
+    from protobooth.engine.models.loading import detect_family
     from protobooth.engine.shapesworld import MODEL_DIR, clip_towers, load_shapesworld
 
     size = sum(p.stat().st_size for folder in (MODEL_DIR, metrics.METRIC_DIR) for p in folder.rglob("*") if p.is_file())

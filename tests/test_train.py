@@ -1,16 +1,15 @@
 """One-shot training on tiny models: what changes, what must not, and that results can be trusted."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from protobooth.engine import tiny
-from protobooth.engine.concept import concept_applied, load_concept, save_concept
+from protobooth.engine.models import tiny
+from protobooth.engine.concept.concept import concept_applied, load_concept, save_concept
 from protobooth.engine.errors import InputError
-from protobooth.engine.losses import latent_mask
+from protobooth.engine.train.losses import latent_mask
 from protobooth.engine.train import OneShotTrainer, TrainingCancelled, TrainSettings, train_concept
 
 
@@ -27,7 +26,7 @@ def scene():
     return image, cat, pot
 
 
-FAST = TrainSettings(steps=8, prior_images=2, prior_steps=2, lora_learning_rate=1e-3, token_learning_rate=1e-2)
+FAST = TrainSettings.from_values(steps=8, prior_images=2, prior_steps=2, lora_learning_rate=1e-3, token_learning_rate=1e-2)
 
 
 @pytest.fixture
@@ -37,7 +36,7 @@ def prior_cache(tmp_path):
 
 def test_loss_falls(prior_cache):
     image, cat, _ = scene()
-    settings = dataclasses.replace(FAST, steps=80, prior_weight=0.0, text_anchor_weight=0.0, lora_learning_rate=3e-3, flip=False)
+    settings = FAST.replace(steps=80, prior_weight=0.0, text_anchor_weight=0.0, lora_learning_rate=3e-3, flip=False)
     result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
     first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
     assert last < 0.8 * first, (first, last)
@@ -71,7 +70,7 @@ def test_only_lora_and_new_token_rows_change_and_model_is_restored(prior_cache):
 def test_background_weight_zero_makes_loss_blind_outside_mask(prior_cache):
     model = tiny.tiny_model(0)
     image, cat, _ = scene()
-    settings = dataclasses.replace(FAST, steps=3, background_weight=0.0, flip=False)
+    settings = FAST.replace(steps=3, background_weight=0.0, flip=False)
     captured = []
 
     def keep_grad(_module, _inputs, output):
@@ -93,7 +92,7 @@ def test_background_weight_zero_makes_loss_blind_outside_mask(prior_cache):
 def test_background_weight_counts_outside_when_set():
     mask = latent_mask(torch.cat([torch.ones(32, 64), torch.zeros(32, 64)]), (8, 8))
     prediction = torch.zeros(1, 4, 8, 8, requires_grad=True)
-    from protobooth.engine.losses import masked_mse
+    from protobooth.engine.train.losses import masked_mse
 
     masked_mse(prediction, torch.ones(1, 4, 8, 8), mask, 0.25).backward()
     assert (prediction.grad[0, :, 6:] != 0).all()
@@ -103,7 +102,7 @@ def test_background_weight_counts_outside_when_set():
 def test_each_token_moves_only_on_steps_that_name_it(prior_cache):
     model = tiny.tiny_model(0)
     image, cat, pot = scene()
-    settings = dataclasses.replace(FAST, steps=12)
+    settings = FAST.replace(steps=12)
     with OneShotTrainer(model, image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings, prior_cache=prior_cache) as trainer:
         prompts, snapshots = [], [[v.detach().clone() for v in trainer.vocabulary.vectors]]
         encode = trainer._encode_prompt
@@ -119,7 +118,7 @@ def test_each_token_moves_only_on_steps_that_name_it(prior_cache):
 def test_exported_files_reproduce_the_trained_pipeline(tmp_path, prior_cache):
     model = tiny.tiny_model(0)
     image, cat, pot = scene()
-    settings = dataclasses.replace(FAST, steps=10, lora_learning_rate=5e-3)
+    settings = FAST.replace(steps=10, lora_learning_rate=5e-3)
     prompt = "a photo of zqcat cat and zqpot teapot"
     with OneShotTrainer(model, image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings, prior_cache=prior_cache) as trainer:
         result = trainer.train()
@@ -142,7 +141,7 @@ def test_exported_files_reproduce_the_trained_pipeline(tmp_path, prior_cache):
 
 def test_same_seed_gives_identical_files_and_resume_equals_uninterrupted(tmp_path, prior_cache):
     image, cat, _ = scene()
-    settings = dataclasses.replace(FAST, steps=6, checkpoint_every=3)
+    settings = FAST.replace(steps=6, checkpoint_every=3)
 
     def run(name, **kwargs):
         result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache, **kwargs)
@@ -170,7 +169,7 @@ def test_gradient_checkpointing_gives_the_same_training_and_is_switched_off_afte
     model = tiny.tiny_model(0)
     active = []
     checkpointed = train_concept(model, image, [cat], ["zqcat"], ["cat"],
-                                 dataclasses.replace(FAST, gradient_checkpointing=True), prior_cache=prior_cache,
+                                 FAST.replace(gradient_checkpointing=True), prior_cache=prior_cache,
                                  progress=lambda report: active.append(model.unet.is_gradient_checkpointing))
     assert active == [True] * FAST.steps
     # Recomputing activations in the backward pass must not change a single number on CPU.
@@ -185,7 +184,7 @@ def test_bf16_autocast_on_cpu_when_asked_and_fp16_refused_there(prior_cache):
 
     def trained(mixed_precision):
         return train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"],
-                             dataclasses.replace(FAST, mixed_precision=mixed_precision), prior_cache=prior_cache)
+                             FAST.replace(mixed_precision=mixed_precision), prior_cache=prior_cache)
 
     plain, bf16, again = trained("auto"), trained("bf16"), trained("bf16")
     assert trained("no").losses == plain.losses  # auto is full precision on CPU
@@ -194,7 +193,7 @@ def test_bf16_autocast_on_cpu_when_asked_and_fp16_refused_there(prior_cache):
     assert abs(bf16.losses[0] - plain.losses[0]) < 0.05 * plain.losses[0]
     with pytest.raises(InputError, match="fp16 mixed precision needs a CUDA GPU"):
         OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"],
-                       dataclasses.replace(FAST, mixed_precision="fp16"), prior_cache=prior_cache / "unused")
+                       FAST.replace(mixed_precision="fp16"), prior_cache=prior_cache / "unused")
     assert not (prior_cache / "unused").exists()
 
 
@@ -204,13 +203,14 @@ def _attention_term(trainer, prompt: str) -> float:
     latents = view["mean"] * trainer.model.latent_scaling
     timestep = torch.tensor([500])
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    method = trainer.method
     with torch.no_grad():
         states = trainer._encode_prompt(prompt)
-        trainer._attention_positions = trainer._token_positions(prompt, [0])
+        method._attention_positions = trainer.token_positions(prompt, [0])
         trainer.model.unet(trainer.model.noise_scheduler.add_noise(latents, noise, timestep), timestep,
                            encoder_hidden_states=states)
-        trainer._attention_positions = None
-        return float(trainer._attention_loss(view, [0]))
+        method._attention_positions = None
+        return float(method._attention_loss(view, [0]))
 
 
 def test_attention_loss_pulls_the_tokens_attention_onto_its_mask_and_its_hooks_go_after(prior_cache):
@@ -218,7 +218,7 @@ def test_attention_loss_pulls_the_tokens_attention_onto_its_mask_and_its_hooks_g
     after = {}
     for weight in (1e-9, 1.0):  # 1e-9: the same hooks and measurement, a negligible pull
         model = tiny.tiny_model(0)
-        settings = dataclasses.replace(FAST, steps=40, attention_weight=weight, prior_weight=0.0, flip=False)
+        settings = FAST.replace(steps=40, attention_weight=weight, prior_weight=0.0, flip=False)
         prompt = settings.templates[0].format("zqcat cat")
         with OneShotTrainer(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache) as trainer:
             before = _attention_term(trainer, prompt)
@@ -233,20 +233,21 @@ def test_attention_loss_finds_each_objects_own_vectors_in_the_prompt(prior_cache
     model = tiny.tiny_model(0)
     width = model.text_encoder.get_input_embeddings().weight.shape[1]
     init = [torch.zeros(2, width), torch.zeros(1, width)]  # two vectors for the first object, one for the second
-    settings = dataclasses.replace(FAST, attention_weight=0.1, prior_weight=0.0)
+    settings = FAST.replace(attention_weight=0.1, prior_weight=0.0)
     with OneShotTrainer(model, image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings, init,
                         prior_cache=prior_cache) as trainer:
         prompt = "a photo of zqpot teapot and zqcat cat"
         ids = trainer.vocabulary.input_ids([prompt])[0]
-        found = trainer._token_positions(prompt, [0, 1])
+        found = trainer.token_positions(prompt, [0, 1])
         words = [trainer.vocabulary.tokenizer.convert_ids_to_tokens(ids[p].tolist()) for p in (found[0], found[1])]
     assert words == [["zqcat", "zqcat_1"], ["zqpot"]]
 
 
 def test_snr_timestep_sampling_prefers_noisy_steps():
-    from protobooth.engine.losses import sample_timesteps, snr_timestep_weights
+    from protobooth.engine.models.families import noise_scheduler
+    from protobooth.engine.train.losses import sample_timesteps, snr_timestep_weights
 
-    weights = snr_timestep_weights(tiny.noise_scheduler().alphas_cumprod)
+    weights = snr_timestep_weights(noise_scheduler().alphas_cumprod)
     assert weights[0] == 0 and torch.all(weights[1:] > 0)
     draws = sample_timesteps(20000, 1000, torch.Generator().manual_seed(0), weights).float()
     assert 540 < draws.mean() < 630  # research/methods.md §2.6: E[t] ≈ 584 for SD's schedule
@@ -255,7 +256,7 @@ def test_snr_timestep_sampling_prefers_noisy_steps():
 def test_v_prediction_model_trains(prior_cache):
     image, cat, _ = scene()
     model = tiny.tiny_model(0, family="sd2", prediction_type="v_prediction")
-    result = train_concept(model, image, [cat], ["zqcat"], ["cat"], dataclasses.replace(FAST, timestep_sampling="snr"),
+    result = train_concept(model, image, [cat], ["zqcat"], ["cat"], FAST.replace(timestep_sampling="snr"),
                            prior_cache=prior_cache)
     assert result.concept.family == "sd2" and all(torch.isfinite(torch.tensor(result.losses)))
     assert "clip_h" in result.concept.embedding_tensors()
@@ -268,7 +269,7 @@ def test_v_prediction_model_trains(prior_cache):
         (dict(tokens=["zq cat"]), "no spaces"),
         (dict(tokens=["zqcat", "zqcat"], classes=["cat", "cat"], masks=2), "overlap"),
         (dict(classes=["   "]), "tokenises to nothing"),
-        (dict(settings=dataclasses.replace(FAST, steps=0)), "steps must be at least 1"),
+        (dict(settings=FAST.replace(steps=0)), "steps must be at least 1"),
         (dict(masks=0), "no object mask"),
         (dict(empty_mask=True), "empty"),
         (dict(mask_size=(32, 32)), "same size"),
@@ -300,8 +301,8 @@ def test_bad_input_is_named_and_nothing_is_touched(change, message, prior_cache)
         (dict(n_vectors=0), "vectors per token must be at least 1"),
         (dict(prior_images=0), "prior images must be at least 1"),
         (dict(prior_steps=0), "prior steps"),
-        (dict(resolution=0), "resolution must be a positive number"),
-        (dict(resolution=-64), "resolution must be a positive number"),
+        (dict(resolution=0), "resolution must be at least 8 or unset"),
+        (dict(resolution=-64), "resolution must be at least 8 or unset"),
         (dict(lora_alpha=0.0), "LoRA alpha must be above 0"),
         (dict(lora_alpha=-4.0), "LoRA alpha must be above 0"),
         (dict(checkpoint_every=-1), "checkpoint every"),
@@ -312,8 +313,8 @@ def test_bad_input_is_named_and_nothing_is_touched(change, message, prior_cache)
         (dict(attention_weight=-0.1), "attention weight must not be negative"),
         (dict(max_grad_norm=0.0), "max grad norm must be above 0"),
         (dict(steps=2.5), "steps must be a whole number"),
-        (dict(seed=-1), "seed must be between"),
-        (dict(seed=2**64), "seed must be between"),
+        (dict(seed=-1), "seed must be at least 0"),
+        (dict(seed=2**64), "seed must be at most 9223372036854775807"),
         (dict(templates=()), "no prompt template"),
         (dict(templates=("a photo of {} and {}",)), "needs exactly one"),
         (dict(templates=("a {style} photo of {}",)), "needs exactly one"),
@@ -324,7 +325,7 @@ def test_bad_input_is_named_and_nothing_is_touched(change, message, prior_cache)
 def test_impossible_settings_are_refused_before_anything_runs(change, message, prior_cache):
     model = tiny.tiny_model(0)
     image, cat, _ = scene()
-    settings = dataclasses.replace(FAST, **change)
+    settings = FAST.replace(**change)
     with pytest.raises(InputError, match=message):
         OneShotTrainer(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
     assert not prior_cache.exists()
@@ -332,7 +333,7 @@ def test_impossible_settings_are_refused_before_anything_runs(change, message, p
 
 def test_settings_that_only_matter_with_the_prior_are_free_without_it(prior_cache):
     image, cat, _ = scene()
-    settings = dataclasses.replace(FAST, steps=1, prior_weight=0.0, prior_images=0, prior_steps=0)
+    settings = FAST.replace(steps=1, prior_weight=0.0, prior_images=0, prior_steps=0)
     result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
     assert len(result.losses) == 1 and not prior_cache.exists()
 
@@ -341,17 +342,17 @@ def test_a_resolution_the_unet_cannot_take_is_refused_with_the_smallest_that_wor
     image, cat, _ = scene()
     # The tiny UNet halves 8x8 latents once, onto 32 channels in 32 groups: 16 px leaves one value per group.
     with pytest.raises(InputError, match="resolution 16 is too small .* at least 24"):
-        OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], dataclasses.replace(FAST, resolution=16))
+        OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], FAST.replace(resolution=16))
     with pytest.raises(InputError, match="multiple of 8"):
-        OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], dataclasses.replace(FAST, resolution=60))
-    settings = dataclasses.replace(FAST, steps=1, resolution=24, prior_images=1, prior_steps=1)
+        OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], FAST.replace(resolution=60))
+    settings = FAST.replace(steps=1, resolution=24, prior_images=1, prior_steps=1)
     result = train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
     assert torch.isfinite(torch.tensor(result.losses)).all()
 
 
 def test_class_image_drawing_reports_progress_and_a_second_run_reads_the_cache(prior_cache):
     image, cat, pot = scene()
-    settings = dataclasses.replace(FAST, steps=1, prior_images=2, prior_steps=3)
+    settings = FAST.replace(steps=1, prior_images=2, prior_steps=3)
     reports = []
     train_concept(tiny.tiny_model(0), image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], settings,
                   prior_cache=prior_cache, prepare_progress=lambda done, total: reports.append((done, total)))
@@ -371,7 +372,7 @@ def test_cancel_while_drawing_class_images_writes_nothing_and_leaves_the_model(p
     image, cat, _ = scene()
     before = {k: v.clone() for m in (model.unet, model.text_encoder, model.vae) for k, v in m.state_dict().items()}
     flags = [p.requires_grad for p in model.unet.parameters()]
-    settings = dataclasses.replace(FAST, prior_images=3, prior_steps=4)
+    settings = FAST.replace(prior_images=3, prior_steps=4)
     reports = []
     with pytest.raises(TrainingCancelled, match="class image 2 of 3"):
         train_concept(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache,
@@ -386,7 +387,7 @@ def test_cancel_while_drawing_class_images_writes_nothing_and_leaves_the_model(p
 
 
 def test_class_images_are_cached_per_weights_key(prior_cache):
-    from protobooth.engine.prior import class_latents
+    from protobooth.engine.train.class_prior import class_latents
 
     model = tiny.tiny_model(0)
     plain = class_latents(model, "a photo of a cat", 1, 64, 0, steps=2, directory=prior_cache)
@@ -400,7 +401,7 @@ def test_class_images_are_cached_per_weights_key(prior_cache):
 def test_the_class_image_cache_stays_under_its_bound_least_recently_used_out(prior_cache, monkeypatch):
     import os
 
-    from protobooth.engine.prior import class_latents
+    from protobooth.engine.train.class_prior import class_latents
 
     model = tiny.tiny_model(0)
     entry = 4 * 8 * 8 * 4  # bytes of one image's latents; the file adds its header
@@ -417,7 +418,7 @@ def test_the_class_image_cache_stays_under_its_bound_least_recently_used_out(pri
 
 
 def test_the_cache_folder_is_the_callers_unless_the_variable_says_otherwise(tmp_path, monkeypatch):
-    from protobooth.engine.prior import cache_dir
+    from protobooth.engine.train.class_prior import cache_dir
 
     monkeypatch.delenv("PROTOBOOTH_CACHE", raising=False)
     assert cache_dir(default=tmp_path / "comfy-user") == tmp_path / "comfy-user"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from protobooth.engine import tiny
+from protobooth.engine.models import tiny
 
 SCRIPT = ROOT / "benchmarks" / "train_speed.py"
 

@@ -42,12 +42,13 @@ from checkout import import_this_checkout  # noqa: E402
 
 import_this_checkout()
 
-from protobooth.benchmarks.shapesworld import metrics, world  # noqa: E402
+from protobooth.benchmarks.shapesworld import metrics
+from protobooth.engine.shapesworld import world  # noqa: E402
 from protobooth.engine.generate import generate  # noqa: E402
 from protobooth.engine.images import load_image  # noqa: E402
 from protobooth.engine.prototype import PrototypeSettings, prototype_embeddings  # noqa: E402
 from protobooth.engine.shapesworld import GUIDANCE, SAMPLER_STEPS, clip_towers, load_shapesworld  # noqa: E402
-from protobooth.engine.tokens import class_word_vectors  # noqa: E402
+from protobooth.engine.text.vocabulary import class_word_vectors  # noqa: E402
 from protobooth.engine.train import OneShotTrainer, TrainSettings  # noqa: E402
 
 RESULTS = HERE / "results"  # the committed results; --results writes elsewhere
@@ -124,7 +125,7 @@ def train_once(model, towers, method: Method, image, masks, tokens, classes, ste
     common = dict(steps=steps, lora_rank=4, seed=seed, flip=False, lora_learning_rate=LORA_LEARNING_RATE,
                   token_learning_rate=TOKEN_LEARNING_RATE, prior_images=4, prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE,
                   templates=(f"a photo of a {{}} {where}{reference_scene.background} background",))
-    settings = TrainSettings(**{**common, **method.settings})
+    settings = TrainSettings.from_values(**{**common, **method.settings})
     with OneShotTrainer(model, image, masks, tokens, classes, settings, init, prior_cache=cache) as trainer:
         result = trainer.train()
     return result.concept, time.perf_counter() - started

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import models as sw_models
-from . import world
+from protobooth.engine.shapesworld import world
 
 METRIC_DIR = Path(__file__).resolve().parent / "metric"
 _SHAPES, _COLOURS = list(world.CLASSES), list(world.COLOURS)

@@ -21,23 +21,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluate as ev  # noqa: E402  (also makes `protobooth` this checkout)
 
-from protobooth.benchmarks.shapesworld import world  # noqa: E402
+from protobooth.engine.shapesworld import world  # noqa: E402
 from protobooth.engine.train import TrainSettings  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--instances", type=int, nargs="+", default=[0, 1, 2, 3], help="indices into HELD_OUT")
-    parser.add_argument("--setting", default="lora_learning_rate", help="the TrainSettings field to vary")
+    parser.add_argument("--setting", default="lora_learning_rate", help="the setting to vary (a numeric field of TrainSettings or of the method's settings)")
     parser.add_argument("--values", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 3e-3], help="its values")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     args = parser.parse_args(argv)
     defaults = TrainSettings()
-    numeric = {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(TrainSettings)
-               if type(getattr(defaults, f.name)) in (int, float)}
+    numeric = {f.name: type(getattr(owner, f.name)) for owner in (defaults, defaults.method)
+               for f in dataclasses.fields(owner) if type(getattr(owner, f.name)) in (int, float)}
     if args.setting not in numeric:
-        parser.error(f"--setting must be a numeric TrainSettings field: {', '.join(sorted(numeric))}")
+        parser.error(f"--setting must be a numeric setting: {', '.join(sorted(numeric))}")
     torch.set_num_threads(args.threads)
     bench = ev.Bench.load(seeds=[0, 1], steps=args.steps, seed=0)
     print(f"| {args.setting} | fidelity | editability | harmonic mean | class attributes | class likeness | train s |\n"

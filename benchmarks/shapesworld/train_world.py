@@ -34,12 +34,12 @@ from checkout import import_this_checkout  # noqa: E402
 import_this_checkout()
 
 from protobooth.benchmarks.shapesworld import models as sw_models  # noqa: E402
-from protobooth.benchmarks.shapesworld import world  # noqa: E402
+from protobooth.engine.shapesworld import world  # noqa: E402
 from protobooth.benchmarks.shapesworld.metrics import METRIC_DIR, load_classifier, scene_accuracy  # noqa: E402
-from protobooth.engine.loading import load_model  # noqa: E402
-from protobooth.engine.models import DiffusionModel  # noqa: E402
+from protobooth.engine.models.loading import load_model  # noqa: E402
+from protobooth.engine.models.diffusion_model import DiffusionModel  # noqa: E402
 from protobooth.engine.prototype import CLIP_MEAN, CLIP_STD  # noqa: E402
-from protobooth.engine.tokenizer import clip_tokenizer  # noqa: E402
+from protobooth.engine.text.tokenizer import clip_tokenizer  # noqa: E402
 
 DEFAULT_WORK = Path.home() / ".cache" / "protobooth" / "shapesworld-work"
 EXPORT_DIR = HERE.parents[1] / "engine" / "data" / "shapesworld"

@@ -10,9 +10,9 @@ import functools
 import gzip
 from pathlib import Path
 
-BPE_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
-START_TOKEN = "<|startoftext|>"
-END_TOKEN = "<|endoftext|>"
+BPE_PATH = Path(__file__).parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
+START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
+START_TOKEN_ID, END_TOKEN_ID = 49406, 49407
 MAX_LENGTH = 77
 
 
@@ -47,7 +47,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]
 def clip_tokenizer(pad_token: str = END_TOKEN):
     """A fresh transformers CLIPTokenizer (callers may add tokens to it), padded to 77 tokens.
 
-    SD1 pads with the end token; SD2's tokenizer pads with "!" (id 0).
+    Each family pads as its record says (families.py): SD1 with the end token, SD2 with "!" (id 0).
     """
     from transformers import CLIPTokenizer
 

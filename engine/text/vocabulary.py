@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 _TOKEN_CHARS = re.compile(r"^[a-z0-9_<>\-]+$")
 
@@ -141,10 +141,6 @@ class ConceptVocabulary:
             truncation=True,
             return_tensors="pt",
         ).input_ids
-
-    def names_in(self, prompt: str) -> set[int]:
-        """Indices of the tokens a prompt names."""
-        return {self.tokens.index(m.group(1)) for m in self._pattern.finditer(prompt.lower())}
 
     @contextlib.contextmanager
     def installed(self, text_encoder):

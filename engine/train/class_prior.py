@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import TrainingCancelled
-from .fileio import save_safetensors
+from ..errors import TrainingCancelled
+from ..fileio import save_safetensors
 
 log = logging.getLogger("protobooth")
 

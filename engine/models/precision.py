@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 
 class _LinearCastOnUse(torch.autograd.Function):
     @staticmethod
@@ -120,3 +122,22 @@ def compute_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     module.__class__ = _reporting(type(module))
     module._compute_dtype = dtype
     return module
+
+
+def autocast_dtype(setting: str, device: torch.device):
+    """The autocast dtype for this setting on this device, or None for full precision.
+
+    On CPU only an explicit bf16 casts: it is faster only where the CPU has bf16 matrix units (e.g. AMX),
+    so auto keeps CPU runs in fp32.
+    """
+    if setting == "no":
+        return None
+    if device.type == "cuda":
+        if setting == "fp16":
+            return torch.float16
+        if setting == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if setting == "fp16":
+        raise InputError(f"fp16 mixed precision needs a CUDA GPU (the model is on {device}); use bf16 or no.")
+    return torch.bfloat16 if setting == "bf16" else None

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .fileio import save_safetensors
-from .version import __version__
+from ..errors import InputError
+from ..fileio import save_safetensors
+from ..models.families import FAMILIES, TRAINABLE
+from ..version import __version__
 
 log = logging.getLogger("protobooth")
 
 METADATA_KEY = "protobooth"
 PART_KEY = "protobooth_object"  # header key of a per-object embedding file
 EXTENSION = ".safetensors"
-EMBEDDING_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
 LORA_PREFIX = "lora_unet_"
 
 
@@ -70,7 +70,7 @@ class Concept:
 
     def embedding_tensors(self) -> dict[str, torch.Tensor]:
         rows = torch.cat([o.vectors.detach().float().cpu() for o in self.objects])
-        return {EMBEDDING_KEYS[self.family]: rows}
+        return {FAMILIES[self.family].embedding_key: rows}
 
 
 def peft_to_kohya(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -119,6 +119,11 @@ def object_embedding_paths(embedding_path, tokens: list[str]) -> dict[str, Path]
     return paths
 
 
+def models_folder_paths(folder: Path, name: str) -> tuple[Path, Path]:
+    """(LoRA file, embedding file) of a concept named `name` in a ComfyUI-style models folder (loras/, embeddings/)."""
+    return Path(folder) / "loras" / f"{name}{EXTENSION}", Path(folder) / "embeddings" / f"{name}{EXTENSION}"
+
+
 def concept_files(lora_path, embedding_path, tokens: list[str]) -> list[Path]:
     """Every file save_concept may write for a concept with these tokens (what "already exists" must check)."""
     return [Path(lora_path), Path(embedding_path), *object_embedding_paths(embedding_path, tokens).values()]
@@ -142,7 +147,7 @@ def save_concept(concept: Concept, lora_path, embedding_path) -> None:
     elif lora_path.exists():
         # Left by an earlier concept of this name: loading this one would pick it up.
         lora_path.unlink()
-    key = EMBEDDING_KEYS[concept.family]
+    key = FAMILIES[concept.family].embedding_key
     for obj in concept.objects:
         if obj.token in parts:
             part = {"concept": _stem(embedding_path), "token": obj.token, "class_word": obj.class_word,
@@ -215,10 +220,10 @@ def load_concept(embedding_path, lora_path=None) -> Concept:
                              f"{part.get('concept')!r}, for stock embedding: prompts; load the concept itself.")
         raise InputError(f"{embedding_path} has no ProtoBooth metadata; it is not a concept saved by ProtoBooth.")
     family = meta.get("family")
-    if family not in EMBEDDING_KEYS:
+    if family not in TRAINABLE:
         raise InputError(f"{embedding_path} is a concept for model family {family!r}, which this version of ProtoBooth "
-                         f"cannot use (it knows {', '.join(EMBEDDING_KEYS)}); update ProtoBooth or train it again.")
-    key = EMBEDDING_KEYS[family]
+                         f"cannot use (it knows {', '.join(TRAINABLE)}); update ProtoBooth or train it again.")
+    key = FAMILIES[family].embedding_key
     rows = tensors.get(key)
     if rows is None or rows.ndim != 2:
         raise InputError(f"{embedding_path} has no [rows, width] {key!r} tensor, which an {family} concept keeps its "

@@ -1,15 +1,9 @@
-"""Stable Diffusion models in the original (CompVis/ldm) single-file layout.
+"""Test kit: tiny models written as original-layout (CompVis/ldm) single files, as ComfyUI and A1111 save them.
 
-That layout is what ComfyUI, A1111 and diffusers' `from_single_file` read: the UNet under
-`model.diffusion_model.*`, the VAE under `first_stage_model.*`, and the text encoder under
-`cond_stage_model.transformer.text_model.*` (SD1: OpenAI CLIP-L, transformers names) or
-`cond_stage_model.model.*` (SD2: OpenCLIP ViT-H, with fused q/k/v projections).
-
-The name maps are built from the diffusers configs (levels, blocks per level, which levels have
-attention, transformer depth), so the same code serves tiny test models and real SD1.5/SD2.1 layouts.
-They are used in both directions: `ldm_state_dict` writes with them and `from_original_layout` reads
-with them (diffusers modules over original-layout tensors, e.g. ComfyUI's), so writing and reading cannot
-disagree. `unet_config_from_original` and `vae_config_from_original` give the diffusers configs for reading.
+The library only reads that layout (engine/models/single_file.py, through diffusers' converters); writing it is
+needed only to make the test checkpoints, so the writer lives here. The name maps are built from the diffusers
+configs (levels, blocks per level, which levels have attention, transformer depth), so the same code writes tiny
+test models and real SD1.5/SD2.1 layouts; diffusers' converters reading the files back is tested.
 """
 from __future__ import annotations
 
@@ -17,17 +11,10 @@ import json
 
 import torch
 
-from .errors import InputError
-from .fileio import save_safetensors
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_L_PREFIX = "cond_stage_model.transformer.text_model."
-OPEN_CLIP_PREFIX = "cond_stage_model.model."
-# An empty tensor that ComfyUI writes into the checkpoints it saves from v-prediction models.
-V_PREDICTION_MARKER = "v_pred"
-# Safetensors metadata entry with the settings that tensor shapes cannot show (see `architecture_hints`).
-HINTS_METADATA_KEY = "protobooth.architecture"
+from protobooth.engine.errors import InputError
+from protobooth.engine.fileio import save_safetensors
+from protobooth.engine.models.single_file import (CLIP_L_PREFIX, HINTS_METADATA_KEY, OPEN_CLIP_PREFIX, UNET_PREFIX,
+                                                  V_PREDICTION_MARKER, VAE_PREFIX)
 
 # Renames inside one module: the part of a parameter name between the module prefix and ".weight"/".bias".
 _UNET_RESNET = {
@@ -136,119 +123,6 @@ def original_names(names, module_map, prefix: str) -> dict[str, str]:
             "only plain Stable Diffusion 1.x/2.x models can be written as single files."
         )
     return mapped
-
-
-def from_original_layout(module_state, module_map, original: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors of `original` (original-layout names) under the diffusers names of `module_state`.
-
-    `module_state` only supplies names and shapes (a meta-device module's state dict will do). Tensors are
-    returned as they are, not copied; the VAE's 1x1 attention convolutions become Linear weights by
-    indexing, which is also a view of the same storage.
-    """
-    names = original_names(module_state, module_map, prefix)
-    missing = [name for name in names.values() if name not in original]
-    if missing:
-        raise InputError(f"{len(missing)} tensors the diffusers model needs are absent (e.g. {missing[0]!r}); "
-                         "the weights are not a plain Stable Diffusion 1.x/2.x model.")
-    state = {}
-    for name, original_name in names.items():
-        tensor, wanted = original[original_name], module_state[name]
-        if tensor.ndim == 4 and wanted.ndim == 2 and tensor.shape[2:] == (1, 1):
-            tensor = tensor[:, :, 0, 0]  # 1x1 convolution weight -> Linear weight
-        state[name] = tensor
-    return state
-
-
-def unet_config_from_original(original: dict, sample_size: int) -> dict:
-    """diffusers UNet2DConditionModel arguments for an original (ldm UNetModel) configuration.
-
-    `original` holds the UNetModel arguments as ComfyUI detects them from a checkpoint: model_channels,
-    channel_mult, num_res_blocks and transformer_depth (a number, or one per level / per input block),
-    num_heads or num_head_channels, context_dim, use_linear_in_transformer, in/out channels.
-    `sample_size` is the native latent size (64 for 512-pixel models); the weights do not show it.
-    """
-    unsupported = [key for key in ("adm_in_channels", "num_classes", "use_temporal_resblock", "use_temporal_attention")
-                   if original.get(key)]
-    if unsupported:
-        raise InputError(f"this UNet has {', '.join(unsupported)} (an SDXL, unCLIP or video model); "
-                         "only plain Stable Diffusion 1.x/2.x UNets are supported.")
-    channels = original["model_channels"]
-    multipliers = list(original["channel_mult"])
-    levels = len(multipliers)
-    blocks = _per_level(original["num_res_blocks"], levels, "num_res_blocks")
-    if len(set(blocks)) != 1:
-        raise InputError(f"this UNet has {blocks} blocks per level; SD1/SD2 UNets have the same number on every level.")
-    per_level = blocks[0]
-    depths = original["transformer_depth"]
-    if not isinstance(depths, int) and len(depths) == levels * per_level:  # ComfyUI: one depth per input block
-        depths = [_same(depths[level * per_level : (level + 1) * per_level], "transformer depth within a level")
-                  for level in range(levels)]
-    depths = _per_level(depths, levels, "transformer_depth")
-    middle = original.get("transformer_depth_middle")
-    middle = max(depths) if middle is None else middle
-    depth = _same([d for d in depths if d > 0] + [middle], "transformer depth")
-    if depth < 1:
-        raise InputError("this UNet has no cross-attention in its middle block; it is not an SD1/SD2 UNet.")
-    widths = [channels * m for m in multipliers]
-    if original.get("num_heads", -1) != -1:
-        heads = [original["num_heads"]] * levels
-    else:
-        heads = [width // original["num_head_channels"] for width in widths]
-    attention = [d > 0 for d in depths]
-    return {
-        "sample_size": sample_size,
-        "in_channels": original["in_channels"],
-        "out_channels": original["out_channels"],
-        "layers_per_block": per_level,
-        "block_out_channels": tuple(widths),
-        "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "transformer_layers_per_block": depth,
-        "cross_attention_dim": original["context_dim"],
-        "attention_head_dim": heads[0] if len(set(heads)) == 1 else tuple(heads),
-        "use_linear_projection": bool(original.get("use_linear_in_transformer", False)),
-        "norm_num_groups": 32,
-    }
-
-
-def vae_config_from_original(state: dict[str, torch.Tensor], scaling_factor: float, sample_size: int = 512) -> dict:
-    """diffusers AutoencoderKL arguments for an original-layout KL VAE (names without a prefix), from its shapes."""
-    levels = _count(state, "encoder.down.{}.")
-    if not levels or "quant_conv.weight" not in state or "encoder.mid.attn_1.q.weight" not in state:
-        raise InputError("this VAE is not Stable Diffusion's KL autoencoder (the layout of SD1.x/SD2.x VAEs).")
-    return {
-        "in_channels": state["encoder.conv_in.weight"].shape[1],
-        "out_channels": state["decoder.conv_out.weight"].shape[0],
-        "latent_channels": state["quant_conv.weight"].shape[0] // 2,
-        "layers_per_block": _count(state, "encoder.down.0.block.{}."),
-        "block_out_channels": tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)),
-        "down_block_types": ("DownEncoderBlock2D",) * levels,
-        "up_block_types": ("UpDecoderBlock2D",) * levels,
-        "norm_num_groups": 32,
-        "sample_size": sample_size,
-        "scaling_factor": scaling_factor,
-    }
-
-
-def _count(state, pattern: str) -> int:
-    count = 0
-    while any(name.startswith(pattern.format(count)) for name in state):
-        count += 1
-    return count
-
-
-def _per_level(value, levels: int, what: str) -> list:
-    values = [value] * levels if isinstance(value, int) else list(value)
-    if len(values) != levels:
-        raise InputError(f"this UNet's {what} ({values}) does not give one value per level ({levels} levels).")
-    return values
-
-
-def _same(values: list, what: str):
-    if len(set(values)) != 1:
-        raise InputError(f"this UNet's {what} varies ({values}); SD1/SD2 UNets use one value throughout.")
-    return values[0]
 
 
 def open_clip_names(num_layers: int) -> dict[str, tuple[str, ...]]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
-MODEL_DIR = Path(__file__).parent / "data" / "shapesworld"
+MODEL_DIR = Path(__file__).parents[1] / "data" / "shapesworld"
 GUIDANCE = 3.0  # classifier-free guidance the world model was measured with
 SAMPLER_STEPS = 25
 
@@ -26,7 +26,7 @@ def _folder() -> Path:
 
 def load_shapesworld(device="cpu"):
     """The ShapesWorld diffusion model as the engine's DiffusionModel (fp32)."""
-    from .loading import load_model
+    from ..models.loading import load_model
 
     model = load_model(_folder(), device=device)
     model.name = "shapesworld"
@@ -41,7 +41,7 @@ def clip_towers(text_encoder=None, device="cpu"):
     """
     from transformers import CLIPVisionModelWithProjection
 
-    from .prototype import ClipTowers
+    from ..prototype import ClipTowers
 
     if text_encoder is None:
         text_encoder = load_shapesworld(device).text_encoder

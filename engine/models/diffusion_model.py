@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED_FAMILIES = ("sd1", "sd2")
-
 # UNet tensors that identify a base model. They are outside the attention projections, so a LoRA
 # applied upstream (in a ComfyUI graph, say) does not change the fingerprint of its base model.
 _FINGERPRINT_TENSORS = ("conv_in.weight", "time_embedding.linear_1.weight", "conv_out.weight")

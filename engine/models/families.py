@@ -1,0 +1,98 @@
+"""Model families: one record per family holds every fact that differs between them, and everything reads it.
+
+Loading, the ComfyUI views, concept files, tokenizers and nodes ask this table (family(name).pad_token, ...)
+instead of restating a fact. SDXL is named here so that messages can say what it is; it becomes trainable when
+its record gains the facts below and `trainable` turns True.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..text.tokenizer import END_TOKEN, END_TOKEN_ID, START_TOKEN_ID  # CLIP's tokenizer: every family's
+
+LATENT_SCALING = 0.18215  # SD1/SD2's KL autoencoder
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the engine's name: "sd1", "sd2"
+    label: str  # what users call it
+    trainable: bool
+    text_activation: str = ""  # of its text encoder: OpenAI CLIP-L uses quick_gelu, OpenCLIP gelu
+    pad_token: str = END_TOKEN  # what its tokenizer pads prompts with (ComfyUI pads the same way)
+    pad_token_id: int = END_TOKEN_ID
+    embedding_key: str = ""  # the key of its vectors in an embedding file (ComfyUI, kohya, diffusers)
+    comfy_text_encoder: str = ""  # the attribute of ComfyUI's CLIP model that holds its text encoder
+    comfy_model_configs: tuple[str, ...] = ()  # ComfyUI's model-config classes of this family
+    native_sizes: tuple[tuple[str, int], ...] = ()  # (prediction type, pixels it draws natively)
+    unet_heads: int | None = None  # SD1 UNets have a fixed number of heads ...
+    unet_head_channels: int | None = None  # ... SD2 UNets heads of a fixed width (the weights do not show it)
+    clip_vision: str = ""  # the CLIP image encoder whose features fit its text encoder (prototype init)
+    full_clip: str = ""  # the full CLIP model file (both towers) that holds its text projection
+
+    def native_size(self, prediction_type: str = "epsilon") -> int:
+        sizes = dict(self.native_sizes)
+        return sizes.get(prediction_type, sizes.get("epsilon", 512))
+
+    def text_encoder_config(self, *, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                            num_attention_heads: int, vocab_size: int = 49408, max_position_embeddings: int = 77):
+        """A transformers CLIPTextConfig for this family's text encoder of the given sizes."""
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            max_position_embeddings=max_position_embeddings,
+            projection_dim=hidden_size,
+            hidden_act=self.text_activation,
+            layer_norm_eps=1e-5,
+            bos_token_id=START_TOKEN_ID,
+            eos_token_id=END_TOKEN_ID,  # transformers pools at the first end token; a legacy 2 means argmax
+            pad_token_id=self.pad_token_id,
+        )
+
+
+FAMILIES = {
+    "sd1": Family(
+        "sd1", "Stable Diffusion 1.x", trainable=True, text_activation="quick_gelu", embedding_key="clip_l",
+        comfy_text_encoder="clip_l", comfy_model_configs=("SD15",), native_sizes=(("epsilon", 512),), unet_heads=8,
+        clip_vision="CLIP ViT-L/14 (768-wide features; e.g. openai/clip-vit-large-patch14 saved as "
+                    "clip-vit-large-patch14.safetensors)",
+        full_clip="model.safetensors of openai/clip-vit-large-patch14",
+    ),
+    "sd2": Family(
+        "sd2", "Stable Diffusion 2.x", trainable=True, text_activation="gelu", pad_token="!", pad_token_id=0,
+        embedding_key="clip_h", comfy_text_encoder="clip_h", comfy_model_configs=("SD20",),
+        native_sizes=(("epsilon", 512), ("v_prediction", 768)), unet_head_channels=64,
+        clip_vision="CLIP ViT-H/14 (1024-wide features; e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
+        full_clip="model.safetensors of laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    ),
+    "sdxl": Family("sdxl", "SDXL", trainable=False, embedding_key="clip_g", native_sizes=(("epsilon", 1024),)),
+}
+TRAINABLE = tuple(name for name, record in FAMILIES.items() if record.trainable)
+
+
+def family(name: str) -> Family:
+    """The record of a family by its engine name; a KeyError names the known ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"no model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def noise_scheduler(prediction_type: str = "epsilon"):
+    """SD1/SD2's training noise schedule: 1000 scaled-linear steps from 0.00085 to 0.012."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )

@@ -1,0 +1,181 @@
+"""Loading Stable Diffusion 1.x/2.x base models from diffusers folders and original single files, offline.
+
+Diffusers folders load with `local_files_only=True`. Single files are read by single_file.py: the configuration
+from the tensors' shapes, the tensors under diffusers' names by diffusers' own converters.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..text.tokenizer import clip_tokenizer
+from . import single_file
+from .diffusion_model import DiffusionModel
+from .families import TRAINABLE, family, noise_scheduler
+from .single_file import FIX_PATH, PREDICTION_TYPES, CheckpointFile
+
+_FOLDER_PIPELINES = {
+    "StableDiffusionPipeline": None,
+    "StableDiffusionImg2ImgPipeline": None,
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
+    "StableDiffusionInpaintPipeline": "SD inpainting",
+    "StableDiffusion3Pipeline": "Stable Diffusion 3",
+    "FluxPipeline": "Flux",
+}
+
+
+def _folder_family(folder: Path) -> str:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise InputError(f"{folder} is a folder but not a diffusers model (it has no model_index.json). {FIX_PATH}")
+    try:
+        pipeline = json.loads(index_path.read_text()).get("_class_name", "")
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{folder} is not a complete diffusers model ({error}). Download it again.") from None
+    unsupported = _FOLDER_PIPELINES[pipeline] if pipeline in _FOLDER_PIPELINES else (pipeline or "unknown")
+    if unet.get("addition_embed_type") is not None or unet.get("class_embed_type") is not None:
+        unsupported = unsupported or "class-conditioned (SDXL-style)"
+    elif unet.get("in_channels", 4) != 4:
+        unsupported = unsupported or {9: "SD inpainting", 8: "InstructPix2Pix"}.get(unet["in_channels"], "non-standard")
+    if unsupported:
+        raise single_file.not_supported(folder, unsupported)
+    return "sd2" if unet.get("use_linear_projection") else "sd1"
+
+
+def detect_family(path) -> str:
+    """'sd1' or 'sd2' for a single-file checkpoint or diffusers folder.
+
+    SD1 has 1x1-convolution UNet projections and the CLIP-L text encoder; SD2 has linear projections and
+    OpenCLIP. Anything else (SDXL, SD3, Flux, inpainting, a LoRA, ...) is an InputError that names it.
+    """
+    path = _existing(path)
+    if path.is_dir():
+        return _folder_family(path)
+    return single_file.family_from_shapes(CheckpointFile(path).shapes, path)
+
+
+def load_model(path, *, family: str | None = None, prediction_type: str | None = None,
+               dtype: torch.dtype = torch.float32, device="cpu") -> DiffusionModel:
+    """Load an SD1.x/2.x model from a diffusers folder or an original single file, without network access.
+
+    `family` ("sd1"/"sd2"), when given, must match what the file is. `prediction_type` ("epsilon" or
+    "v_prediction") overrides the one found; pass it for SD2 files whose kind cannot be told. Without it:
+    a diffusers folder's scheduler config decides; a single file is v-prediction if it has ComfyUI's
+    `v_pred` marker or ProtoBooth's metadata says so; an SD2 file without either follows ComfyUI's rule
+    (the spread of one LayerNorm bias, output_blocks.11.1.transformer_blocks.0.norm1.bias, std > 0.09
+    means v-prediction), which separates the official 768-px v-models from the 512-px epsilon ones but is
+    a guess for fine-tunes; if that tensor does not exist, epsilon. SD1 files are epsilon.
+    """
+    path = _existing(path)
+    if family is not None and family not in TRAINABLE:
+        raise InputError(f"family={family!r} is not supported; use one of {', '.join(TRAINABLE)}.")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"prediction_type={prediction_type!r} is not known; use one of {', '.join(PREDICTION_TYPES)}.")
+    load = _load_folder if path.is_dir() else _load_single_file
+    model = load(path, family, prediction_type, dtype)
+    for module in (model.unet, model.vae, model.text_encoder):
+        module.to(device)
+    return model
+
+
+def _existing(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"Model path {path} does not exist. {FIX_PATH}")
+    return path
+
+
+def _check_family(detected: str, expected: str | None, path) -> None:
+    if expected is not None and expected != detected:
+        raise InputError(f"{path} is an {detected.upper()} model, not {expected.upper()}. Choose family={detected!r} or "
+                         "another model.")
+
+
+def _load_folder(folder: Path, expected, prediction_type, dtype) -> DiffusionModel:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    detected = _folder_family(folder)
+    _check_family(detected, expected, folder)
+    missing = [part for part in ("unet", "vae", "text_encoder", "scheduler") if not (folder / part).is_dir()]
+    if missing:
+        raise InputError(f"{folder} lacks the {', '.join(missing)} folder(s) of a diffusers SD model. Download it again.")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "unet"))
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "vae"))
+        text_encoder = CLIPTextModel.from_pretrained(
+            folder / "text_encoder", local_files_only=True, dtype=dtype, variant=_variant(folder / "text_encoder"))
+        schedule = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
+        if (folder / "tokenizer").is_dir():
+            tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        else:
+            tokenizer = clip_tokenizer(pad_token=family(detected).pad_token)
+    except (OSError, ValueError) as error:
+        raise InputError(f"Could not load the diffusers model in {folder}: {error} Download it again.") from None
+    # SD never clips samples; DDPMScheduler would, if the folder's (often PNDM) config does not say.
+    schedule.setdefault("clip_sample", False)
+    schedule["prediction_type"] = prediction_type or schedule.get("prediction_type", "epsilon")
+    return DiffusionModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                          noise_scheduler=DDPMScheduler.from_config(schedule), family=detected, name=folder.name)
+
+
+def _variant(component: Path) -> str | None:
+    """'fp16' when a component folder holds only fp16-variant weights (as some downloads do)."""
+    names = [p.name for p in component.iterdir() if p.suffix in (".safetensors", ".bin")]
+    return "fp16" if names and all(".fp16." in name for name in names) else None
+
+
+def _load_single_file(path: Path, expected, prediction_type, dtype) -> DiffusionModel:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    checkpoint = CheckpointFile(path)
+    detected = single_file.family_from_shapes(checkpoint.shapes, path)
+    _check_family(detected, expected, path)
+    prediction_type = prediction_type or single_file.prediction_type(checkpoint, detected)
+    try:
+        unet_config, vae_config, text_config = single_file.configs(checkpoint, detected, prediction_type)
+    except KeyError as error:
+        raise InputError(f"{path} lacks tensor {error}; it is incomplete or not a standard SD1.x/2.x checkpoint.") from None
+    # Modules without memory for their weights: the checkpoint's tensors are put in place below.
+    try:
+        with init_empty_weights(include_buffers=False):
+            unet = UNet2DConditionModel(**unet_config)
+            vae = AutoencoderKL(**vae_config)
+            text_encoder = CLIPTextModel(text_config)
+    except ValueError as error:
+        raise InputError(f"{path}: its tensor shapes do not make a standard SD1.x/2.x model ({error}).") from None
+    text_prefix = single_file.OPEN_CLIP_PREFIX if detected == "sd2" else single_file.OLD_CLIP_L_PREFIX
+    parts = {
+        unet: single_file.unet_tensors(checkpoint.tensors(single_file.UNET_PREFIX, dtype), unet.config),
+        vae: single_file.vae_tensors(checkpoint.tensors(single_file.VAE_PREFIX, dtype), vae.config),
+        text_encoder: single_file.text_tensors(checkpoint.tensors(text_prefix, dtype), detected, text_encoder),
+    }
+    for module, tensors in parts.items():
+        _fill(module, tensors, path)
+    return DiffusionModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                          tokenizer=clip_tokenizer(pad_token=family(detected).pad_token),
+                          noise_scheduler=noise_scheduler(prediction_type), family=detected, name=path.stem)
+
+
+def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Put the checkpoint's tensors into a module built without weights; names and shapes must match exactly."""
+    expected = module.state_dict()
+    if set(tensors) != set(expected):
+        example = sorted(set(expected) ^ set(tensors))[0]
+        raise InputError(f"{path} does not have the tensors its {type(module).__name__} needs (e.g. {example!r}); "
+                         "it is incomplete or not a standard SD1.x/2.x checkpoint.")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise InputError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, which does not fit "
+                             f"{tuple(expected[name].shape)}; the file is not a standard SD1.x/2.x checkpoint.")
+    module.load_state_dict(tensors, strict=True, assign=True)

@@ -1,0 +1,63 @@
+"""What a method is: the hooks the shared trainer (train/trainer.py) calls.
+
+The trainer owns what every method shares: the photo's views and their latents, the new tokens and their vectors,
+noise, timesteps, the optimiser, gradient clipping and loss scaling, progress, cancel, checkpoints and seeds. A
+method says what else is frozen (prepare), what trains (trainables), what joins the UNet batch (extra_rows), what
+happens around the UNet call (unet_call), what the loss is (loss), and what it exports (lora) — kohya LoRA keys,
+which stock ComfyUI and diffusers load, so applying any method's concept is the same everywhere.
+
+A method that trains nothing per concept (an encoder that maps a photo to vectors in one pass) is not a Method:
+it makes a Concept without the trainer.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ClassVar
+
+import torch
+
+
+class Method:
+    name: ClassVar[str]  # the --method value and the settings' owner
+    label: ClassVar[str]  # how the node and help name it
+    description: ClassVar[str]  # one paragraph for the node's help
+    settings_class: ClassVar[type]  # its MethodSettings dataclass
+    # Its ComfyUI node's widgets, in the order saved workflows store their values: append, never reorder (an old
+    # workflow file then fills the first ones by position and leaves a new one at its default).
+    widgets: ClassVar[tuple[str, ...]] = ("steps", "token_learning_rate", "resolution", "seed")
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.model = trainer.model
+        self.settings = trainer.settings.method
+
+    def prepare(self) -> None:
+        """Compute what stays fixed, once, while the model is still the base model (no gradients)."""
+
+    def trainables(self) -> list[dict]:
+        """Attach what this method trains to the model and return it as AdamW parameter groups (LoRA and the like;
+        the tokens' vectors are the trainer's). Undo every change through self.trainer.on_exit(callback)."""
+        return []
+
+    def extra_rows(self, example) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(latents, text states) to add to this step's UNet batch after the instance row, or None."""
+        return None
+
+    def unet_call(self, example):
+        """A context around this step's UNet forward pass."""
+        return contextlib.nullcontext()
+
+    def loss(self, example, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The step's loss from the UNet's prediction and target for every row of the batch."""
+        raise NotImplementedError
+
+    def lora(self) -> dict[str, torch.Tensor]:
+        """What the concept's LoRA file holds: kohya keys (lora_unet_*, lora_te_*, with alphas); empty for none."""
+        return {}
+
+    def checkpoint_state(self) -> dict:
+        """The trainable state to save for resuming (besides the tokens and optimiser, which the trainer keeps)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Put back what checkpoint_state saved."""

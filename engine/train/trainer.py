@@ -1,0 +1,348 @@
+"""The trainer every method shares: one photo, its masks and new words in; a Concept out.
+
+It owns what every method needs (methods/base.py says what a method adds): the photo cropped, resized and encoded
+once (and mirrored, when flip is on); the new tokens, their vectors spliced into the text encoder and trained by
+AdamW with the method's own parameters; each step's example (a random non-empty subset of the objects named in a
+random template, a view, noise and a timestep, uniform or SNR-weighted); gradient clipping, loss scaling for fp16,
+progress, cancel, resumable checkpoints and seeds (same seed, same result). The model is restored when training
+ends, however it ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..concept.concept import Concept, ConceptObject
+from ..errors import InputError, TrainingCancelled
+from ..fileio import atomic_path
+from ..images import check_masks, load_image
+from ..models.families import TRAINABLE
+from ..text.vocabulary import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vocabulary_norm
+from ..models.precision import autocast_dtype
+from .losses import diffusion_target, latent_mask, sample_timesteps, snr_timestep_weights
+from .methods import method_of
+from .photo import square_crop, training_size
+from .settings import StepReport, TrainSettings
+
+log = logging.getLogger("protobooth")
+
+
+@dataclass
+class TrainResult:
+    concept: Concept
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Example:
+    """One step's training example: which objects it names (indices), its prompt, the view of the photo (latent
+    mean and std, each object's latent mask) and the instance latents drawn from that view."""
+
+    subset: list[int]
+    prompt: str
+    view: dict
+    latents: torch.Tensor
+
+
+class OneShotTrainer:
+    """Use as a context manager: the model is restored on exit (method's trainables removed, embeddings untouched).
+
+    Entering prepares everything that stays fixed, which includes the method's frozen state (for object-driven,
+    drawing class images on a cache miss: minutes on a real model): prepare_progress(done, total) follows it and
+    should_cancel() can stop it (TrainingCancelled; nothing cached, the model as it was). should_cancel also stops
+    train() unless that is given its own. weights_key: see class_prior.class_latents (what is patched on top of the
+    base weights).
+    """
+
+    def __init__(self, model, image, masks, tokens, class_words, settings: TrainSettings | None = None,
+                 init_vectors: list[torch.Tensor] | None = None, prior_cache: Path | None = None, *,
+                 weights_key: str | None = None, prepare_progress=None, should_cancel=None):
+        self.model = model
+        self.settings = settings = settings or TrainSettings()
+        settings.check()
+        if model.family not in TRAINABLE:
+            raise InputError(f"model family {model.family!r} is not supported yet (supported: {', '.join(TRAINABLE)}).")
+        self.image = load_image(image)
+        self.tokens, self.class_words = check_objects(model.tokenizer, list(tokens), list(class_words))
+        self.masks = check_masks(list(masks), self.image, self.tokens)
+        if len(self.masks) != len(self.tokens):
+            raise InputError(f"got {len(self.masks)} mask(s) for {len(self.tokens)} token(s); give one mask per object.")
+        if init_vectors is None:
+            init_vectors = [class_word_vectors(model.text_encoder, model.tokenizer, c, settings.n_vectors) for c in self.class_words]
+        width = model.text_encoder.get_input_embeddings().weight.shape[1]
+        for token, vectors in zip(self.tokens, init_vectors):
+            if vectors.ndim != 2 or vectors.shape[1] != width:
+                raise InputError(f"initial vectors for {token!r} have shape {tuple(vectors.shape)}; expected [n, {width}].")
+        self.size = training_size(model, settings.resolution)
+        self.prior_cache = prior_cache
+        self.weights_key = weights_key
+        self.prepare_progress = prepare_progress
+        self.should_cancel = should_cancel
+        self.vocabulary = ConceptVocabulary(model.tokenizer, self.tokens, list(init_vectors))
+        self.norm_bounds = [max(vocabulary_norm(model.text_encoder), float(v.norm(dim=1).max())) for v in init_vectors]
+        self.device = model.device
+        # A model whose UNet already computes in half precision (weights kept so, as in a ComfyUI graph on a GPU)
+        # trains in it; a full-precision one autocasts as the setting says.
+        self.compute_dtype = model.unet.dtype
+        self.autocast = autocast_dtype(settings.mixed_precision, self.device) if self.compute_dtype == torch.float32 else None
+        self.method = method_of(settings.method)(self)
+        self.losses: list[float] = []
+        self.step = 0
+        self._frozen_prompts: dict[str, torch.Tensor] = {}
+        self._exit = contextlib.ExitStack()
+        self._prepared = False
+
+    # ----------------------------------------------------------------------------------------------
+    # set-up and tear-down
+
+    def __enter__(self):
+        try:
+            self._prepare()
+        except BaseException:
+            self._exit.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._exit.close()
+        return False
+
+    def on_exit(self, callback) -> None:
+        """Call `callback` when training ends, however it ends (last registered, first called)."""
+        self._exit.callback(callback)
+
+    def _prepare(self) -> None:
+        model, settings, size = self.model, self.settings, self.size
+        image, masks = square_crop(self.image, self.masks)
+        image = F.interpolate(image[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        masks = [F.interpolate(m[None, None], size=(size, size), mode="bilinear", antialias=True)[0, 0] for m in masks]
+        # Frozen state first, while the model is still the base model.
+        with torch.no_grad():
+            views = [(image, masks)] + ([(image.flip(-1), [m.flip(-1) for m in masks])] if settings.flip else [])
+            self.instance = []
+            for pixels, view_masks in views:
+                dist = model.vae.encode((pixels * 2 - 1).to(self.device, model.vae.dtype)).latent_dist
+                latent_size = tuple(dist.mean.shape[-2:])
+                self.instance.append({
+                    "mean": dist.mean.float(), "std": dist.std.float(),
+                    "masks": [latent_mask(m, latent_size).to(self.device) for m in view_masks],
+                })
+            self.method.prepare()
+        self.snr_weights = (
+            snr_timestep_weights(model.noise_scheduler.alphas_cumprod.float()) if settings.timestep_sampling == "snr" else None
+        )
+        groups = self._attach_trainables()
+        if settings.train_tokens:
+            groups.append({"params": list(self.vocabulary.vectors), "lr": settings.token_learning_rate, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.rng = random.Random(settings.seed)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if torch.float16 in (self.autocast, self.compute_dtype) else None
+        self._prepared = True
+
+    def _attach_trainables(self) -> list[dict]:
+        model, settings = self.model, self.settings
+        flags = {p: p.requires_grad for m in (model.unet, model.text_encoder, model.vae) for p in m.parameters()}
+        self.on_exit(lambda: [p.requires_grad_(f) for p, f in flags.items()])
+        for module in (model.unet, model.text_encoder, model.vae):
+            module.requires_grad_(False)
+        self.vocabulary.vectors.to(self.device)
+        self.vocabulary.vectors.requires_grad_(settings.train_tokens)
+        self._exit.enter_context(self.vocabulary.installed(model.text_encoder))
+        groups = self.method.trainables()
+        if settings.gradient_checkpointing and not model.unet.is_gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            self.on_exit(model.unet.disable_gradient_checkpointing)
+        return groups
+
+    # ----------------------------------------------------------------------------------------------
+    # text, for the trainer and its method
+
+    def pooled(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP's pooled text state of each prompt (the new words as they are now)."""
+        ids = self.vocabulary.input_ids(prompts).to(self.device)
+        states = self.model.text_encoder(input_ids=ids)[0]
+        return eos_pooled(states, ids, self.vocabulary.tokenizer.eos_token_id).float()
+
+    def encode_frozen(self, prompts: list[str]) -> torch.Tensor:
+        """Text states of prompts without the new words, through the model's own tokenizer."""
+        ids = self.model.tokenizer(prompts, padding="max_length", max_length=self.model.tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids
+        return self.model.text_encoder(input_ids=ids.to(self.device))[0]
+
+    def train(self, progress=None, should_cancel=None, checkpoint_dir: Path | None = None, resume: bool = False) -> TrainResult:
+        """Run the remaining steps. progress(StepReport) after each; should_cancel() → TrainingCancelled.
+
+        should_cancel defaults to the one the trainer was made with."""
+        if not self._prepared:
+            raise RuntimeError("use OneShotTrainer as a context manager (with ...:)")
+        settings = self.settings
+        should_cancel = should_cancel or self.should_cancel
+        if resume and checkpoint_dir is not None:
+            self._load_checkpoint(Path(checkpoint_dir))
+        started = time.perf_counter()
+        while self.step < settings.steps:
+            if should_cancel is not None and should_cancel():
+                raise TrainingCancelled(f"training cancelled at step {self.step} of {settings.steps}")
+            loss = self._train_step()
+            self.step += 1
+            self.losses.append(loss)
+            if progress is not None:
+                progress(StepReport(self.step, settings.steps, loss, time.perf_counter() - started))
+            if checkpoint_dir is not None and settings.checkpoint_every and self.step % settings.checkpoint_every == 0:
+                self._save_checkpoint(Path(checkpoint_dir))
+        return TrainResult(self.concept(), list(self.losses), time.perf_counter() - started)
+
+    def _draw(self, shape, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(like.device, like.dtype)
+
+    def _example(self) -> Example:
+        rng, model = self.rng, self.model
+        subset = sorted(rng.sample(range(len(self.tokens)), rng.randint(1, len(self.tokens))))
+        phrase = " and ".join(f"{self.tokens[i]} {self.class_words[i]}" for i in subset)
+        prompt = rng.choice(self.settings.templates).format(phrase)
+        view = self.instance[rng.randrange(len(self.instance))]
+        latents = (view["mean"] + view["std"] * self._draw(view["mean"].shape, view["mean"])) * model.latent_scaling
+        return Example(subset, prompt, view, latents)
+
+    def _train_step(self) -> float:
+        model, settings = self.model, self.settings
+        example = self._example()
+        extra = self.method.extra_rows(example)
+        batch = example.latents if extra is None else torch.cat([example.latents, extra[0]])
+        noise = self._draw(batch.shape, batch)
+        timesteps = sample_timesteps(len(batch), model.noise_scheduler.config.num_train_timesteps, self.generator,
+                                     self.snr_weights).to(self.device)
+        noisy = model.noise_scheduler.add_noise(batch, noise, timesteps)
+        target = diffusion_target(model.noise_scheduler, batch, noise, timesteps)
+
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            states = self._encode_prompt(example.prompt)
+            if extra is not None:
+                states = torch.cat([states, extra[1].to(states.dtype)])
+            with self.method.unet_call(example):
+                prediction = model.unet(noisy.to(self.compute_dtype), timesteps,
+                                        encoder_hidden_states=states.to(self.compute_dtype)).sample
+        loss = self.method.loss(example, prediction, target)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        # Tokens that this prompt does not name must not move at all (not even by AdamW momentum).
+        for index, vectors in enumerate(self.vocabulary.vectors):
+            if index not in example.subset:
+                vectors.grad = None
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.vocabulary.clamp_norms(self.norm_bounds, example.subset)
+        return float(loss.detach())
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Text states of a training prompt; cached when the tokens are frozen (nothing then changes them)."""
+        if self.settings.train_tokens:
+            return self.model.text_encoder(input_ids=self.vocabulary.input_ids([prompt]).to(self.device))[0]
+        if prompt not in self._frozen_prompts:
+            with torch.no_grad():
+                self._frozen_prompts[prompt] = self.model.text_encoder(input_ids=self.vocabulary.input_ids([prompt]).to(self.device))[0]
+        return self._frozen_prompts[prompt]
+
+    def token_positions(self, prompt: str, subset: list[int]) -> dict[int, torch.Tensor]:
+        """Per named object, the positions of its vectors in the encoded prompt."""
+        ids = self.vocabulary.input_ids([prompt])[0]
+        return {index: torch.nonzero(torch.isin(ids, self.vocabulary.token_ids[index]), as_tuple=True)[0].to(self.device)
+                for index in subset}
+
+    # ----------------------------------------------------------------------------------------------
+    # results
+
+    def concept(self) -> Concept:
+        objects = [ConceptObject(t, c, v.detach().float().cpu().clone())
+                   for t, c, v in zip(self.tokens, self.class_words, self.vocabulary.vectors)]
+        return Concept(objects, self.method.lora(), self.model.family, self.model.fingerprint, self.settings.as_dict())
+
+    @contextlib.contextmanager
+    def trained_pipeline(self, scheduler=None):
+        """A diffusers pipeline over the model as it is now (trained LoRA active, tokens installed)."""
+        pipeline = self.model.pipeline(scheduler)
+        pipeline.tokenizer = self.vocabulary.tokenizer
+        pipeline.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            yield pipeline
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints: everything needed to continue exactly where a run stopped
+
+    def _run_key(self) -> str:
+        fields = {"model": self.model.fingerprint, "tokens": self.tokens, "classes": self.class_words,
+                  "settings": {k: v for k, v in self.settings.as_dict().items() if k != "checkpoint_every"},
+                  "image": hashlib.sha256(self.image.numpy().tobytes()).hexdigest(),
+                  "masks": [hashlib.sha256(m.numpy().tobytes()).hexdigest() for m in self.masks]}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _save_checkpoint(self, directory: Path) -> None:
+        state = {
+            "run": self._run_key(),
+            "step": self.step,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "vectors": [v.detach().cpu() for v in self.vocabulary.vectors],
+            "method": self.method.checkpoint_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": self.rng.getstate(),
+        }
+        with atomic_path(directory / "checkpoint.pt") as tmp:
+            torch.save(state, tmp)
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        path = directory / "checkpoint.pt"
+        if not path.is_file():
+            log.info("no checkpoint in %s; starting from step 0", directory)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["run"] != self._run_key():
+            raise InputError(f"checkpoint {path} belongs to a different run (model, image, masks, tokens or settings "
+                             "differ); use another checkpoint folder or the same inputs.")
+        with torch.no_grad():
+            for vectors, saved in zip(self.vocabulary.vectors, state["vectors"]):
+                vectors.copy_(saved)
+        self.method.load_checkpoint_state(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.rng.setstate(_as_tuples(state["rng"]))
+        self.step = int(state["step"])
+        self.losses = state["losses"].tolist()
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _as_tuples(value):
+    """random.setstate wants tuples all the way down; a checkpoint round trip may give lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def train_concept(model, image, masks, tokens, class_words, settings: TrainSettings | None = None, *,
+                  init_vectors=None, prior_cache=None, weights_key=None, prepare_progress=None, should_cancel=None,
+                  **kwargs) -> TrainResult:
+    """Train and return the concept; the model is left as it was. should_cancel stops the preparation and the
+    training; the other keywords are OneShotTrainer's, and kwargs go to OneShotTrainer.train."""
+    with OneShotTrainer(model, image, masks, tokens, class_words, settings, init_vectors, prior_cache,
+                        weights_key=weights_key, prepare_progress=prepare_progress, should_cancel=should_cancel) as trainer:
+        return trainer.train(**kwargs)
