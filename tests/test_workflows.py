@@ -207,6 +207,20 @@ def server_nodes(comfyui) -> dict:
     return comfyui.object_info()
 
 
+def test_a_widget_appended_to_a_node_leaves_old_files_converting_with_its_default(server_nodes):
+    # How a setting joins a node (engine/train/methods/base.py: Method.widgets): at the end. A workflow saved before
+    # fills the widgets it knew by position; the new one keeps its default, here as in the frontend.
+    info = copy.deepcopy(server_nodes)
+    node = info["ProtoBoothTrainConcept"]
+    node["input"]["required"]["new_setting"] = ["FLOAT", {"default": 0.25}]
+    if "input_order" in node:
+        node["input_order"]["required"].append("new_setting")
+    before, after = to_api_prompt(load_workflow("one_object"), server_nodes), to_api_prompt(load_workflow("one_object"), info)
+    [train] = [key for key, entry in before.items() if entry["class_type"] == "ProtoBoothTrainConcept"]
+    assert after[train]["inputs"] == {**before[train]["inputs"], "new_setting": 0.25}
+    assert {key: entry for key, entry in after.items() if key != train} == {k: e for k, e in before.items() if k != train}
+
+
 @pytest.mark.parametrize("name", ["one_object", "two_objects"])
 def test_a_save_with_the_pickers_trailing_null_converts_the_same(server_nodes, name):
     # Before the picker's button said serialize = false to the current frontend, saving there added its value

@@ -9,7 +9,8 @@ ComfyUI has no server-side converter: the frontend builds the prompt when a user
   never reach the prompt: the control_after_generate choice after an INT named seed/noise_seed or one
   flagged control_after_generate (a flagged combo also gets a filter-list value), and LoadImage's upload
   button after the last required input (inputs flagged image_upload). Values left over at the end belong
-  to widgets that extensions add (e.g. buttons) and are ignored, as the frontend ignores them.
+  to widgets that extensions add (e.g. buttons) and are ignored, as the frontend ignores them; widgets at
+  the end with no value (added to the node after the file was saved) keep their defaults, as there.
 - A linked input becomes [origin node id, origin slot]; a widget converted to an input is fed by its
   link, and is left out when its input is not linked (the frontend serialises nothing for it).
 - Muted nodes (mode 2) are left out; bypassed nodes (mode 4) are left out and a link from one is
@@ -21,7 +22,7 @@ ComfyUI has no server-side converter: the frontend builds the prompt when a user
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 SEED_WIDGET_NAMES = {"seed", "noise_seed"}
@@ -37,6 +38,7 @@ class WorkflowError(ValueError):
 class Widget:
     name: str
     serialized: bool = True  # False: a frontend-only companion whose value stays out of the prompt
+    default: object = field(default=None, compare=False)  # what a file saved before the widget existed gets
 
 
 def widgets_of(node_info: dict) -> list[Widget]:
@@ -50,11 +52,11 @@ def widgets_of(node_info: dict) -> list[Widget]:
             spec = specs[name]
             kind, options = spec[0], (spec[1] if len(spec) > 1 else {}) or {}
             if isinstance(kind, list):
-                widgets.append(Widget(name))
+                widgets.append(Widget(name, default=options.get("default", kind[0] if kind else None)))
                 if options.get("control_after_generate"):
                     widgets += [Widget("control_after_generate", False), Widget("control_filter_list", False)]
             elif kind in WIDGET_TYPES:
-                widgets.append(Widget(name))
+                widgets.append(Widget(name, default=options.get("default")))
                 if kind == "INT" and (name in SEED_WIDGET_NAMES or options.get("control_after_generate")):
                     widgets.append(Widget("control_after_generate", False))
         if section == "required" and any((s[1] if len(s) > 1 else {}).get("image_upload") for s in specs.values()):
@@ -102,9 +104,12 @@ def _widget_inputs(node: dict, node_info: dict) -> dict:
     values = node.get("widgets_values", [])
     if not isinstance(values, list):
         raise WorkflowError(f"node {node['id']} ({node['type']}) saves its widgets as {type(values).__name__}; expected a list")
-    if len(values) < len(widgets):
+    # A file saved before a node gained widgets at its end has fewer values: those widgets keep their defaults.
+    missing = [w for w in widgets[len(values):] if w.serialized and w.default is None]
+    if missing:
         raise WorkflowError(f"node {node['id']} ({node['type']}) has {len(values)} widget values for "
                             f"{len(widgets)} widgets {[w.name for w in widgets]}")
+    values = list(values) + [w.default for w in widgets[len(values):]]
     converted = {slot["widget"]["name"]: slot for slot in node.get("inputs", []) if slot.get("widget")}
     inputs = {}
     for widget, value in zip(widgets, values):
