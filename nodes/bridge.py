@@ -321,7 +321,7 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
     """(MODEL, CLIP) clones with the concept applied; the inputs are left as they are.
 
     strength_clip interpolates each token's vectors between its class word's embedding (0) and the
-    learned vectors (1).
+    learned vectors (1), and scales a text-encoder LoRA (TextBoost's) as stock Load LoRA's strength_clip does.
     """
     from ..engine.text.vocabulary import class_word_vectors
 
@@ -332,10 +332,11 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
     if base_fingerprint(model, clip) != concept.base_fingerprint:
         log.warning("ProtoBooth: concept %s was trained on another base model (fingerprint %s); it may look different "
                     "here.", "/".join(concept.tokens), concept.base_fingerprint)
-    if concept.lora and strength_model != 0:
-        model, _ = comfy.sd.load_lora_for_models(model, None, concept.lora, strength_model, 0)
+    if concept.lora and (strength_model != 0 or strength_clip != 0):
+        # Its UNet keys patch the MODEL, its text-encoder keys (TextBoost) the CLIP: what stock Load LoRA does.
+        model, clip = comfy.sd.load_lora_for_models(model, clip, concept.lora, strength_model, strength_clip)
     else:
-        model = model.clone()
+        model, clip = model.clone(), clip.clone()
     transformer = _text_encoder(clip, family).transformer
     vectors = {}
     for obj in concept.objects:
@@ -344,6 +345,5 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
             start = class_word_vectors(transformer, clip_tokenizer(), obj.class_word, learned.shape[0])
             learned = start + strength_clip * (learned - start)
         vectors[obj.token] = learned
-    clip = clip.clone()
     clip.tokenizer = ConceptTokenizer(clip.tokenizer, vectors)
     return model, clip

@@ -98,7 +98,8 @@ class ProtoBoothApplyConcept:
     DESCRIPTION = (
         "Applies a concept to a MODEL and CLIP (returned as copies): its LoRA at strength_model, and its trigger "
         "words, which then work in any CLIPTextEncode. strength_clip moves the trigger words from their class "
-        "word (0) to the learned object (1). Chain several to use several concepts in one picture."
+        "word (0) to the learned object (1) and scales a text-encoder LoRA (TextBoost concepts have one), as "
+        "stock Load LoRA does. Chain several to use several concepts in one picture."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from comfyui_harness import execution_error
 from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
@@ -22,6 +23,9 @@ NODES = {
     "ProtoBoothTrainConcept": ["model", "clip", "vae", "image", "masks", "tokens", "class_words", "steps",
                                "lora_learning_rate", "token_learning_rate", "lora_rank", "prior_weight", "background_weight",
                                "resolution", "seed"],
+    "ProtoBoothTrainTextboost": ["model", "clip", "vae", "image", "masks", "tokens", "class_words", "steps",
+                                 "text_lora_learning_rate", "token_learning_rate", "text_lora_rank", "knowledge_weight",
+                                 "augment_probability", "resolution", "seed"],
     "ProtoBoothSaveConcept": ["concept", "name", "overwrite"],
     "ProtoBoothLoadConcept": ["concept_name"],
     "ProtoBoothApplyConcept": ["model", "clip", "concept", "strength_model", "strength_clip"],
@@ -36,7 +40,7 @@ def photo(comfyui) -> str:
 
 def training_graph(checkpoint, photo, boxes=(RED_SQUARE,), tokens="zqsquare", class_words="square", steps=3,
                    prior_weight=0.0, train_id="train", **settings) -> dict:
-    return {
+    graph = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
         "masks": {"class_type": "ProtoBoothTestBoxMasks", "inputs": {"image": ["photo", 0], "boxes": json.dumps(boxes)}},
@@ -46,6 +50,21 @@ def training_graph(checkpoint, photo, boxes=(RED_SQUARE,), tokens="zqsquare", cl
             "token_learning_rate": 5e-3, "lora_rank": 4, "prior_weight": prior_weight, "background_weight": 0.0,
             "resolution": 64, "seed": 7, **settings}},
         "curve": {"class_type": "PreviewImage", "inputs": {"images": [train_id, 3]}},
+    }
+    return graph
+
+
+def textboost_graph(checkpoint, photo, tokens="zqsquare", class_words="square", steps=3) -> dict:
+    """Train Concept (TextBoost) on the photo's red square, at a learning rate that moves a tiny model in 3 steps."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
+        "masks": {"class_type": "ProtoBoothTestBoxMasks", "inputs": {"image": ["photo", 0], "boxes": json.dumps([RED_SQUARE])}},
+        "train": {"class_type": "ProtoBoothTrainTextboost", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["photo", 0], "masks": ["masks", 0],
+            "tokens": tokens, "class_words": class_words, "steps": steps, "text_lora_learning_rate": 5e-3,
+            "token_learning_rate": 5e-3, "text_lora_rank": 4, "knowledge_weight": 0.1, "augment_probability": 0.5,
+            "resolution": 64, "seed": 7}},
     }
 
 
@@ -187,6 +206,44 @@ def test_saved_files_give_stock_loaders_the_same_result_as_apply_concept(comfyui
     stamps = [path.stat().st_mtime_ns for path in files]
     assert "already exist" in failure(comfyui, graph)
     assert [path.stat().st_mtime_ns for path in files] == stamps
+
+
+def test_a_textboost_concept_patches_the_clip_and_stock_loaders_give_what_apply_concept_gives(comfyui, comfyui_checkpoint,
+                                                                                              photo):
+    name = "protobooth_test_textboost"
+    graph = textboost_graph(comfyui_checkpoint, photo)
+    graph["save"] = {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": True}}
+    graph.update({
+        "load": {"class_type": "ProtoBoothLoadConcept", "inputs": {"concept_name": name}},
+        "stock": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": f"{name}.safetensors",
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+        "apply": {"class_type": "ProtoBoothApplyConcept", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "concept": ["load", 0],
+                                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "tokens_only": {"class_type": "ProtoBoothApplyConcept", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "concept": ["load", 0], "strength_model": 1.0, "strength_clip": 0.0}},
+        **prediction_nodes("stock", ["stock", 0], ["stock", 1], f"a photo of embedding:{name} square on a table"),
+        **prediction_nodes("applied", ["apply", 0], ["apply", 1], "a photo of zqsquare square on a table"),
+        **prediction_nodes("in_graph", ["train", 0], ["train", 1], "a photo of zqsquare square on a table"),
+        **prediction_nodes("class_only", ["tokens_only", 0], ["tokens_only", 1], "a photo of zqsquare square on a table"),
+        **prediction_nodes("plain", ["ckpt", 0], ["ckpt", 1], "a photo of square square on a table"),
+        **prediction_nodes("plain_lora", ["stock", 0], ["stock", 1], "a photo of a square on a table"),
+        **prediction_nodes("plain_base", ["ckpt", 0], ["ckpt", 1], "a photo of a square on a table"),
+    })
+    # Save first, Load after: ComfyUI runs output nodes in order and Load Concept reads the file Save wrote.
+    comfyui.run({key: value for key, value in graph.items() if key in ("ckpt", "photo", "masks", "train", "save")}, timeout=600)
+    log_start = len(comfyui.log_text())
+    entry = comfyui.run(graph, timeout=600)
+    assert lora_keys_not_loaded(comfyui.log_text()[log_start:]) == []
+    with safe_open(str(comfyui.models("loras") / f"{name}.safetensors"), "pt") as handle:
+        assert all(key.startswith("lora_te_text_model_encoder_layers_") for key in handle.keys())  # the UNet is untouched
+    stock, applied, in_graph, class_only, plain = (
+        prediction(entry, p) for p in ("stock", "applied", "in_graph", "class_only", "plain"))
+    assert np.abs(stock - applied).max() <= 1e-5
+    assert np.abs(in_graph - applied).max() <= 1e-5
+    assert np.abs(class_only - plain).max() <= 1e-5  # strength_clip 0: no LoRA, class word vectors: the base model
+    assert np.abs(plain - applied).max() > 1e-3
+    # The text encoder's LoRA reaches prompts without the trigger word too (the CLIP itself is patched).
+    assert np.abs(prediction(entry, "plain_lora") - prediction(entry, "plain_base")).max() > 1e-4
 
 
 def test_a_concept_trained_by_the_engine_reproduces_in_comfyui_through_stock_loaders(comfyui, comfyui_checkpoint):

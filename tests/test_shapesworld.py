@@ -125,11 +125,13 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "quick.md").read_text()
     for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
-                   "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects"):
+                   "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects",
+                   "TextBoost", "TextBoost, no augmentation", "TextBoost, no knowledge preservation",
+                   "TextBoost, uniform timesteps"):
         assert method in table
-    assert "| class attributes | class likeness |" in table
+    assert "| class attributes | class likeness | train s | trainable params | file KB |" in table
     assert "two objects, attention loss" in table
-    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 10
+    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 14
 
 
 def test_the_demo_learns_a_shapesworld_instance_by_default(tmp_path):

@@ -2,7 +2,7 @@
 
 The converter is checked on small synthetic graphs against the frontend's rules; every workflow is
 checked against the real server's node definitions; (a), (b) and (c) run end to end in the real ComfyUI
-on tiny model files; (d) needs ComfyUI_IPAdapter_plus, which the test ComfyUI cannot run (it predates the
+on tiny model files, as does (e) (TextBoost); (d) needs ComfyUI_IPAdapter_plus, which the test ComfyUI cannot run (it predates the
 ModelPatcher API that extension uses), so it is checked structurally against that extension's node
 definitions.
 """
@@ -14,13 +14,14 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
 from conftest import ROOT, long_run_on_one_build
 from workflow_convert import Widget, WorkflowError, to_api_prompt, widgets_of
 
 WORKFLOWS = ROOT / "workflows"
-NAMES = ("one_object", "two_objects", "concept_controlnet", "concept_ipadapter")
+NAMES = ("one_object", "two_objects", "concept_controlnet", "concept_ipadapter", "textboost_one_object")
 PHOTO = "workflow_photo.png"
 CONCEPT = "protobooth_test_mug"
 # Combo inputs that list model or input files: their values are the files a user would have, not the server's.
@@ -192,7 +193,7 @@ def test_workflow_file_is_a_frontend_save(name):
         assert nodes[target]["inputs"][target_slot]["type"] == kind
     # seeds are kept as they are between runs (the frontend would randomise them after each run otherwise)
     for node in nodes.values():
-        if node["type"] in ("KSampler", "ProtoBoothTrainConcept"):
+        if node["type"] == "KSampler" or node["type"].startswith("ProtoBoothTrain"):
             values = node["widgets_values"]
             assert "fixed" in values and isinstance(values[values.index("fixed") - 1], int), node["type"]
     # nodes do not overlap on the canvas (title bar included)
@@ -268,7 +269,7 @@ def test_workflow_fits_the_servers_nodes(server_nodes, name):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Running (a), (b), (c) in the real ComfyUI
+# Running (a), (b), (c), (e) in the real ComfyUI
 
 
 def substituted(prompt: dict, changes: dict) -> dict:
@@ -296,6 +297,7 @@ def tiny_files(comfyui, comfyui_checkpoint, comfyui_sam, comfyui_clip_vision, co
         # the CLIP vision file is a full CLIP, as the published one is: it holds the text projection SD1 lacks
         "ProtoBoothPrototypeInit": {"steps": 2, "text_projection_file": f"clip_vision/{comfyui_clip_vision}"},
         "ProtoBoothTrainConcept": {"steps": 2, "resolution": 64},
+        "ProtoBoothTrainTextboost": {"steps": 2, "resolution": 64},
     }
 
 
@@ -353,3 +355,15 @@ def test_concept_controlnet_workflow_uses_the_saved_concept(comfyui, tiny_files,
     changes = dict(tiny_files, ProtoBoothLoadConcept={"concept_name": CONCEPT})
     prompt, entry = run_workflow(comfyui, "concept_controlnet", changes)
     assert check_saved_images(comfyui, prompt, entry) == 1
+
+
+@long_run_on_one_build
+def test_textboost_workflow_learns_saves_and_draws_three_scenes(comfyui, tiny_files):
+    name = f"{CONCEPT}_textboost"
+    changes = dict(tiny_files, ProtoBoothSegmentObjects={"prompts": json.dumps([{"box": list(RED_SQUARE)}])},
+                   ProtoBoothSaveConcept={"name": name})
+    prompt, entry = run_workflow(comfyui, "textboost_one_object", changes)
+    assert check_saved_images(comfyui, prompt, entry) == 3
+    lora, embedding = concept_files(comfyui, name)
+    assert embedding.is_file() and lora.is_file()
+    assert all(key.startswith("lora_te_") for key in safe_open(str(lora), "pt").keys())  # the text encoder's alone

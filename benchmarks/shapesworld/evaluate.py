@@ -17,6 +17,9 @@ renders of the same scenes with the real instance: the ceiling. Methods:
   loss, class-characterising regularisation; and its ablations without each of the three.
 - object-driven, two objects: two instances learned from one photo, rendered swapped and with a companion;
   also with the cross-attention loss (TrainSettings.attention_weight) that binds each token to its mask.
+- TextBoost: only the text side learns (a LoRA on the text encoder's attention and the token), with paired
+  augmentation, the knowledge-preservation loss and SNR-weighted timesteps, at the paper's settings (not tuned
+  here); and its ablations without each of the three.
 
 Every trained model is also asked for the same scenes by plain class words (no trigger word), to see
 whether the learned instance leaks into its class (the drift class regularisation is meant to prevent).
@@ -44,6 +47,7 @@ import_this_checkout()
 
 from protobooth.benchmarks.shapesworld import metrics
 from protobooth.engine.shapesworld import world  # noqa: E402
+from protobooth.engine.concept.concept import models_folder_paths, save_concept  # noqa: E402
 from protobooth.engine.generate import generate  # noqa: E402
 from protobooth.engine.images import load_image  # noqa: E402
 from protobooth.engine.prototype import PrototypeSettings, prototype_embeddings  # noqa: E402
@@ -66,6 +70,7 @@ class Method:
     settings: dict = field(default_factory=dict)
     init: str = "prototype"  # "prototype", "class" (class word), "rare" (frozen rare word)
     trains: bool = True
+    method: str = "object-driven"  # the training method (engine/train/methods) the row trains with
 
 
 METHODS = [
@@ -77,6 +82,11 @@ METHODS = [
     Method("ours, no prototype init", init="class"),
     Method("ours, no class regularisation", dict(prior_weight=0.0, text_anchor_weight=0.0)),
     Method("ours, no object mask", dict(use_mask=False)),
+    # TextBoost at its own defaults (the paper's; 5e-5 for the text LoRA, 1e-3 for the token), from the class word.
+    Method("TextBoost", init="class", method="textboost"),
+    Method("TextBoost, no augmentation", dict(augment_probability=0.0), init="class", method="textboost"),
+    Method("TextBoost, no knowledge preservation", dict(knowledge_weight=0.0), init="class", method="textboost"),
+    Method("TextBoost, uniform timesteps", dict(timestep_sampling="uniform"), init="class", method="textboost"),
 ]
 # Two objects from one photo, as ours, and with Break-A-Scene's cross-attention loss binding each token to its
 # own mask (weight 0.05: the best of 0.05 / 0.1 / 0.5 on these two pairs, 2026-12-06; results/sweep.md).
@@ -109,7 +119,7 @@ def reference_photo(instances: list[world.Instance]) -> tuple[torch.Tensor, list
 
 def train_once(model, towers, method: Method, image, masks, tokens, classes, steps: int, seed: int, cache: Path,
                reference_scene: world.Scene):
-    """Train `method` on one photo; returns (concept, seconds)."""
+    """Train `method` on one photo; returns (concept, seconds, trainable parameters, bytes of its saved files)."""
     started = time.perf_counter()
     if method.init == "prototype":
         found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, classes,
@@ -122,13 +132,21 @@ def train_once(model, towers, method: Method, image, masks, tokens, classes, ste
     # The templates caption the reference photo's scene, as a user would: the new words carry only the object.
     # No mirrored views: in this world a mirror image moves the object to the other side and mirrors its accent.
     where = "on the left, " if len(tokens) == 1 else ""
-    common = dict(steps=steps, lora_rank=4, seed=seed, flip=False, lora_learning_rate=LORA_LEARNING_RATE,
-                  token_learning_rate=TOKEN_LEARNING_RATE, prior_images=4, prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE,
+    common = dict(steps=steps, seed=seed, flip=False,
                   templates=(f"a photo of a {{}} {where}{reference_scene.background} background",))
-    settings = TrainSettings.from_values(**{**common, **method.settings})
+    if method.method == "object-driven":
+        common.update(lora_rank=4, lora_learning_rate=LORA_LEARNING_RATE, token_learning_rate=TOKEN_LEARNING_RATE,
+                      prior_images=4, prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE)
+    settings = TrainSettings.from_values(method.method, **{**common, **method.settings})
     with OneShotTrainer(model, image, masks, tokens, classes, settings, init, prior_cache=cache) as trainer:
         result = trainer.train()
-    return result.concept, time.perf_counter() - started
+        trainable = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as folder:
+        lora, embedding = models_folder_paths(Path(folder), "concept")
+        save_concept(result.concept, lora, embedding)
+        size = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+    return result.concept, seconds, trainable, size
 
 
 def render_scenes(model, concept, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -150,6 +168,8 @@ class Scores:
     class_attributes: list[float] = field(default_factory=list)
     class_likeness: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    trainable: list[int] = field(default_factory=list)  # parameters the optimiser moves (augmentation tokens too)
+    file_bytes: list[int] = field(default_factory=list)  # the saved concept: LoRA and embedding files
     grid_rows: list[torch.Tensor] = field(default_factory=list)
 
     def row(self) -> dict:
@@ -157,7 +177,8 @@ class Scores:
         hm = 0.0 if f + e == 0 else 2 * f * e / (f + e)
         return {"fidelity": f, "editability": e, "harmonic mean": hm,
                 "class attributes": _mean(self.class_attributes), "class likeness": _mean(self.class_likeness),
-                "train seconds": _mean(self.seconds) or 0.0}
+                "train seconds": _mean(self.seconds) or 0.0, "trainable parameters": _mean(self.trainable),
+                "file bytes": _mean(self.file_bytes)}
 
 
 def score(encoder, classifier, pictures, scenes_per_picture, concept_index, reference_embeddings, words_name_concepts=True):
@@ -209,9 +230,12 @@ class Bench:
         references = list(metrics.embed(self.encoder, image[None].repeat(len(sides), 1, 1, 1), sides))
         tokens = [TOKEN] if len(instances) == 1 else TWO_TOKENS
         if method.trains:
-            concept, seconds = train_once(self.model, self.towers, method, image, masks, tokens,
-                                          [i.shape for i in instances], self.steps, self.seed, self.cache, reference_scene)
+            concept, seconds, trainable, size = train_once(self.model, self.towers, method, image, masks, tokens,
+                                                           [i.shape for i in instances], self.steps, self.seed, self.cache,
+                                                           reference_scene)
             into.seconds.append(seconds)
+            into.trainable.append(trainable)
+            into.file_bytes.append(size)
             learned_words = [f"{t} {i.shape}" for t, i in zip(tokens, instances)]
         else:
             concept, learned_words = None, [i.words for i in instances]
@@ -288,14 +312,15 @@ def write_report(results: dict, args, command: str) -> Path:
              f"seeds: {args.seeds}; training steps per method: {args.steps}; sampler: DDIM {SAMPLER_STEPS} steps, "
              f"guidance {GUIDANCE}; whole run {results['seconds'] / 60:.1f} min.", "",
              "| method | fidelity | ÷ ground truth | editability | ÷ base | harmonic mean | class attributes | "
-             "class likeness | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "class likeness | train s | trainable params | file KB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in rows.items():
-        kept, likeness = row["class attributes"], row["class likeness"]
+        kept, likeness, size = row["class attributes"], row["class likeness"], row["file bytes"]
         lines.append(f"| {method} | {row['fidelity']:.3f} | {row['fidelity'] / truth:.2f} | {row['editability']:.3f} | "
                      f"{row['editability'] / base_edit:.2f} | {row['harmonic mean']:.3f} | "
                      f"{'—' if kept is None else f'{kept:.3f}'} | {'—' if likeness is None else f'{likeness:.3f}'} | "
-                     f"{row['train seconds']:.1f} |")
+                     f"{row['train seconds']:.1f} | {_count(row['trainable parameters'])} | "
+                     f"{'—' if size is None else f'{size / 1024:.0f}'} |")
     lines += ["", "Class prompts: every trained model, asked for the same scenes with the learned object(s) named by "
               "their plain class words (colour and shape, no trigger word). \"class attributes\": the share of the "
               "scene read back as asked, the learned objects' shape and colour included; \"class likeness\": "
@@ -315,6 +340,16 @@ def write_report(results: dict, args, command: str) -> Path:
             world.save_grid(grid_rows, out / f"{name}_grid_{slug(method)}.png")
     (out / f"{name}.json").write_text(json.dumps({k: v for k, v in results.items() if k != "grids"}, indent=2))
     return path
+
+
+def _count(number: float | None) -> str:
+    """A parameter count as people write it: 5.2k, 1.3M."""
+    if number is None:
+        return "—"
+    for size, unit in ((1e6, "M"), (1e3, "k")):
+        if number >= size:
+            return f"{number / size:.1f}{unit}"
+    return f"{number:.0f}"
 
 
 def slug(text: str) -> str:

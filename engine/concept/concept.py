@@ -73,12 +73,13 @@ class Concept:
         return {FAMILIES[self.family].embedding_key: rows}
 
 
-def peft_to_kohya(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """UNet LoRA from peft (`<module>.lora_A.weight`/`lora_B`) → kohya keys with alpha tensors."""
+def peft_to_kohya(peft_state: dict[str, torch.Tensor], alpha: float, prefix: str = LORA_PREFIX) -> dict[str, torch.Tensor]:
+    """A LoRA from peft (`<module>.lora_A.weight`/`lora_B`) → kohya keys (`<prefix><module with _>.lora_down/up`,
+    with alpha tensors); the prefix says which model it patches (lora_unet_, lora_te_text_model_)."""
     kohya = {}
     for key, value in peft_state.items():
         module, kind = key.rsplit(".lora_", 1)
-        name = LORA_PREFIX + module.replace(".", "_")
+        name = prefix + module.replace(".", "_")
         kohya[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value.detach().float().cpu()
         kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
     return dict(sorted(kohya.items()))

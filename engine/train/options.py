@@ -26,12 +26,20 @@ def _value_type(item):
     return float if "float" in str(item.type) else int
 
 
+def _shown(default) -> str:
+    return "unset" if default is None else "; ".join(default) if isinstance(default, tuple) else str(default)
+
+
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     """--method, then a group of flags for the shared settings and one per method."""
     methods = registry()
     parser.add_argument("--method", choices=list(methods), default=default_method().name,
                         help="how the concept is learned: " + "; ".join(f"{m.name}: {m.label}" for m in methods.values()))
     owners = [("training", TrainSettings)] + [(f"{m.name} method", m.settings_class) for m in methods.values()]
+    method_defaults: dict[str, dict[str, object]] = {}  # a method setting → its default in each method that has it
+    for m in methods.values():
+        for item in described(m.settings_class):
+            method_defaults.setdefault(item.name, {})[m.name] = item.default
     taken = set()
     for title, owner in owners:
         group = parser.add_argument_group(f"{title} settings")
@@ -40,9 +48,11 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
                 continue
             taken.add(item.name)
             meta = item.metadata
-            shown = "unset" if item.default is None else item.default
-            if isinstance(shown, tuple):
-                shown = "; ".join(shown)
+            shown = _shown(item.default) + "".join(f"; {m.name}: {_shown(m.shared_defaults[item.name])}"
+                                                   for m in methods.values() if item.name in m.shared_defaults)
+            per_method = method_defaults.get(item.name, {})
+            if len(per_method) > 1 and len(set(map(repr, per_method.values()))) > 1:
+                shown = "; ".join(f"{name}: {_shown(default)}" for name, default in per_method.items())
             options = dict(dest=item.name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {shown})")
             kind = _value_type(item)
             negatives = [a for a in meta["aliases"] if a.startswith("--no-")]
@@ -89,10 +99,11 @@ def widget_specs(method) -> dict[str, tuple]:
     for name in method.widgets:
         item = _field(method, name)
         meta, kind = item.metadata, _value_type(item)
+        default = method.shared_defaults.get(name, item.default)
         if meta["choices"] is not None:
-            specs[name] = (list(meta["choices"]), {"default": item.default, "tooltip": meta["help"]})
+            specs[name] = (list(meta["choices"]), {"default": default, "tooltip": meta["help"]})
             continue
-        options = {"default": item.default if item.default is not None else 0, "tooltip": meta["help"]}
+        options = {"default": default if default is not None else 0, "tooltip": meta["help"]}
         if kind in (int, float):
             low = meta["low"] if meta["low"] is not None else meta["above"]
             options.update({key: value for key, value in (("min", low), ("max", meta["high"])) if value is not None})

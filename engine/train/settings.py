@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError
 from ..text.templates import DEFAULT_TEMPLATES, check_template
+from .augment import AUGMENTATIONS
 from .fields import MethodSettings, check_fields, setting
 from .methods import default_method, method_class, method_of
 
@@ -29,6 +30,12 @@ class TrainSettings:
                                      widget={"min": 0, "max": 2048, "step": 64, "tooltip": "training size in pixels; 0: "
                                              "the model's own (512 for SD1.x)"}, from_widget=lambda value: value or None)
     flip: bool = setting(True, "also train on the mirrored photo")
+    augment_probability: float = setting(0.0, "paired augmentation: the chance a view is changed geometrically, then "
+                                         "in colour, with words in its prompt that say so (0: off)", low=0, high=1,
+                                         widget={"step": 0.05})
+    augmentations: tuple[str, ...] = setting(AUGMENTATIONS, "an augmentation a view may take; repeat for several (of "
+                                             + ", ".join(AUGMENTATIONS) + ")", aliases=("--augmentation",))
+    augment_views: int = setting(16, "augmented views of the photo prepared for training", low=1, high=256)
     timestep_sampling: str = setting("uniform", "how training timesteps are drawn: uniform, or snr (noisy steps more "
                                      "often, as TextBoost)", choices=("uniform", "snr"), aliases=("--timesteps",))
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
@@ -46,7 +53,7 @@ class TrainSettings:
     def from_values(cls, method: str | None = None, **values) -> TrainSettings:
         """Settings of the named method (default: the default method) with `values`, each where it belongs."""
         chosen = method_class(method) if method is not None else default_method()
-        return cls(method=chosen.settings_class()).replace(**values)
+        return cls(method=chosen.settings_class()).replace(**{**chosen.shared_defaults, **values})
 
     @property
     def method_name(self) -> str:
@@ -59,6 +66,9 @@ class TrainSettings:
         check_fields(self.method)
         if not self.templates:
             raise InputError("no prompt template given; give at least one, such as 'a photo of {}'.")
+        unknown = [name for name in self.augmentations if name not in AUGMENTATIONS]
+        if unknown:
+            raise InputError(f"augmentation {unknown[0]!r} does not exist; choose from {', '.join(AUGMENTATIONS)}.")
         for template in self.templates:
             check_template(template, "prompt template", "the objects")
         self.method.check(self)

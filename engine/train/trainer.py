@@ -26,8 +26,9 @@ from ..errors import InputError, TrainingCancelled
 from ..fileio import atomic_path
 from ..images import check_masks, load_image
 from ..models.families import TRAINABLE
-from ..text.vocabulary import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vocabulary_norm
 from ..models.precision import autocast_dtype
+from ..text.vocabulary import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vocabulary_norm
+from . import augment
 from .losses import diffusion_target, latent_mask, sample_timesteps, snr_timestep_weights
 from .methods import method_of
 from .photo import square_crop, training_size
@@ -46,12 +47,13 @@ class TrainResult:
 @dataclass
 class Example:
     """One step's training example: which objects it names (indices), its prompt, the view of the photo (latent
-    mean and std, each object's latent mask) and the instance latents drawn from that view."""
+    mean and std, each object's latent mask, the augmented view) and the instance latents drawn from that view."""
 
     subset: list[int]
     prompt: str
     view: dict
     latents: torch.Tensor
+    named: list[int]  # the vocabulary's tokens in the prompt: the objects', then augmentation tokens (they alone move)
 
 
 class OneShotTrainer:
@@ -88,8 +90,16 @@ class OneShotTrainer:
         self.weights_key = weights_key
         self.prepare_progress = prepare_progress
         self.should_cancel = should_cancel
-        self.vocabulary = ConceptVocabulary(model.tokenizer, self.tokens, list(init_vectors))
-        self.norm_bounds = [max(vocabulary_norm(model.text_encoder), float(v.norm(dim=1).max())) for v in init_vectors]
+        # Augmentation tokens train beside the objects' (after them: the concept keeps only the objects').
+        self.augment_tokens = augment.tokens_of(settings.augmentations) if settings.augment_probability > 0 else []
+        clash = sorted(set(self.tokens) & set(self.augment_tokens))
+        if clash:
+            raise InputError(f"token {clash[0]!r} is an augmentation token; choose another name.")
+        vectors = list(init_vectors) + [class_word_vectors(model.text_encoder, model.tokenizer, augment.TOKENS[token],
+                                                           len(model.tokenizer(augment.TOKENS[token], add_special_tokens=False).input_ids))
+                                        for token in self.augment_tokens]
+        self.vocabulary = ConceptVocabulary(model.tokenizer, self.tokens + self.augment_tokens, vectors)
+        self.norm_bounds = [max(vocabulary_norm(model.text_encoder), float(v.norm(dim=1).max())) for v in vectors]
         self.device = model.device
         # A model whose UNet already computes in half precision (weights kept so, as in a ComfyUI graph on a GPU)
         # trains in it; a full-precision one autocasts as the setting says.
@@ -128,14 +138,18 @@ class OneShotTrainer:
         masks = [F.interpolate(m[None, None], size=(size, size), mode="bilinear", antialias=True)[0, 0] for m in masks]
         # Frozen state first, while the model is still the base model.
         with torch.no_grad():
-            views = [(image, masks)] + ([(image.flip(-1), [m.flip(-1) for m in masks])] if settings.flip else [])
+            photo = augment.View(image[0], masks)
+            views = [photo] + ([augment.View(image[0].flip(-1), [m.flip(-1) for m in masks])] if settings.flip else [])
+            if settings.augment_probability > 0:
+                views += augment.views(photo, settings.augmentations, settings.augment_probability,
+                                       settings.augment_views, settings.seed)[1:]
             self.instance = []
-            for pixels, view_masks in views:
-                dist = model.vae.encode((pixels * 2 - 1).to(self.device, model.vae.dtype)).latent_dist
+            for view in views:
+                dist = model.vae.encode((view.pixels[None] * 2 - 1).to(self.device, model.vae.dtype)).latent_dist
                 latent_size = tuple(dist.mean.shape[-2:])
                 self.instance.append({
-                    "mean": dist.mean.float(), "std": dist.std.float(),
-                    "masks": [latent_mask(m, latent_size).to(self.device) for m in view_masks],
+                    "mean": dist.mean.float(), "std": dist.std.float(), "view": view,
+                    "masks": [latent_mask(m, latent_size).to(self.device) for m in view.masks],
                 })
             self.method.prepare()
         self.snr_weights = (
@@ -214,7 +228,9 @@ class OneShotTrainer:
         prompt = rng.choice(self.settings.templates).format(phrase)
         view = self.instance[rng.randrange(len(self.instance))]
         latents = (view["mean"] + view["std"] * self._draw(view["mean"].shape, view["mean"])) * model.latent_scaling
-        return Example(subset, prompt, view, latents)
+        words = view["view"].prefix + view["view"].suffix
+        named = subset + [len(self.tokens) + self.augment_tokens.index(word) for word in words]
+        return Example(subset, view["view"].prompt(prompt), view, latents, named)
 
     def _train_step(self) -> float:
         model, settings = self.model, self.settings
@@ -244,7 +260,7 @@ class OneShotTrainer:
             loss.backward()
         # Tokens that this prompt does not name must not move at all (not even by AdamW momentum).
         for index, vectors in enumerate(self.vocabulary.vectors):
-            if index not in example.subset:
+            if index not in example.named:
                 vectors.grad = None
         trainable = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
@@ -253,7 +269,7 @@ class OneShotTrainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.vocabulary.clamp_norms(self.norm_bounds, example.subset)
+        self.vocabulary.clamp_norms(self.norm_bounds, example.named)
         return float(loss.detach())
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:

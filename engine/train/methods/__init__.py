@@ -13,8 +13,9 @@ import importlib.metadata
 from ...errors import InputError
 from .base import Method
 from .object_driven import ObjectDriven
+from .textboost import TextBoost
 
-METHODS: tuple[type[Method], ...] = (ObjectDriven,)
+METHODS: tuple[type[Method], ...] = (ObjectDriven, TextBoost)
 ENTRY_POINT_GROUP = "protobooth.methods"
 
 

@@ -25,6 +25,8 @@ class Method:
     # Its ComfyUI node's widgets, in the order saved workflows store their values: append, never reorder (an old
     # workflow file then fills the first ones by position and leaves a new one at its default).
     widgets: ClassVar[tuple[str, ...]] = ("steps", "token_learning_rate", "resolution", "seed")
+    # Shared settings whose default differs for this method (TextBoost: fewer steps, SNR timesteps, augmentation on).
+    shared_defaults: ClassVar[dict] = {}
 
     def __init__(self, trainer):
         self.trainer = trainer

@@ -1,0 +1,145 @@
+"""Paired augmentation (TextBoost, research/methods.md §2.4): each changed view of the photo, and of its masks,
+comes with words in its prompt that say what was done, so the change is learned on those words, not on the object.
+
+The words are augmentation tokens ("<zoom-in>", "<left>", ...), new words trained beside the objects' own from
+the plain words they start at ("zoom in", "on the left"); prompts at inference never use them. A view takes, with
+the augmentation probability, one geometric change (mirror, zoom, shift, quarter turn, crop, collage), then, with
+the same probability, one change of colour (brightness, grayscale). Any method can train on such views: the trainer
+prepares them once (the photo at training size, VAE-encoded), and each step picks one.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# The augmentation tokens and the words each starts at (TextBoost's initialisers, for the ones it has).
+TOKENS = {
+    "<flipped>": "flip", "<zoom-in>": "zoom in", "<zoom-out>": "far away", "<left>": "on the left",
+    "<right>": "on the right", "<rotated>": "rotated", "<crop>": "crop", "<collage>": "photo collage",
+    "<dimmed>": "dark", "<bright>": "bright", "<grayscale>": "grayscale",
+}
+# The tokens each augmentation may add to a prompt.
+ADDS = {"hflip": ("<flipped>",), "zoom": ("<zoom-in>", "<zoom-out>"), "shift": ("<left>", "<right>"),
+        "rotate": ("<rotated>",), "crop": ("<crop>",), "collage": ("<collage>",), "brightness": ("<dimmed>", "<bright>"),
+        "grayscale": ("<grayscale>",)}
+GEOMETRIC = ("hflip", "zoom", "shift", "rotate", "crop", "collage")
+COLOUR = ("brightness", "grayscale")
+AUGMENTATIONS = GEOMETRIC + COLOUR
+
+
+@dataclass
+class View:
+    """The photo as one step sees it: pixels [3,S,S] in 0..1, one mask [S,S] per object, and the augmentation words
+    its prompt starts and ends with."""
+
+    pixels: torch.Tensor
+    masks: list[torch.Tensor]
+    prefix: tuple[str, ...] = ()
+    suffix: tuple[str, ...] = ()
+
+    def prompt(self, text: str) -> str:
+        return " ".join((*self.prefix, text, *self.suffix))
+
+
+def _affine(view: View, scale: float, shift: float) -> View:
+    """Zoom by `scale` about the centre and move right by `shift` (a fraction of the width); the photo's edges are
+    repeated where the picture comes in, the masks are empty there."""
+    theta = torch.tensor([[[1 / scale, 0.0, -2 * shift / scale], [0.0, 1 / scale, 0.0]]])
+    size = (1, 1, *view.pixels.shape[-2:])
+    grid = F.affine_grid(theta, size, align_corners=False)
+    pixels = F.grid_sample(view.pixels[None], grid, padding_mode="border", align_corners=False)[0]
+    masks = [F.grid_sample(m[None, None], grid, padding_mode="zeros", align_corners=False)[0, 0] for m in view.masks]
+    return View(pixels.clamp(0, 1), masks)
+
+
+def _crop(view: View, rng: random.Random) -> View:
+    """A random square crop of 8-100% of the area that keeps the objects' centre, resized back."""
+    side = view.pixels.shape[-1]
+    crop = max(8, round(side * math.sqrt(rng.uniform(0.08, 1.0))))
+    ys, xs = torch.nonzero(torch.stack(view.masks).amax(0) > 0.5, as_tuple=True)
+    cy, cx = (int(ys.float().mean()), int(xs.float().mean())) if len(ys) else (side // 2, side // 2)
+    top = rng.randint(max(0, cy - crop + 1), min(side - crop, cy))
+    left = rng.randint(max(0, cx - crop + 1), min(side - crop, cx))
+
+    def cut(tensor):
+        part = tensor[..., top : top + crop, left : left + crop]
+        return F.interpolate(part.reshape(-1, 1, crop, crop), size=(side, side), mode="bilinear", align_corners=False,
+                             antialias=True).reshape(tensor.shape)
+
+    return View(cut(view.pixels).clamp(0, 1), [cut(m) for m in view.masks])
+
+
+def _collage(view: View, rng: random.Random) -> View:
+    """The photo shrunk into an n x n grid (n = 2 or 3) with 1-pixel black borders; every tile holds the objects."""
+    side, n = view.pixels.shape[-1], rng.choice((2, 3))
+    tile = (side - (n + 1)) // n
+
+    def tiled(tensor):
+        small = F.interpolate(tensor.reshape(-1, 1, side, side), size=(tile, tile), mode="bilinear", align_corners=False,
+                              antialias=True).reshape(*tensor.shape[:-2], tile, tile)
+        out = torch.zeros_like(tensor)
+        for row in range(n):
+            for column in range(n):
+                top, left = 1 + row * (tile + 1), 1 + column * (tile + 1)
+                out[..., top : top + tile, left : left + tile] = small
+        return out
+
+    return View(tiled(view.pixels), [tiled(m) for m in view.masks])
+
+
+def apply(view: View, name: str, rng: random.Random) -> View:
+    """One augmentation (a name of AUGMENTATIONS) of the view, with its word added to the view's prompt words."""
+    changed, before, after = _change(view, name, rng)
+    return View(changed.pixels, changed.masks, view.prefix + before, after + view.suffix)
+
+
+def _change(view: View, name: str, rng: random.Random) -> tuple[View, tuple[str, ...], tuple[str, ...]]:
+    """(the changed pixels and masks, words before the prompt, words after it)."""
+    if name == "hflip":
+        return View(view.pixels.flip(-1), [m.flip(-1) for m in view.masks]), ("<flipped>",), ()
+    if name == "zoom":
+        scale = rng.uniform(0.34, 1.4)
+        token = ("<zoom-out>",) if scale < 0.6 else ("<zoom-in>",) if scale > 1.2 else ()
+        return _affine(view, scale, 0.0), token, ()
+    if name == "shift":
+        amount = rng.uniform(0.15, 0.3) * rng.choice((-1, 1))
+        return _affine(view, 1.0, amount), (), ("<left>" if amount < 0 else "<right>",)
+    if name == "rotate":
+        turns = rng.choice((1, 2, 3))
+        return View(view.pixels.rot90(turns, (-2, -1)), [m.rot90(turns, (-2, -1)) for m in view.masks]), ("<rotated>",), ()
+    if name == "crop":
+        return _crop(view, rng), ("<crop>",), ()
+    if name == "collage":
+        return _collage(view, rng), ("<collage>",), ()
+    if name == "brightness":
+        factor = rng.uniform(0.4, 0.6) if rng.random() < 0.5 else rng.uniform(1.3, 1.5)
+        return View((view.pixels * factor).clamp(0, 1), view.masks), ("<dimmed>" if factor < 1 else "<bright>",), ()
+    if name == "grayscale":
+        grey = (view.pixels * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
+        return View(grey.expand_as(view.pixels).clone(), view.masks), (), ("<grayscale>",)
+    raise ValueError(f"unknown augmentation {name!r}")
+
+
+def tokens_of(names) -> list[str]:
+    """The augmentation tokens the named augmentations may add, in a fixed order."""
+    return [token for name in AUGMENTATIONS if name in names for token in ADDS[name]]
+
+
+def views(photo: View, names: tuple[str, ...], probability: float, count: int, seed: int) -> list[View]:
+    """`count` views of the photo: the photo itself, then views drawn as the module says (seeded: the same seed gives
+    the same views)."""
+    rng = random.Random(seed)
+    geometric = [n for n in GEOMETRIC if n in names]
+    colour = [n for n in COLOUR if n in names]
+    drawn = [photo]
+    while len(drawn) < count:
+        view = photo
+        for choices in (geometric, colour):
+            if choices and rng.random() < probability:
+                view = apply(view, rng.choice(choices), rng)
+        drawn.append(view)
+    return drawn
