@@ -329,9 +329,10 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
     if concept.family != family:
         raise InputError(f"the concept was trained on an {concept.family} model but the MODEL is {family}; "
                          f"use an {concept.family} checkpoint or train the concept again on this one.")
-    if base_fingerprint(model, clip) != concept.base_fingerprint:
-        log.warning("ProtoBooth: concept %s was trained on another base model (fingerprint %s); it may look different "
-                    "here.", "/".join(concept.tokens), concept.base_fingerprint)
+    fingerprint = base_fingerprint(model, clip)
+    if fingerprint != concept.base_fingerprint:
+        log.warning("ProtoBooth: concept %s was trained on another base model (fingerprint %s, this one %s); it may look "
+                    "different here.", "/".join(concept.tokens), concept.base_fingerprint, fingerprint)
     if concept.lora and (strength_model != 0 or strength_clip != 0):
         # Its UNet keys patch the MODEL, its text-encoder keys (TextBoost) the CLIP: what stock Load LoRA does.
         model, clip = comfy.sd.load_lora_for_models(model, clip, concept.lora, strength_model, strength_clip)

@@ -213,3 +213,21 @@ def test_an_object_token_that_is_an_augmentation_token_is_refused(tmp_path):
     image, mask = tiny_photo()
     with pytest.raises(InputError, match="augmentation token"):
         OneShotTrainer(tiny.tiny_model(0), image, [mask], ["<zoom-in>"], ["square"], textboost(), prior_cache=tmp_path)
+
+
+def test_the_command_line_trains_and_exports_a_textboost_concept(tmp_path):
+    from PIL import Image
+
+    from protobooth.engine.cli import main
+
+    image, mask = tiny_photo()
+    Image.fromarray((image.movedim(0, -1) * 255).byte().numpy()).save(tmp_path / "photo.png")
+    Image.fromarray((mask * 255).byte().numpy()).save(tmp_path / "mask.png")
+    tiny.tiny_model(0).pipeline().save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["train", str(tmp_path / "photo.png"), "--model", str(tmp_path / "model"), "--method", "textboost",
+                 "--token", "zqsquare", "--class", "square", "--mask", str(tmp_path / "mask.png"), "--steps", "2",
+                 "--augment-views", "3", "--knowledge-weight", "0.5", "--out", str(out), "--quiet"]) == 0
+    concept = load_concept(out / "embeddings" / "zqsquare.safetensors", out / "loras" / "zqsquare.safetensors")
+    assert concept.settings["method"]["knowledge_weight"] == 0.5 and concept.settings["steps"] == 2
+    assert concept.lora and all(key.startswith("lora_te_") for key in concept.lora)
