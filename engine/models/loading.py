@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..fileio import error_summary
 from ..text.tokenizer import clip_tokenizer
 from . import single_file
 from .diffusion_model import DiffusionModel
@@ -118,8 +119,9 @@ def _load_folder(folder: Path, expected, prediction_type, dtype) -> DiffusionMod
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
         else:
             tokenizer = clip_tokenizer(pad_token=family(detected).pad_token)
-    except (OSError, ValueError) as error:
-        raise InputError(f"Could not load the diffusers model in {folder}: {error} Download it again.") from None
+    except Exception as error:  # a damaged, foreign or unsafe file in the folder, never a reason for a traceback
+        raise InputError(f"Could not load the diffusers model in {folder} ({error_summary(error)}); download it "
+                         "again, or use its .safetensors weights.") from None
     # SD never clips samples; DDPMScheduler would, if the folder's (often PNDM) config does not say.
     schedule.setdefault("clip_sample", False)
     schedule["prediction_type"] = prediction_type or schedule.get("prediction_type", "epsilon")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..fileio import read_torch_file
 from .families import LATENT_SCALING, family
 
 log = logging.getLogger("protobooth")
@@ -95,15 +95,7 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _torch_load_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise InputError(
-            f"{path} can only be opened by running code stored inside it (unsafe unpickling), which ProtoBooth "
-            "refuses. Use a .safetensors version of this model, or convert it with a tool you trust."
-        ) from None
-    except Exception as error:
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({error}). Download it again.") from None
+    data = read_torch_file(path, "model file")
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]  # PyTorch Lightning layout, as in the original SD releases
     if not isinstance(data, dict):

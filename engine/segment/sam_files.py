@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..fileio import error_summary
 from .sam_import import import_segment_anything
 
 log = logging.getLogger("protobooth")
@@ -199,9 +200,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any failure to read the file is the file's fault, not a bug
-        first_line = (str(error).strip().splitlines() or [""])[0]
         raise InputError(
-            f"SAM checkpoint {path} could not be read as weights ({type(error).__name__}: {first_line}); "
+            f"SAM checkpoint {path} could not be read as weights ({error_summary(error)}); "
             f"the file may be incomplete or not a weights file: download it again and {_CHECKPOINT_HINT}."
         ) from None
     # Training scripts often wrap the weights: {"model": state_dict, "optimizer": ...}.
