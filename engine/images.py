@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from .errors import InputError
 
 log = logging.getLogger("protobooth")
 
+# Photos above this many pixels are refused before they are decoded (a small file can hold a huge picture, and
+# decoding a 12000x12000 one takes 5 GB); PROTOBOOTH_MAX_PIXELS changes it.
+MAX_PIXELS = 50_000_000
 MIN_MASK_COVERAGE = 0.001  # below 0.1% of the image the object vanishes at latent resolution
 MAX_MASK_COVERAGE = 0.99  # above 99% the "object" is the whole picture
 _RGBA_BACKGROUND = 0.5  # transparent pixels become mid-grey, the neutral colour of masked crops
@@ -48,20 +52,53 @@ def _float_array(array: np.ndarray, what: str) -> np.ndarray:
     raise InputError(f"{what} has unsupported pixel type {array.dtype}; use 8-bit, 16-bit or float pixels.")
 
 
-def _open(source, what: str):
-    from PIL import Image, UnidentifiedImageError
+def max_pixels() -> int:
+    value = os.environ.get("PROTOBOOTH_MAX_PIXELS", "")
+    if not value:
+        return MAX_PIXELS
+    if not value.isdigit() or int(value) < 64:
+        raise InputError(f"PROTOBOOTH_MAX_PIXELS={value!r} is not a pixel count; set a whole number such as "
+                         f"{MAX_PIXELS}, or unset it.")
+    return int(value)
 
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise InputError(f"{what} file not found: {path}")
-        try:
+
+def _check_pixels(size: tuple[int, int], what: str, path) -> None:
+    width, height = size
+    limit = max_pixels()
+    if width * height > limit:
+        raise InputError(f"{what} {path} is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}; "
+                         "scale it down (a long side of 2048 is plenty), or raise the limit with PROTOBOOTH_MAX_PIXELS.")
+
+
+def _open(source, what: str, header_only: bool = False):
+    """A path → a decoded PIL image, upright as its EXIF orientation says (as ComfyUI's Load Image does); other
+    sources are returned as they are. The pixel limit is checked from the header, before decoding."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit speaks instead
             with Image.open(path) as opened:
+                _check_pixels(opened.size, what, path)
+                if header_only:
+                    return None
                 opened.load()
-                return opened.copy()
-        except (UnidentifiedImageError, OSError) as error:
-            raise InputError(f"{what} {path} is not a readable image ({error}); use PNG, JPEG or WebP.") from None
-    return source
+                return ImageOps.exif_transpose(opened).copy()
+    except Image.DecompressionBombError:
+        raise InputError(f"{what} {path} is larger than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, over the limit "
+                         f"of {max_pixels():,}; scale it down (a long side of 2048 is plenty).") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{what} {path} is not a readable image ({error}); use PNG, JPEG or WebP.") from None
+
+
+def check_image_file(path, what: str = "image") -> None:
+    """Cheap check of an image file before any work: it exists, is an image, and is within the pixel limit."""
+    _open(path, what, header_only=True)
 
 
 def load_image(source, what: str = "image") -> torch.Tensor:
@@ -138,6 +175,9 @@ def check_masks(masks, image: torch.Tensor, names: list[str] | None = None) -> l
         coverage = float(mask.mean())
         if coverage == 0.0:
             raise InputError(f"{label} is empty (no object pixels); draw or segment the object again.")
+        if float(mask.max()) < 0.5:
+            raise InputError(f"{label} has no pixel at half brightness or more (its brightest is "
+                             f"{float(mask.max()) * 255:.0f} of 255); white marks the object: draw it again.")
         if coverage < MIN_MASK_COVERAGE:
             log.warning("%s covers only %.3f%% of the image; the object may be too small to learn.", label, 100 * coverage)
         elif coverage > MAX_MASK_COVERAGE:

@@ -85,6 +85,9 @@ def peft_to_kohya(peft_state: dict[str, torch.Tensor], alpha: float, prefix: str
     return dict(sorted(kohya.items()))
 
 
+MAX_NAME_BYTES = 160  # leaves room for "_<token>" and ".safetensors" within a file system's 255
+
+
 def check_concept_name(name: str) -> str:
     """A concept name that is safe as a file name in a models folder (".safetensors" may be given or not)."""
     name = name.strip()
@@ -95,6 +98,13 @@ def check_concept_name(name: str) -> str:
         shown = f" (it contains {' '.join(repr(c) for c in bad)})" if bad else ""
         raise InputError(f"concept name {name!r} cannot be a file name{shown}; use letters, digits, '_' and '-', "
                          "not starting with a dot, e.g. my_mug.")
+    if any(c.isspace() for c in name):
+        # `embedding:<name>` in a prompt ends at the first space, so the stock loaders could not find it.
+        raise InputError(f"concept name {name!r} contains a space, which `embedding:{name}` in a prompt cannot "
+                         f"hold; use '_' instead, e.g. {'_'.join(name.split())}.")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise InputError(f"concept name {name[:40]!r}... is {len(name.encode('utf-8'))} bytes; file names allow 255 with "
+                         f"the per-object and extension parts, so use at most {MAX_NAME_BYTES}.")
     return name
 
 

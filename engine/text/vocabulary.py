@@ -29,6 +29,10 @@ def _is_vocabulary_word(tokenizer, word: str) -> bool:
     return f"{word}</w>" in vocab or word in vocab
 
 
+# A prompt holds 75 pieces between its start and end tokens; a class word must leave room for the rest of it.
+MAX_CLASS_PIECES = 32
+
+
 def check_objects(tokenizer, tokens: list[str], class_words: list[str]) -> tuple[list[str], list[str]]:
     """Validate trigger tokens and class words; returns them normalised (lower case, trimmed)."""
     if len(tokens) != len(class_words):
@@ -46,8 +50,13 @@ def check_objects(tokenizer, tokens: list[str], class_words: list[str]) -> tuple
             raise InputError(
                 f"token {token!r} is already a word the text encoder knows; pick a made-up word such as 'zq{token}'."
             )
-        if not tokenizer(class_word, add_special_tokens=False).input_ids:
+        pieces = len(tokenizer(class_word, add_special_tokens=False).input_ids)
+        if not pieces:
             raise InputError(f"class word {class_word!r} for token {token!r} tokenises to nothing; use a plain noun such as 'cat'.")
+        if pieces > MAX_CLASS_PIECES:
+            raise InputError(f"class word {class_word[:40]!r}... for token {token!r} is {pieces} text pieces; a prompt "
+                             f"holds 75, so it would be cut off: use a short noun such as 'cat' (at most "
+                             f"{MAX_CLASS_PIECES} pieces).")
         if class_word == token:
             raise InputError(f"token {token!r} equals its class word; the token must be a new word.")
     for i, first in enumerate(tokens):

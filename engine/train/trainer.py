@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..concept.concept import Concept, ConceptObject
 from ..errors import InputError, TrainingCancelled
-from ..fileio import atomic_path
+from ..fileio import atomic_path, read_torch_file
 from ..images import check_masks, load_image
 from ..models.families import TRAINABLE
 from ..models.precision import autocast_dtype
@@ -35,6 +35,8 @@ from .photo import square_crop, training_size
 from .settings import StepReport, TrainSettings
 
 log = logging.getLogger("protobooth")
+# What a checkpoint written by _save_checkpoint holds.
+CHECKPOINT_KEYS = {"run", "step", "losses", "vectors", "method", "optimizer", "generator", "rng"}
 
 
 @dataclass
@@ -86,6 +88,11 @@ class OneShotTrainer:
             if vectors.ndim != 2 or vectors.shape[1] != width:
                 raise InputError(f"initial vectors for {token!r} have shape {tuple(vectors.shape)}; expected [n, {width}].")
         self.size = training_size(model, settings.resolution)
+        side = min(self.image.shape[-2:])
+        if side < self.size / 2:
+            log.warning("the photo is only %dx%d pixels, far below the training size %d: it is scaled up and the "
+                        "object may come out soft; use a larger photo if you have one.", self.image.shape[-1],
+                        self.image.shape[-2], self.size)
         self.prior_cache = prior_cache
         self.weights_key = weights_key
         self.prepare_progress = prepare_progress
@@ -106,6 +113,7 @@ class OneShotTrainer:
         self.compute_dtype = model.unet.dtype
         self.autocast = autocast_dtype(settings.mixed_precision, self.device) if self.compute_dtype == torch.float32 else None
         self.method = method_of(settings.method)(self)
+        self.method.check_model()
         self.losses: list[float] = []
         self.step = 0
         self._frozen_prompts: dict[str, torch.Tensor] = {}
@@ -309,14 +317,15 @@ class OneShotTrainer:
 
     def _run_key(self) -> str:
         fields = {"model": self.model.fingerprint, "tokens": self.tokens, "classes": self.class_words,
-                  "settings": {k: v for k, v in self.settings.as_dict().items() if k != "checkpoint_every"},
+                  "settings": settings_record(self.settings),
                   "image": hashlib.sha256(self.image.numpy().tobytes()).hexdigest(),
                   "masks": [hashlib.sha256(m.numpy().tobytes()).hexdigest() for m in self.masks]}
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
     def _save_checkpoint(self, directory: Path) -> None:
-        state = {
+        state = {  # CHECKPOINT_KEYS, and the settings for a check before the model loads
             "run": self._run_key(),
+            "settings": settings_record(self.settings),
             "step": self.step,
             "losses": torch.tensor(self.losses, dtype=torch.float64),
             "vectors": [v.detach().cpu() for v in self.vocabulary.vectors],
@@ -333,7 +342,10 @@ class OneShotTrainer:
         if not path.is_file():
             log.info("no checkpoint in %s; starting from step 0", directory)
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch_file(path, "checkpoint")
+        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+            raise InputError(f"checkpoint {path} is not a ProtoBooth training checkpoint; remove it or give another "
+                             "checkpoint folder.")
         if state["run"] != self._run_key():
             raise InputError(f"checkpoint {path} belongs to a different run (model, image, masks, tokens or settings "
                              "differ); use another checkpoint folder or the same inputs.")
@@ -347,6 +359,12 @@ class OneShotTrainer:
         self.step = int(state["step"])
         self.losses = state["losses"].tolist()
         log.info("resumed from %s at step %d", path, self.step)
+
+
+def settings_record(settings: TrainSettings) -> dict:
+    """The settings that decide a run (not checkpoint_every), as plain JSON values."""
+    values = {k: v for k, v in settings.as_dict().items() if k != "checkpoint_every"}
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
 def _as_tuples(value):

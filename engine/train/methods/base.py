@@ -33,6 +33,9 @@ class Method:
         self.model = trainer.model
         self.settings = trainer.settings.method
 
+    def check_model(self) -> None:
+        """Refuse, before anything is prepared, a model the settings do not fit (a LoRA rank above a layer's width)."""
+
     def prepare(self) -> None:
         """Compute what stays fixed, once, while the model is still the base model (no gradients)."""
 
@@ -63,3 +66,14 @@ class Method:
 
     def load_checkpoint_state(self, state: dict) -> None:
         """Put back what checkpoint_state saved."""
+
+
+def check_lora_rank(module: torch.nn.Module, targets: list[str], rank: int, where: str) -> None:
+    """A LoRA of `rank` on the `targets` layers of `module` must not be wider than the narrowest of them."""
+    from ...errors import InputError
+
+    widths = [min(m.in_features, m.out_features) for name, m in module.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+    if widths and rank > min(widths):
+        raise InputError(f"LoRA rank {rank} is above {min(widths)}, the width of the narrowest layer it adapts in "
+                         f"{where}; use at most {min(widths)} (4 to 16 is usual).")

@@ -28,7 +28,7 @@ from ...text.templates import check_template
 from ..class_prior import class_latents
 from ..losses import masked_mse
 from ..fields import MethodSettings, setting
-from .base import Method
+from .base import Method, check_lora_rank
 
 ADAPTER = "protobooth"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -109,6 +109,10 @@ class ObjectDriven(Method):
 
     # ----------------------------------------------------------------------------------------------
     # what trains
+
+    def check_model(self) -> None:
+        if self.settings.train_lora:
+            check_lora_rank(self.model.unet, LORA_TARGETS, self.settings.lora_rank, "this model's UNet")
 
     def trainables(self) -> list[dict]:
         from peft import LoraConfig

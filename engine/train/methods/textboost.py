@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ...concept.concept import peft_to_kohya
 from ..fields import MethodSettings, setting
 from ..losses import masked_mse
-from .base import Method
+from .base import Method, check_lora_rank
 
 ADAPTER = "protobooth_text"
 # The text encoder's layers the LoRA adapts. The official code's HEAD adapts q, k, v; out_proj is added because
@@ -87,6 +87,10 @@ class TextBoost(Method):
         self.class_prompts = [f"a photo of a {word}" for word in dict.fromkeys(trainer.class_words)]
         prompts = ["", *self.captions, *self.class_prompts]
         self.frozen = dict(zip(prompts, trainer.encode_frozen(prompts))) if settings.knowledge_weight > 0 else {}
+
+    def check_model(self) -> None:
+        check_lora_rank(self.model.text_encoder, TEXT_LORA_LAYERS[self.settings.text_lora_layers],
+                        self.settings.text_lora_rank, "this model's text encoder")
 
     def trainables(self) -> list[dict]:
         from peft import LoraConfig
