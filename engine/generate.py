@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -11,9 +12,27 @@ from .errors import InputError
 log = logging.getLogger("protobooth")
 
 
+def check_render_options(steps: int = 25, guidance: float = 7.5, size: int | None = None, seeds=(0,),
+                         lora_scale: float = 1.0, prompts=("",)) -> None:
+    """Sampling settings a user typed, refused with the fix before any model loads."""
+    if not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise InputError(f"steps {steps} must be a whole number from 1 to 1000 (25 is usual).")
+    for label, value in (("guidance", guidance), ("LoRA scale", lora_scale)):
+        if not math.isfinite(value) or abs(value) > 100:
+            raise InputError(f"{label} {value} must be a number between -100 and 100 (guidance 7.5 and scale 1 are usual).")
+    if size is not None and (size < 64 or size > 4096 or size % 8):
+        raise InputError(f"size {size} must be a multiple of 8 from 64 to 4096 (the model's native size is usual).")
+    bad = [seed for seed in seeds if not 0 <= seed < 2**63]
+    if bad:
+        raise InputError(f"seed {bad[0]} must be a whole number from 0 to 2**63-1.")
+    if not prompts:
+        raise InputError("no prompt given; give at least one.")
+
+
 def render(pipeline, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5, size: int | None = None,
            negative_prompt: str | None = None, progress=None) -> list:
     """One PIL image per (prompt, seed), prompts outer. Each image's noise comes from its own seed."""
+    check_render_options(steps, guidance, size, seeds, prompts=prompts)
     size = size or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     pipeline.set_progress_bar_config(disable=True)
     images, total = [], len(prompts) * len(seeds)
@@ -33,6 +52,11 @@ def check_concept_fits(model, concept: Concept) -> None:
     if concept.family != model.family:
         raise InputError(f"the concept was trained on an {concept.family.upper()} model but this is an "
                          f"{model.family.upper()} model; use a base model of the same family.")
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    wrong = [obj.token for obj in concept.objects if obj.vectors.shape[1] != width]
+    if wrong:
+        raise InputError(f"the concept's vectors for {wrong[0]!r} are {concept.objects[0].vectors.shape[1]} wide but this "
+                         f"model's text encoder takes {width}; the concept belongs to another model: use that one.")
     if concept.base_fingerprint != model.fingerprint:
         log.warning("the concept was trained on another base model (fingerprint %s, this one %s); it may look different.",
                     concept.base_fingerprint, model.fingerprint)
@@ -40,6 +64,8 @@ def check_concept_fits(model, concept: Concept) -> None:
 
 def generate(model, prompts: list[str], concept: Concept | None = None, seeds=(0,), lora_scale: float = 1.0, **kwargs) -> list:
     """Pictures from `model`, with `concept` applied through the stock diffusers loaders when given."""
+    check_render_options(**{k: v for k, v in kwargs.items() if k in ("steps", "guidance", "size")}, seeds=list(seeds),
+                         lora_scale=lora_scale, prompts=prompts)
     pipeline = model.pipeline()
     if concept is None:
         return render(pipeline, prompts, list(seeds), **kwargs)

@@ -61,10 +61,18 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
         with trainer.trained_pipeline() as pipeline:
             previews = render(pipeline, preview_prompts, list(preview_seeds), **(render_options or {}))
     lora_path, embedding_path = models_folder_paths(out, name)
-    save_concept(result.concept, lora_path, embedding_path)
-    save_png(loss_curve(result.losses), out / f"{name}-loss.png")
-    save_png(image_grid(previews, [p for p in preview_prompts for _ in preview_seeds], columns=len(preview_seeds),
-                        scale=max(1, 128 // previews[0].width)), out / f"{name}-preview.png")
+    written = concept_files(lora_path, embedding_path, trainer.tokens)
+    stamps = {path: path.stat().st_mtime_ns if path.exists() else None for path in written}
+    try:
+        save_concept(result.concept, lora_path, embedding_path)
+        save_png(loss_curve(result.losses), out / f"{name}-loss.png")
+        save_png(image_grid(previews, [p for p in preview_prompts for _ in preview_seeds], columns=len(preview_seeds),
+                            scale=max(1, 128 // previews[0].width)), out / f"{name}-preview.png")
+    except OSError as error:  # a full disk or a file-size limit, found only now: the result must not be lost
+        for path in written:  # no half concept (a LoRA without its embedding) stays behind
+            if path.exists() and path.stat().st_mtime_ns != stamps[path]:
+                path.unlink()
+        raise save_failed(error, result, name, out) from None
     print(f"trained {settings.steps} steps in {result.seconds:.1f} s; final loss {result.losses[-1]:.4f}")
     for path in (*concept_files(lora_path, embedding_path, trainer.tokens), out / f"{name}-loss.png",
                  out / f"{name}-preview.png"):
@@ -77,3 +85,33 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
 def default_preview_prompts(tokens: list[str], class_words: list[str]) -> list[str]:
     subject = " and ".join(f"{t} {c}" for t, c in zip(tokens, class_words))
     return [f"a photo of {subject} on the beach", f"a photo of {subject} in the snow", f"a painting of {subject}"]
+
+
+def output_files(name: str, tokens: list[str]) -> list[str]:
+    """What learn() writes under its output folder (checked before any work starts)."""
+    from .concept.concept import concept_files, models_folder_paths
+
+    return [str(path) for path in concept_files(*models_folder_paths(Path(), name), tokens)] + [
+        f"{name}-loss.png", f"{name}-preview.png", f"{name}-checkpoint/checkpoint.pt"]
+
+
+def save_failed(error: OSError, result, name: str, out: Path):
+    """The SaveFailed for a result that could not be written to `out`: with a recovery copy of the concept in the
+    temp folder where one can be written, else in memory only (SaveFailed.result)."""
+    import tempfile
+    import time
+
+    from .concept.concept import models_folder_paths, save_concept
+    from .errors import SaveFailed
+
+    reason = error.strerror or str(error)
+    where = getattr(error, "filename", None) or out
+    recovery = Path(tempfile.gettempdir()) / "protobooth-recovery" / f"{name[:100]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        save_concept(result.concept, *models_folder_paths(recovery, name))
+    except OSError as second:
+        return SaveFailed(f"could not write {where} ({reason}), nor a recovery copy in {recovery.parent} "
+                          f"({second.strerror or second}); the trained concept is lost: free some space and train "
+                          "again (the same seed gives the same result).", result)
+    return SaveFailed(f"could not write {where} ({reason}). The trained concept is safe in {recovery}: copy its loras/ "
+                      f"and embeddings/ files into {out} (or your ComfyUI models folder) once there is room.", result)

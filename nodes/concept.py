@@ -12,6 +12,7 @@ import folder_paths
 
 from ..engine.concept.concept import check_concept_name, concept_files, load_concept, read_concept_metadata, save_concept
 from ..engine.errors import InputError
+from ..engine.fileio import check_output
 from .bridge import apply_concept
 from .common import CATEGORY, node_errors
 
@@ -63,7 +64,14 @@ class ProtoBoothSaveConcept:
             taken = [str(path) for path in files if path.exists()]
             if taken and not overwrite:
                 raise InputError(f"{' and '.join(taken)} already exist(s); choose another name or switch overwrite on.")
-            save_concept(concept, lora, embedding)
+            check_output(os.path.dirname(lora), [os.path.basename(p) for p in files[:1]], what="the loras folder")
+            check_output(os.path.dirname(embedding), [os.path.basename(p) for p in files[1:]], what="the embeddings folder")
+            try:
+                save_concept(concept, lora, embedding)
+            except OSError as error:  # a full disk: the concept itself is still in the graph
+                raise InputError(f"could not write {getattr(error, 'filename', None) or lora} ({error.strerror or error}); "
+                                 "the trained concept is still in the graph: free some space and queue again (Train "
+                                 "Concept reuses its result, nothing trains again).") from None
         written = [str(path) for path in files if path.exists()]
         triggers = ", ".join(f"{o.token} {o.class_word}" for o in concept.objects)
         return {"ui": {"text": [f"saved {' and '.join(written)}; write {triggers} in prompts"]}}

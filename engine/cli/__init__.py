@@ -3,10 +3,13 @@ function that adds its parser and the run_* function that executes it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 
-from ..errors import InputError
+from ..errors import InputError, TrainingCancelled
+from ..fileio import error_summary
 from ..version import __version__
 from .common import HelpFormatter
 from .demo import register_demo
@@ -25,24 +28,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"protobooth {__version__}")
     parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(subparsers)
     for subparser in subparsers.choices.values():  # --quiet also after the command name
         subparser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                                help="print only warnings and errors")
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show the Python traceback of an error")
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Exit status: 0 done, 2 bad input (one line naming the input and the fix), 130 cancelled with
+    Ctrl-C, 1 anything else (one line; --debug shows the traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 0
+    with _signals_handled():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _signals_handled():
+    """While a command runs: a file-size limit fails the write (reported as a full disk) instead of killing the
+    process, and `kill` (SIGTERM) cleans up as Ctrl-C does. The previous handlers come back after."""
+    wanted = {signal.SIGTERM: _interrupt}
+    if hasattr(signal, "SIGXFSZ"):
+        wanted[signal.SIGXFSZ] = signal.SIG_IGN
+    previous = {}
+    for number, handler in wanted.items():
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _run(args) -> int:
+    command = f"protobooth {args.command}"
     try:
         return args.run(args)
     except InputError as error:
-        print(f"protobooth {args.command}: error: {error}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"{command}: error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, TrainingCancelled):
+        note = getattr(args, "cancel_note", lambda: "nothing written")()
+        print(f"\n{command}: cancelled; {note}.", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"{command}: error: {error_summary(error)} (this is a bug or an input ProtoBooth does not check yet; "
+              "run again with --debug to see where, and please report it)", file=sys.stderr)
+        return 1

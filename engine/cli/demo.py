@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
 from ..learn import learn
 from .common import HelpFormatter
 
@@ -24,17 +25,22 @@ def register_demo(subparsers) -> None:
 
 def run_demo(args) -> int:
     from ..demo import shapesworld_demo, tiny_demo
-    from ..fileio import save_png
+    from ..fileio import check_output, save_png
     from ..images import to_pil
+    from ..learn import output_files
 
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps {args.steps} must be at least 1 (or leave it out for the demo's own).")
+    out = Path(args.out)
+    check_output(out, output_files("demo", ["x"]) + ["reference.png"], fix="choose another --out")
     make = shapesworld_demo if args.model == "shapesworld" else tiny_demo
     job = make() if args.steps is None else make(args.steps)
-    out = Path(args.out)
+    job.settings.check()
     print(f"demo: {job.description}")
+    learn(job.model, job.image, job.masks, job.tokens, job.class_words, job.settings, out, "demo", job.preview_prompts,
+          towers=job.towers, prototype=job.prototype, preview_seeds=job.preview_seeds, render_options=job.render_options)
+    # The reference pictures last: a demo that stops early leaves nothing behind.
     save_png(to_pil(job.image), out / "reference.png")
     for index, mask in enumerate(job.masks, 1):
         save_png(to_pil(mask), out / f"reference-mask-{index}.png")
-    learn(job.model, job.image, job.masks, job.tokens, job.class_words, job.settings, out, "demo", job.preview_prompts,
-          towers=job.towers, prototype=job.prototype, preview_seeds=job.preview_seeds, render_options=job.render_options)
     return 0
-

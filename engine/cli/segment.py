@@ -128,10 +128,17 @@ def _segment_prompts(args, image_size: tuple[int, int]) -> list:
 
 
 def run_segment(args) -> int:
-    from ..fileio import save_png
-    from ..images import check_masks, load_image, to_pil
+    from ..fileio import check_output, save_png
+    from ..images import check_image_file, check_masks, load_image, to_pil
     from ..segment import Segmenter, load_sam, overlay_masks, refine_mask
+    from ..segment.masks import check_not_emptied, check_refine_settings
 
+    check_refine_settings(args.dilate, args.feather)
+    check_image_file(args.image, "IMAGE")
+    out_dir = Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_masks")
+    check_output(out_dir, ["preview.png"], fix="choose a shorter --out")
+    if args.sam and not Path(args.sam).is_file():
+        raise InputError(f"--sam {args.sam} does not exist; give the path of a downloaded SAM checkpoint.")
     image = load_image(args.image, "IMAGE")
     prompts = _segment_prompts(args, image_size=(image.shape[-1], image.shape[-2]))
     if not prompts and not args.masks:
@@ -158,8 +165,7 @@ def run_segment(args) -> int:
         sources += [f"SAM, predicted IoU {score:.2f}" for score in segmenter.scores]
     masks += user_masks
     sources += [f"from {path}" for path in args.masks or []]
-
-    out_dir = Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_masks")
+    check_not_emptied(masks, args.dilate)
     for number, (mask, source) in enumerate(zip(masks, sources), 1):
         path = out_dir / f"mask_{number}.png"
         save_png(to_pil(mask), path)

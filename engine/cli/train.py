@@ -45,8 +45,6 @@ def register_train(subparsers) -> None:
 def _object_masks(args, image):
     masks = list(args.mask or [])
     if args.box:
-        if not args.sam:
-            raise InputError("--box needs --sam (a segment-anything checkpoint) to turn boxes into masks.")
         from ..segment import ObjectPrompt, Segmenter, load_sam
 
         prompts = [ObjectPrompt(box=list(box)).check(f"--box {i}", (image.shape[-1], image.shape[-2]))
@@ -60,27 +58,87 @@ def _object_masks(args, image):
     return masks
 
 
-def run_train(args) -> int:
+def check_train_inputs(args):
+    """Everything about a train command that is cheap to check, before a model loads or SAM runs: words, name,
+    settings, every input file's header, the output folder and the resume checkpoint. Returns (name, settings,
+    prototype settings, device)."""
     import torch
 
     from ..concept.concept import check_concept_name, concept_files, models_folder_paths
-    from ..images import load_image
-    from ..models.loading import load_model
+    from ..fileio import check_output
+    from ..images import check_image_file
+    from ..learn import output_files
     from ..models.precision import autocast_dtype
     from ..prototype import PrototypeSettings
+    from ..text.tokenizer import clip_tokenizer
+    from ..text.vocabulary import check_objects
     from ..train.options import settings_from_args
 
-    out, name = Path(args.out), check_concept_name(args.name or args.token[0])
+    check_objects(clip_tokenizer(), list(args.token), list(args.class_words))
+    if args.name is not None:
+        name = check_concept_name(args.name)
+    else:
+        try:
+            name = check_concept_name(args.token[0])
+        except InputError as error:
+            raise InputError(f"the concept is named after its first token by default, and {error} Give --name.") from None
     settings = settings_from_args(args)
     prototype = PrototypeSettings(n_vectors=settings.n_vectors, steps=args.prototype_steps)
-    # Impossible settings are refused before the slow parts (SAM, loading the model) start.
     settings.check()
     if args.clip:
         prototype.check()
+        if not (Path(args.clip) / "config.json").is_file():
+            raise InputError(f"--clip {args.clip} is not a CLIP model folder (it has no config.json); give the folder "
+                             "of a transformers CLIPModel, e.g. openai/clip-vit-large-patch14, or leave --clip out.")
+    check_image_file(args.image, "image")
+    for index, mask in enumerate(args.mask or [], 1):
+        check_image_file(mask, f"--mask {index}")
+    if args.box and not args.sam:
+        raise InputError("--box needs --sam (a segment-anything checkpoint) to turn boxes into masks.")
+    for flag, path in (("--sam", args.sam), ("--model", args.model)):
+        if path and not Path(path).exists():
+            raise InputError(f"{flag} {path} does not exist; give the path of the file (or folder) you downloaded.")
+    if len(args.mask or []) + len(args.box or []) != len(args.token):
+        raise InputError(f"{len(args.token)} token(s) but {len(args.mask or []) + len(args.box or [])} mask(s)/box(es); "
+                         "give one --mask or --box per --token.")
+    out = Path(args.out)
+    check_output(out, output_files(name, [t.strip().lower() for t in args.token]))
     if not args.overwrite and any(p.exists() for p in concept_files(*models_folder_paths(out, name), args.token)):
         raise InputError(f"concept {name!r} already exists in {out}; pass --overwrite or choose another --name.")
+    if args.resume:
+        check_resume(out / f"{name}-checkpoint" / "checkpoint.pt", settings)
     device = device_name(args.device)
     autocast_dtype(settings.mixed_precision, torch.device(device))  # refuses fp16 without a GPU
+    return name, settings, prototype, device
+
+
+def check_resume(path: Path, settings) -> None:
+    """--resume: the checkpoint must be there and be ProtoBooth's for these settings (the model and photo are
+    compared once loaded)."""
+    from ..fileio import read_torch_file
+    from ..train.trainer import CHECKPOINT_KEYS, settings_record
+
+    if not path.is_file():
+        raise InputError(f"--resume: there is no checkpoint at {path}; leave out --resume to start from step 0 "
+                         "(checkpoints are written with --checkpoint-every N).")
+    state = read_torch_file(path, "checkpoint")
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        raise InputError(f"--resume: {path} is not a ProtoBooth training checkpoint; remove it or leave out --resume.")
+    saved, mine = state.get("settings"), settings_record(settings)
+    if isinstance(saved, dict) and saved != mine:
+        changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        raise InputError(f"--resume: the checkpoint at {path} was made with other settings ({', '.join(changed)}); use "
+                         "the same settings, or leave out --resume to start again.")
+
+
+def run_train(args) -> int:
+    from ..images import load_image
+    from ..models.loading import load_model
+
+    name, settings, prototype, device = check_train_inputs(args)
+    out = Path(args.out)
+    args.cancel_note = lambda: (f"checkpoint kept at {out / f'{name}-checkpoint'} (continue with --resume)"
+                                if (out / f"{name}-checkpoint" / "checkpoint.pt").is_file() else "nothing written")
     image = load_image(args.image)
     masks = _object_masks(args, image)
     model = load_model(args.model).to(device)
@@ -94,12 +152,14 @@ def run_train(args) -> int:
 def _load_clip_towers(path: str, device):
     from transformers import CLIPModel
 
+    from ..fileio import error_summary
     from ..prototype import ClipTowers
 
     try:
         clip = CLIPModel.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise InputError(f"--clip {path} is not a CLIP model folder ({error}).") from None
+    except Exception as error:  # a damaged, foreign or unsafe file in the folder
+        raise InputError(f"--clip {path} could not be loaded as a CLIP model ({error_summary(error)}); give the folder "
+                         "of a transformers CLIPModel with .safetensors weights.") from None
     return ClipTowers.from_clip_model(clip.to(device).eval())
 
 
@@ -130,22 +190,29 @@ def register_generate(subparsers) -> None:
 
 def run_generate(args) -> int:
     from ..concept.concept import load_concept
-    from ..fileio import save_png
-    from ..generate import generate
+    from ..fileio import check_output, save_png
+    from ..generate import check_render_options, generate
     from ..models.loading import load_model
     from ..report import image_grid
 
-    model = load_model(args.model).to(device_name(args.device))
+    seeds = args.seed or [0]
+    check_render_options(args.steps, args.guidance, args.size, seeds, args.lora_scale, args.prompts)
+    out = Path(args.out)
+    check_output(out, ["grid.png"])
+    if not Path(args.model).exists():
+        raise InputError(f"--model {args.model} does not exist; give the path of the file (or folder) you downloaded.")
     concept = None
-    if args.concept:
+    if args.concept:  # read before the model: a concept file is small, a model is not
         embedding = Path(args.concept)
         lora = Path(args.lora) if args.lora else embedding.parent.parent / "loras" / embedding.name
+        if args.lora and not lora.is_file():
+            raise InputError(f"--lora {lora} does not exist; give the concept's LoRA file, or leave --lora out.")
         concept = load_concept(embedding, lora if lora.is_file() else None)
-    seeds = args.seed or [0]
+    device = device_name(args.device)
+    model = load_model(args.model).to(device)
     with progress_bar("generate", "image") as update:
         images = generate(model, args.prompts, concept, seeds, args.lora_scale, steps=args.steps, guidance=args.guidance,
                           size=args.size, negative_prompt=args.negative, progress=update)
-    out = Path(args.out)
     names = [f"{i:03d}-seed{seed}.png" for i, (_, seed) in enumerate((p, s) for p in args.prompts for s in seeds)]
     for picture, file_name in zip(images, names):
         save_png(picture, out / file_name)

@@ -12,11 +12,22 @@ from ..errors import InputError
 from ..images import load_image, load_mask, to_pil
 
 
+MAX_GROW = 512  # pixels: more would swallow or erase any object in a photo
+
+
 def check_refine_settings(dilate, feather) -> None:
-    if isinstance(dilate, bool) or not isinstance(dilate, (int, np.integer)):
-        raise InputError(f"dilate must be a whole number of pixels, got {dilate!r}.")
-    if isinstance(feather, bool) or not isinstance(feather, (int, float)) or not 0 <= feather < math.inf:
-        raise InputError(f"feather must be a blur radius (sigma) of 0 or more pixels, got {feather!r}.")
+    if isinstance(dilate, bool) or not isinstance(dilate, (int, np.integer)) or not -MAX_GROW <= dilate <= MAX_GROW:
+        raise InputError(f"dilate must be a whole number of pixels from -{MAX_GROW} to {MAX_GROW}, got {dilate!r}.")
+    if isinstance(feather, bool) or not isinstance(feather, (int, float)) or not 0 <= feather <= MAX_GROW:
+        raise InputError(f"feather must be a blur radius (sigma) from 0 to {MAX_GROW} pixels, got {feather!r}.")
+
+
+def check_not_emptied(masks, dilate: int) -> None:
+    """A mask that shrinking (a negative dilate) left without object pixels is refused, not written."""
+    for number, mask in enumerate(masks, 1):
+        if float(mask.max()) < 0.5:
+            raise InputError(f"the mask of object {number} is empty after dilate {dilate}: the object is thinner than "
+                             "that; shrink by fewer pixels.")
 
 
 def _grow(mask: torch.Tensor, pixels: int) -> torch.Tensor:
