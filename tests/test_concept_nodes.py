@@ -410,12 +410,14 @@ def test_mask_of_another_size_than_the_image_is_refused(comfyui, comfyui_checkpo
     assert "Train Concept:" in error and "32" in error and "64" in error, error
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ""])
-def test_concept_names_with_path_characters_are_refused(comfyui, comfyui_checkpoint, photo, name):
+@pytest.mark.parametrize("name, message", [("../escape", "cannot be a file name"), ("a/b", "cannot be a file name"),
+                                           (".hidden", "cannot be a file name"), ("", "cannot be a file name"),
+                                           ("my mug", "contains a space"), ("n" * 300, "is 300 bytes")])
+def test_concept_names_that_cannot_be_files_or_prompt_words_are_refused(comfyui, comfyui_checkpoint, photo, name, message):
     graph = training_graph(comfyui_checkpoint, photo)
     graph["save"] = {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": True}}
     error = failure(comfyui, graph)
-    assert "Save Concept:" in error and "cannot be a file name" in error, error
+    assert "Save Concept:" in error and message in error, error
 
 
 def test_a_model_family_the_engine_does_not_support_is_refused(comfyui, comfyui_checkpoint, photo):
