@@ -8,6 +8,7 @@ import torch
 
 from .concept.concept import Concept, concept_applied
 from .errors import InputError
+from .train.methods import strength_warning
 
 log = logging.getLogger("protobooth")
 
@@ -70,5 +71,8 @@ def generate(model, prompts: list[str], concept: Concept | None = None, seeds=(0
     if concept is None:
         return render(pipeline, prompts, list(seeds), **kwargs)
     check_concept_fits(model, concept)
+    warning = strength_warning(concept, lora_scale)
+    if warning:
+        log.warning(warning)
     with concept_applied(pipeline, concept, lora_scale):
         return render(pipeline, prompts, list(seeds), **kwargs)

@@ -324,6 +324,7 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
     learned vectors (1), and scales a text-encoder LoRA (TextBoost's) as stock Load LoRA's strength_clip does.
     """
     from ..engine.text.vocabulary import class_word_vectors
+    from ..engine.train.methods import strength_warning
 
     family, _ = model_family(model)
     if concept.family != family:
@@ -333,6 +334,9 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
     if fingerprint != concept.base_fingerprint:
         log.warning("ProtoBooth: concept %s was trained on another base model (fingerprint %s, this one %s); it may look "
                     "different here.", "/".join(concept.tokens), concept.base_fingerprint, fingerprint)
+    warning = strength_warning(concept, strength_model)
+    if warning:
+        log.warning("ProtoBooth: %s", warning)
     if concept.lora and (strength_model != 0 or strength_clip != 0):
         # Its UNet keys patch the MODEL, its text-encoder keys (TextBoost) the CLIP: what stock Load LoRA does.
         model, clip = comfy.sd.load_lora_for_models(model, clip, concept.lora, strength_model, strength_clip)

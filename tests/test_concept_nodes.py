@@ -26,6 +26,8 @@ NODES = {
     "ProtoBoothTrainTextboost": ["model", "clip", "vae", "image", "masks", "tokens", "class_words", "steps",
                                  "text_lora_learning_rate", "token_learning_rate", "text_lora_rank", "knowledge_weight",
                                  "augment_probability", "resolution", "seed"],
+    "ProtoBoothTrainAttribute": ["model", "clip", "vae", "image", "masks", "tokens", "class_words", "steps",
+                                 "hyper_learning_rate", "token_learning_rate", "attribute", "layers", "resolution", "seed"],
     "ProtoBoothSaveConcept": ["concept", "name", "overwrite"],
     "ProtoBoothLoadConcept": ["concept_name"],
     "ProtoBoothApplyConcept": ["model", "clip", "concept", "strength_model", "strength_clip"],
@@ -244,6 +246,42 @@ def test_a_textboost_concept_patches_the_clip_and_stock_loaders_give_what_apply_
     assert np.abs(plain - applied).max() > 1e-3
     # The text encoder's LoRA reaches prompts without the trigger word too (the CLIP itself is patched).
     assert np.abs(prediction(entry, "plain_lora") - prediction(entry, "plain_base")).max() > 1e-4
+
+
+def test_an_attribute_concept_at_strength_lambda_is_stock_load_lora_at_lambda(comfyui, comfyui_checkpoint, photo):
+    name = "protobooth_test_attribute"
+    train = {"class_type": "ProtoBoothTrainAttribute", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["photo", 0], "masks": ["masks", 0],
+        "tokens": "zqsquare", "class_words": "square", "steps": 3, "hyper_learning_rate": 1e-2, "token_learning_rate": 5e-3,
+        "attribute": "appearance", "layers": "auto", "resolution": 64, "seed": 7}}
+    base = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui_checkpoint}},
+        "photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
+        "masks": {"class_type": "ProtoBoothTestBoxMasks", "inputs": {"image": ["photo", 0], "boxes": json.dumps([RED_SQUARE])}},
+        "train": train,
+        "save": {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": True}},
+    }
+    comfyui.run(base, timeout=600)
+    graph = dict(base, load={"class_type": "ProtoBoothLoadConcept", "inputs": {"concept_name": name}})
+    text = "a photo of zqsquare square on a table"
+    for strength in (0.5, 1.0):
+        tag = str(strength).replace(".", "_")
+        graph.update({
+            f"stock{tag}": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                            "lora_name": f"{name}.safetensors", "strength_model": strength, "strength_clip": 1.0}},
+            f"apply{tag}": {"class_type": "ProtoBoothApplyConcept", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                            "concept": ["load", 0], "strength_model": strength, "strength_clip": 1.0}},
+            **prediction_nodes(f"stock{tag}", [f"stock{tag}", 0], [f"stock{tag}", 1], f"a photo of embedding:{name} square on a table"),
+            **prediction_nodes(f"apply{tag}", [f"apply{tag}", 0], [f"apply{tag}", 1], text),
+        })
+    graph.update(prediction_nodes("in_graph", ["train", 0], ["train", 1], text))
+    log_start = len(comfyui.log_text())
+    entry = comfyui.run(graph, timeout=600)
+    assert lora_keys_not_loaded(comfyui.log_text()[log_start:]) == []
+    for tag in ("0_5", "1_0"):
+        assert np.abs(prediction(entry, f"stock{tag}") - prediction(entry, f"apply{tag}")).max() <= 1e-5, tag
+    assert np.abs(prediction(entry, "in_graph") - prediction(entry, "apply1_0")).max() <= 1e-5
+    assert np.abs(prediction(entry, "apply0_5") - prediction(entry, "apply1_0")).max() > 1e-4  # λ does scale it
 
 
 def test_a_concept_trained_by_the_engine_reproduces_in_comfyui_through_stock_loaders(comfyui, comfyui_checkpoint):

@@ -2,7 +2,7 @@
 
 The converter is checked on small synthetic graphs against the frontend's rules; every workflow is
 checked against the real server's node definitions; (a), (b) and (c) run end to end in the real ComfyUI
-on tiny model files, as does (e) (TextBoost); (d) needs ComfyUI_IPAdapter_plus, which the test ComfyUI cannot run (it predates the
+on tiny model files, as do (e) (TextBoost) and (f) (attribute transfer); (d) needs ComfyUI_IPAdapter_plus, which the test ComfyUI cannot run (it predates the
 ModelPatcher API that extension uses), so it is checked structurally against that extension's node
 definitions.
 """
@@ -21,7 +21,8 @@ from conftest import ROOT, long_run_on_one_build
 from workflow_convert import Widget, WorkflowError, to_api_prompt, widgets_of
 
 WORKFLOWS = ROOT / "workflows"
-NAMES = ("one_object", "two_objects", "concept_controlnet", "concept_ipadapter", "textboost_one_object")
+NAMES = ("one_object", "two_objects", "concept_controlnet", "concept_ipadapter", "textboost_one_object",
+         "attribute_transfer")
 PHOTO = "workflow_photo.png"
 CONCEPT = "protobooth_test_mug"
 # Combo inputs that list model or input files: their values are the files a user would have, not the server's.
@@ -269,7 +270,7 @@ def test_workflow_fits_the_servers_nodes(server_nodes, name):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Running (a), (b), (c), (e) in the real ComfyUI
+# Running (a), (b), (c), (e), (f) in the real ComfyUI
 
 
 def substituted(prompt: dict, changes: dict) -> dict:
@@ -298,6 +299,7 @@ def tiny_files(comfyui, comfyui_checkpoint, comfyui_sam, comfyui_clip_vision, co
         "ProtoBoothPrototypeInit": {"steps": 2, "text_projection_file": f"clip_vision/{comfyui_clip_vision}"},
         "ProtoBoothTrainConcept": {"steps": 2, "resolution": 64},
         "ProtoBoothTrainTextboost": {"steps": 2, "resolution": 64},
+        "ProtoBoothTrainAttribute": {"steps": 2, "resolution": 64},
     }
 
 
@@ -367,3 +369,15 @@ def test_textboost_workflow_learns_saves_and_draws_three_scenes(comfyui, tiny_fi
     lora, embedding = concept_files(comfyui, name)
     assert embedding.is_file() and lora.is_file()
     assert all(key.startswith("lora_te_") for key in safe_open(str(lora), "pt").keys())  # the text encoder's alone
+
+
+@long_run_on_one_build
+def test_attribute_workflow_learns_saves_and_draws_three_transfers(comfyui, tiny_files):
+    name = f"{CONCEPT}_attribute"
+    changes = dict(tiny_files, ProtoBoothSegmentObjects={"prompts": json.dumps([{"box": list(RED_SQUARE)}])},
+                   ProtoBoothSaveConcept={"name": name})
+    prompt, entry = run_workflow(comfyui, "attribute_transfer", changes)
+    assert check_saved_images(comfyui, prompt, entry) == 3
+    lora, embedding = concept_files(comfyui, name)
+    assert embedding.is_file()
+    assert all(key.startswith("lora_unet_up_blocks_") for key in safe_open(str(lora), "pt").keys())  # the decoder's

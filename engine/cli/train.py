@@ -163,6 +163,10 @@ def _load_clip_towers(path: str, device):
     return ClipTowers.from_clip_model(clip.to(device).eval())
 
 
+# The attribute method's intensity sweep (research/methods.md §3.3).
+SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+
+
 def register_generate(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
@@ -177,7 +181,10 @@ def register_generate(subparsers) -> None:
     p.add_argument("--model", required=True, help="base model: a diffusers folder or a .safetensors/.ckpt SD1.x/SD2.x file")
     p.add_argument("--concept", help="the concept's embedding file (its LoRA is found in ../loras/ by name)")
     p.add_argument("--lora", help="the concept's LoRA file, when not beside the embedding in ../loras/")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength")
+    p.add_argument("--lora-scale", type=float, action="append", help="LoRA strength (an attribute concept's intensity "
+                   "lambda); repeat for a row of pictures per strength (default 1)")
+    p.add_argument("--strength-sweep", action="store_true", help="one row per strength " + ", ".join(map(str, SWEEP)) +
+                   " (the attribute method's lambda sweep)")
     p.add_argument("--seed", type=int, action="append", help="seed (repeat for several; default 0)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (DDIM)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
@@ -196,7 +203,11 @@ def run_generate(args) -> int:
     from ..report import image_grid
 
     seeds = args.seed or [0]
-    check_render_options(args.steps, args.guidance, args.size, seeds, args.lora_scale, args.prompts)
+    scales = list(SWEEP) if args.strength_sweep else (args.lora_scale or [1.0])
+    for scale in scales:
+        check_render_options(args.steps, args.guidance, args.size, seeds, scale, args.prompts)
+    if len(scales) > 1 and not args.concept:
+        raise InputError("several strengths (--lora-scale, --strength-sweep) need a --concept to scale.")
     out = Path(args.out)
     check_output(out, ["grid.png"])
     if not Path(args.model).exists():
@@ -210,12 +221,19 @@ def run_generate(args) -> int:
         concept = load_concept(embedding, lora if lora.is_file() else None)
     device = device_name(args.device)
     model = load_model(args.model).to(device)
+    images, names, labels = [], [], []
     with progress_bar("generate", "image") as update:
-        images = generate(model, args.prompts, concept, seeds, args.lora_scale, steps=args.steps, guidance=args.guidance,
-                          size=args.size, negative_prompt=args.negative, progress=update)
-    names = [f"{i:03d}-seed{seed}.png" for i, (_, seed) in enumerate((p, s) for p in args.prompts for s in seeds)]
+        for number, scale in enumerate(scales):
+            done = len(images)
+            images += generate(model, args.prompts, concept, seeds, scale, steps=args.steps, guidance=args.guidance,
+                               size=args.size, negative_prompt=args.negative,
+                               progress=lambda n, total, done=done: update(done + n, total * len(scales)))
+            part = f"-strength{scale:g}" if len(scales) > 1 else ""
+            names += [f"{number * len(args.prompts) + i:03d}{part}-seed{seed}.png"
+                      for i, (_, seed) in enumerate((p, s) for p in args.prompts for s in seeds)]
+            labels += [(f"strength {scale:g}: " if len(scales) > 1 else "") + p for p in args.prompts for _ in seeds]
     for picture, file_name in zip(images, names):
         save_png(picture, out / file_name)
-    save_png(image_grid(images, [p for p in args.prompts for _ in seeds], columns=len(seeds)), out / "grid.png")
+    save_png(image_grid(images, labels, columns=len(seeds)), out / "grid.png")
     print(f"wrote {len(images)} image(s) and grid.png to {out}")
     return 0

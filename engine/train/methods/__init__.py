@@ -11,11 +11,12 @@ import functools
 import importlib.metadata
 
 from ...errors import InputError
+from .attribute import Attribute
 from .base import Method
 from .object_driven import ObjectDriven
 from .textboost import TextBoost
 
-METHODS: tuple[type[Method], ...] = (ObjectDriven, TextBoost)
+METHODS: tuple[type[Method], ...] = (ObjectDriven, TextBoost, Attribute)
 ENTRY_POINT_GROUP = "protobooth.methods"
 
 
@@ -50,3 +51,14 @@ def method_class(name: str) -> type[Method]:
     if name not in methods:
         raise InputError(f"unknown method {name!r}; choose one of {', '.join(methods)}.")
     return methods[name]
+
+
+def strength_warning(concept, strength: float) -> str | None:
+    """What to tell a user who applies `concept` at LoRA strength `strength`, when its method knows that overshoots."""
+    name = (concept.settings.get("method") or {}).get("name")
+    method = registry().get(name)
+    limit = method.sensible_strength if method else None
+    if limit is None or abs(strength) <= limit:
+        return None
+    return (f"strength {strength} is beyond {limit} for a {method.label} concept ({'/'.join(concept.tokens)}): the "
+            "learned attribute overshoots; 0 to 1.25 is the usual range.")

@@ -27,6 +27,8 @@ class Method:
     widgets: ClassVar[tuple[str, ...]] = ("steps", "token_learning_rate", "resolution", "seed")
     # Shared settings whose default differs for this method (TextBoost: fewer steps, SNR timesteps, augmentation on).
     shared_defaults: ClassVar[dict] = {}
+    # The largest LoRA strength that still makes sense for its concepts (a warning beyond it); None: no limit known.
+    sensible_strength: ClassVar[float | None] = None
 
     def __init__(self, trainer):
         self.trainer = trainer
