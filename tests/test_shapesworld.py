@@ -134,6 +134,19 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     assert len(list(tmp_path.glob("quick_grid_*.png"))) == 14
 
 
+@pytest.mark.slow
+def test_the_attribute_benchmark_quick_writes_its_table_curve_and_check(tmp_path):
+    script = ROOT / "benchmarks" / "shapesworld" / "attributes.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--rows", "2", "--steps", "20", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "attributes_quick.md").read_text()
+    for row in ("ground truth", "base model (plain target)", "attribute (OSTAF, decoder)", "attribute, encoder",
+                "λ curve", "| 1.25 |", "Metric check on ground-truth renders of the targets"):
+        assert row in table
+    assert "| ground truth | 1.000 |" in table  # the answers score themselves perfectly
+
+
 def test_the_demo_learns_a_shapesworld_instance_by_default(tmp_path):
     from protobooth.engine.cli import main
 
