@@ -9,7 +9,7 @@ from torch import nn
 from protobooth.engine.models import tiny
 from protobooth.engine.models.precision import compute_in
 from protobooth.engine.train.class_prior import class_latents
-from protobooth.engine.train import TrainSettings, train_concept
+from protobooth.engine.train import train_concept
 
 STORED = [torch.float16, torch.bfloat16, torch.float8_e4m3fn]
 
