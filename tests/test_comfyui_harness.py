@@ -19,7 +19,8 @@ from conftest import ROOT
 
 
 PACK_NODES = {"ProtoBoothSAMLoader", "ProtoBoothSegmentObjects", "ProtoBoothPrototypeInit", "ProtoBoothTrainConcept",
-              "ProtoBoothSaveConcept", "ProtoBoothLoadConcept", "ProtoBoothApplyConcept"}
+              "ProtoBoothTrainTextboost", "ProtoBoothTrainAttribute", "ProtoBoothSaveConcept", "ProtoBoothLoadConcept",
+              "ProtoBoothApplyConcept"}
 
 
 def _fake_download(monkeypatch, members: dict[str, str], pinned: bool = True) -> None:
