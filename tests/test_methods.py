@@ -98,7 +98,7 @@ def test_a_registered_method_is_a_cli_choice_with_its_own_flags(plugin):
     result = subprocess.run([sys.executable, "-m", "protobooth.engine.cli", "train", "--help"], capture_output=True,
                             text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
-    assert "{object-driven,bias-only}" in result.stdout and "--bias-learning-rate" in result.stdout
+    assert "{object-driven,textboost,attribute,bias-only}" in result.stdout and "--bias-learning-rate" in result.stdout
     assert "bias-only method settings" in result.stdout
 
 

@@ -137,8 +137,6 @@ def run_segment(args) -> int:
     check_image_file(args.image, "IMAGE")
     out_dir = Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_masks")
     check_output(out_dir, ["preview.png"], fix="choose a shorter --out")
-    if args.sam and not Path(args.sam).is_file():
-        raise InputError(f"--sam {args.sam} does not exist; give the path of a downloaded SAM checkpoint.")
     image = load_image(args.image, "IMAGE")
     prompts = _segment_prompts(args, image_size=(image.shape[-1], image.shape[-2]))
     if not prompts and not args.masks:
