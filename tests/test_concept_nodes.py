@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from comfyui_harness import execution_error
+from conftest import long_run_on_one_build
 from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
 
 PHOTO = "concept_photo.png"
@@ -248,6 +249,8 @@ def test_a_textboost_concept_patches_the_clip_and_stock_loaders_give_what_apply_
     assert np.abs(prediction(entry, "plain_lora") - prediction(entry, "plain_base")).max() > 1e-4
 
 
+# One build: an attribute concept is a plain UNet LoRA, the path the object-driven tests run on both builds.
+@long_run_on_one_build
 def test_an_attribute_concept_at_strength_lambda_is_stock_load_lora_at_lambda(comfyui, comfyui_checkpoint, photo):
     name = "protobooth_test_attribute"
     train = {"class_type": "ProtoBoothTrainAttribute", "inputs": {

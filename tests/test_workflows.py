@@ -359,6 +359,9 @@ def test_concept_controlnet_workflow_uses_the_saved_concept(comfyui, tiny_files,
     assert check_saved_images(comfyui, prompt, entry) == 1
 
 
+# Slow: the one-object workflow already runs the same nodes' path in the default suite; this one adds only
+# the method's node (its stock-loader equivalence runs by default in test_concept_nodes.py).
+@pytest.mark.slow
 @long_run_on_one_build
 def test_textboost_workflow_learns_saves_and_draws_three_scenes(comfyui, tiny_files):
     name = f"{CONCEPT}_textboost"
@@ -371,6 +374,9 @@ def test_textboost_workflow_learns_saves_and_draws_three_scenes(comfyui, tiny_fi
     assert all(key.startswith("lora_te_") for key in safe_open(str(lora), "pt").keys())  # the text encoder's alone
 
 
+# Slow: the one-object workflow already runs the same nodes' path in the default suite; this one adds only
+# the method's node (its stock-loader equivalence runs by default in test_concept_nodes.py).
+@pytest.mark.slow
 @long_run_on_one_build
 def test_attribute_workflow_learns_saves_and_draws_three_transfers(comfyui, tiny_files):
     name = f"{CONCEPT}_attribute"
