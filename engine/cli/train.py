@@ -74,7 +74,7 @@ def check_train_inputs(args):
     from ..text.vocabulary import check_objects
     from ..train.options import settings_from_args
 
-    check_objects(clip_tokenizer(), list(args.token), list(args.class_words))
+    tokens, _ = check_objects(clip_tokenizer(), list(args.token), list(args.class_words))
     if args.name is not None:
         name = check_concept_name(args.name)
     else:
@@ -102,7 +102,7 @@ def check_train_inputs(args):
         raise InputError(f"{len(args.token)} token(s) but {len(args.mask or []) + len(args.box or [])} mask(s)/box(es); "
                          "give one --mask or --box per --token.")
     out = Path(args.out)
-    check_output(out, output_files(name, [t.strip().lower() for t in args.token]))
+    check_output(out, output_files(name, tokens))
     if not args.overwrite and any(p.exists() for p in concept_files(*models_folder_paths(out, name), args.token)):
         raise InputError(f"concept {name!r} already exists in {out}; pass --overwrite or choose another --name.")
     if args.resume:
