@@ -22,6 +22,7 @@ log = logging.getLogger("protobooth")
 # Photos above this many pixels are refused before they are decoded (a small file can hold a huge picture, and
 # decoding a 12000x12000 one takes 5 GB); PROTOBOOTH_MAX_PIXELS changes it.
 MAX_PIXELS = 50_000_000
+EXIF_ORIENTATION = 0x0112  # the EXIF tag ComfyUI's Load Image also turns pictures by
 MIN_MASK_COVERAGE = 0.001  # below 0.1% of the image the object vanishes at latent resolution
 MAX_MASK_COVERAGE = 0.99  # above 99% the "object" is the whole picture
 _RGBA_BACKGROUND = 0.5  # transparent pixels become mid-grey, the neutral colour of masked crops
@@ -85,8 +86,9 @@ def _open(source, what: str, header_only: bool = False):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit speaks instead
             with Image.open(path) as opened:
                 _check_pixels(opened.size, what, path)
-                if header_only:
-                    return None
+                if header_only:  # the upright size: orientations 5-8 turn the picture a quarter
+                    width, height = opened.size
+                    return (height, width) if opened.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
                 opened.load()
                 return ImageOps.exif_transpose(opened).copy()
     except Image.DecompressionBombError:
@@ -96,9 +98,10 @@ def _open(source, what: str, header_only: bool = False):
         raise InputError(f"{what} {path} is not a readable image ({error}); use PNG, JPEG or WebP.") from None
 
 
-def check_image_file(path, what: str = "image") -> None:
-    """Cheap check of an image file before any work: it exists, is an image, and is within the pixel limit."""
-    _open(path, what, header_only=True)
+def check_image_file(path, what: str = "image") -> tuple[int, int]:
+    """Cheap check of an image file before any work: it exists, is an image, and is within the pixel limit.
+    Returns its (width, height) as it will be loaded (upright)."""
+    return _open(path, what, header_only=True)
 
 
 def load_image(source, what: str = "image") -> torch.Tensor:

@@ -33,8 +33,14 @@ def progress_bar(description: str, unit: str = "step"):
 
 
 def learn(model, image, masks, tokens, class_words, settings, out: Path, name: str, preview_prompts: list[str],
-          towers=None, prototype=None, resume: bool = False, preview_seeds=(0,), render_options: dict | None = None):
-    """Prototype search (when a CLIP model is given) → training → concept files, loss curve, preview grid."""
+          towers=None, prototype=None, resume: bool = False, preview_seeds=(0,), render_options: dict | None = None,
+          report_dir: Path | None = None, checkpoint_dir: Path | None = None, inputs_hash: str | None = None,
+          quiet: bool = False):
+    """Prototype search (when a CLIP model is given) → training → concept files, loss curve, preview grid.
+
+    The concept goes to OUT's loras/ and embeddings/; the loss curve and preview to `report_dir` (default OUT);
+    checkpoints to `checkpoint_dir` (default OUT/NAME-checkpoint). `inputs_hash` is kept in the concept's
+    metadata (the batch's skip-if-done test); `quiet` leaves out the closing lines."""
     from .concept.concept import concept_files, models_folder_paths, save_concept
     from .fileio import save_png
     from .generate import render
@@ -57,25 +63,29 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
                                                          prepare_progress=update))
         with progress_bar("train") as update:
             result = trainer.train(progress=lambda r: update(r.step, r.total, loss=f"{r.loss:.4f}"),
-                                   checkpoint_dir=out / f"{name}-checkpoint", resume=resume)
+                                   checkpoint_dir=checkpoint_dir or out / f"{name}-checkpoint", resume=resume)
         with trainer.trained_pipeline() as pipeline:
             previews = render(pipeline, preview_prompts, list(preview_seeds), **(render_options or {}))
+    result.concept.inputs_hash = inputs_hash
+    report_dir = Path(report_dir or out)
     lora_path, embedding_path = models_folder_paths(out, name)
     written = concept_files(lora_path, embedding_path, trainer.tokens)
     stamps = {path: path.stat().st_mtime_ns if path.exists() else None for path in written}
     try:
         save_concept(result.concept, lora_path, embedding_path)
-        save_png(loss_curve(result.losses), out / f"{name}-loss.png")
+        save_png(loss_curve(result.losses), report_dir / f"{name}-loss.png")
         save_png(image_grid(previews, [p for p in preview_prompts for _ in preview_seeds], columns=len(preview_seeds),
-                            scale=max(1, 128 // previews[0].width)), out / f"{name}-preview.png")
+                            scale=max(1, 128 // previews[0].width)), report_dir / f"{name}-preview.png")
     except OSError as error:  # a full disk or a file-size limit, found only now: the result must not be lost
         for path in written:  # no half concept (a LoRA without its embedding) stays behind
             if path.exists() and path.stat().st_mtime_ns != stamps[path]:
                 path.unlink()
         raise save_failed(error, result, name, out) from None
+    if quiet:
+        return result
     print(f"trained {settings.steps} steps in {result.seconds:.1f} s; final loss {result.losses[-1]:.4f}")
-    for path in (*concept_files(lora_path, embedding_path, trainer.tokens), out / f"{name}-loss.png",
-                 out / f"{name}-preview.png"):
+    for path in (*concept_files(lora_path, embedding_path, trainer.tokens), report_dir / f"{name}-loss.png",
+                 report_dir / f"{name}-preview.png"):
         if path.exists():  # a concept trained without a LoRA has no LoRA file
             print(f"wrote {path}")
     print("use it with the words: " + ", ".join(f"'{t} {c}'" for t, c in zip(trainer.tokens, trainer.class_words)))

@@ -270,3 +270,17 @@ def _search(towers, text_encoder, tokenizer, image, mask, token, class_word, set
         token, class_word, cosine_start, cosine_final, cosine_bare, ", ".join(nearest),
     )
     return Prototype(token, class_word, vectors, "prototype", cosine_start, cosine_final, nearest)
+
+
+def load_clip_towers(path: str, device):
+    """ClipTowers from a transformers CLIPModel folder (the --clip option of the CLI)."""
+    from transformers import CLIPModel
+
+    from .fileio import error_summary
+
+    try:
+        clip = CLIPModel.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # a damaged, foreign or unsafe file in the folder
+        raise InputError(f"--clip {path} could not be loaded as a CLIP model ({error_summary(error)}); give the folder "
+                         "of a transformers CLIPModel with .safetensors weights.") from None
+    return ClipTowers.from_clip_model(clip.to(device).eval())

@@ -107,6 +107,11 @@ def test_a_batch_trains_in_process_then_skips_what_is_done(photos, two_trained, 
     assert "| zqobj0 | object-driven | skipped |" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
 
+    (out / "embeddings" / "second.safetensors").unlink()  # as a worker killed between the LoRA and the embedding
+    assert batch(photos, manifest, out) == 0  # a half-saved concept of the same inputs is not in the way
+    assert "| second | object-driven | trained |" in capsys.readouterr().out
+    load_concept(out / "embeddings/second.safetensors", out / "loras/second.safetensors")
+
     changed = write_manifest(photos / "changed.jsonl", [{"defaults": {"settings": {**FAST, "seed": 7}}}, concept_line(0)])
     assert batch(photos, changed, out) == 2  # other inputs under a taken name: refused without --overwrite
     assert "line 2 (zqobj0)" in capsys.readouterr().err
@@ -150,6 +155,18 @@ def test_a_ray_address_that_does_not_answer_is_an_error_not_a_hang(photos, tmp_p
     manifest = write_manifest(photos / "ray-one.jsonl", [concept_line(0, settings=FAST)])
     assert batch(photos, manifest, tmp_path / "models", "--ray", "127.0.0.1:9") == 2
     assert "nothing answers there" in capsys.readouterr().err
+
+
+def test_a_box_is_segmented_with_sam_before_training(photos, tmp_path, capsys):
+    from kit.sam import save_sam_checkpoint, tiny_sam
+
+    save_sam_checkpoint(tiny_sam(0), tmp_path / "sam_tiny.pth")
+    line = {"image": "photo0.png", "token": "zqboxed", "class": "box", "box": [12, 16, 40, 48], "settings": FAST}
+    manifest = write_manifest(photos / "boxed.jsonl", [line])
+    out = tmp_path / "models"
+    assert batch(photos, manifest, out, "--sam", str(tmp_path / "sam_tiny.pth")) == 0
+    assert "| zqboxed | object-driven | trained |" in capsys.readouterr().out
+    load_concept(out / "embeddings/zqboxed.safetensors", out / "loras/zqboxed.safetensors")
 
 
 @requires_ray

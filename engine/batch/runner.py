@@ -73,11 +73,19 @@ def check_outputs(items: list[BatchItem], out: Path, overwrite: bool) -> None:
     check_output(out, names + [f"{REPORTS}/{item.name}-preview.png" for item in items], fix="choose a shorter \"name\"")
     if overwrite:
         return
-    taken = [f"line {item.line} ({item.name})" for item in items if not done_already(item, out)
-             and any(p.exists() for p in concept_files(*models_folder_paths(out, item.name), item.tokens))]
+    taken = [f"line {item.line} ({item.name})" for item in items if _in_the_way(item, out)]
     if taken:
         raise InputError(f"{out} already holds concepts of the same name made from other inputs: {', '.join(taken)}; "
                          "pass --overwrite to replace them, or give those lines another \"name\".")
+
+
+def _in_the_way(item: BatchItem, out: Path) -> bool:
+    """A file of this name that another run made from other inputs (or that no batch made). A half-saved concept
+    of these very inputs (its LoRA written, then the worker killed) is not in the way: it is simply saved again."""
+    from ..concept.concept import models_folder_paths, read_concept_metadata
+
+    return any(path.is_file() and (read_concept_metadata(path) or {}).get("inputs_hash") != item.inputs_hash
+               for path in models_folder_paths(out, item.name))
 
 
 @functools.lru_cache(maxsize=2)
@@ -145,9 +153,9 @@ def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> C
 
 
 def run_in_process(items: list[BatchItem], context: BatchContext) -> list[ConceptDone]:
-    from ..learn import progress_bar
-
     import torch
+
+    from ..learn import progress_bar
 
     results, threads = [], torch.get_num_threads()
     if context.threads:

@@ -12,12 +12,13 @@ from ..errors import InputError, TrainingCancelled
 from ..fileio import error_summary
 from ..version import __version__
 from .common import HelpFormatter
+from .batch import register_batch
 from .demo import register_demo
 from .segment import register_segment
 from .train import register_generate, register_train
 
 log = logging.getLogger("protobooth")
-SUBCOMMANDS = [register_segment, register_train, register_generate, register_demo]
+SUBCOMMANDS = [register_segment, register_train, register_generate, register_batch, register_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,6 +134,7 @@ def check_resume(path: Path, settings) -> None:
 def run_train(args) -> int:
     from ..images import load_image
     from ..models.loading import load_model
+    from ..prototype import load_clip_towers
 
     name, settings, prototype, device = check_train_inputs(args)
     out = Path(args.out)
@@ -142,25 +143,11 @@ def run_train(args) -> int:
     image = load_image(args.image)
     masks = _object_masks(args, image)
     model = load_model(args.model).to(device)
-    towers = _load_clip_towers(args.clip, device) if args.clip else None
+    towers = load_clip_towers(args.clip, device) if args.clip else None
     prompts = args.preview_prompt or default_preview_prompts(args.token, args.class_words)
     learn(model, image, masks, args.token, args.class_words, settings, out, name, prompts,
           towers=towers, prototype=prototype, resume=args.resume)
     return 0
-
-
-def _load_clip_towers(path: str, device):
-    from transformers import CLIPModel
-
-    from ..fileio import error_summary
-    from ..prototype import ClipTowers
-
-    try:
-        clip = CLIPModel.from_pretrained(path, local_files_only=True)
-    except Exception as error:  # a damaged, foreign or unsafe file in the folder
-        raise InputError(f"--clip {path} could not be loaded as a CLIP model ({error_summary(error)}); give the folder "
-                         "of a transformers CLIPModel with .safetensors weights.") from None
-    return ClipTowers.from_clip_model(clip.to(device).eval())
 
 
 # The attribute method's intensity sweep (research/methods.md §3.3).

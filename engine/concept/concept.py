@@ -49,6 +49,7 @@ class Concept:
     base_fingerprint: str
     settings: dict = field(default_factory=dict)
     version: str = __version__
+    inputs_hash: str | None = None  # what it was made from, when a batch made it (its skip-if-done test)
 
     @property
     def tokens(self) -> list[str]:
@@ -59,7 +60,7 @@ class Concept:
         for obj in self.objects:
             rows.append({"token": obj.token, "class_word": obj.class_word, "rows": [start, start + obj.vectors.shape[0]]})
             start += obj.vectors.shape[0]
-        return {
+        meta = {
             "objects": rows,
             "lora": bool(self.lora),  # so a missing LoRA file is noticed on loading
             "family": self.family,
@@ -67,6 +68,7 @@ class Concept:
             "settings": self.settings,
             "version": self.version,
         }
+        return meta if self.inputs_hash is None else {**meta, "inputs_hash": self.inputs_hash}
 
     def embedding_tensors(self) -> dict[str, torch.Tensor]:
         rows = torch.cat([o.vectors.detach().float().cpu() for o in self.objects])
@@ -259,7 +261,7 @@ def load_concept(embedding_path, lora_path=None) -> Concept:
         raise InputError(f"{embedding_path} was saved with a LoRA, but its LoRA file is missing: put "
                          f"{_stem(Path(embedding_path))}{EXTENSION} back in the loras folder, or give its path.")
     return Concept(objects, lora, family, meta.get("base_fingerprint", "unknown"), meta.get("settings", {}),
-                   meta.get("version", "?"))
+                   meta.get("version", "?"), meta.get("inputs_hash"))
 
 
 @contextlib.contextmanager
