@@ -28,6 +28,7 @@ from protobooth.engine.batch.manifest import read_manifest  # noqa: E402
 from protobooth.engine.batch.runner import BatchContext, run_in_process, run_on_ray  # noqa: E402
 from protobooth.engine.cli.batch import model_identity  # noqa: E402
 from protobooth.engine.fileio import read_torch_file, save_png  # noqa: E402
+from protobooth.engine.images import to_pil  # noqa: E402
 from protobooth.engine.shapesworld import GUIDANCE, SAMPLER_STEPS, world  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -41,8 +42,8 @@ def write_manifest(folder: Path, instances: int, steps: int) -> Path:
     lines = [{"defaults": {"method": "object-driven", "settings": settings}}]
     for index, instance in enumerate(world.HELD_OUT[:instances]):
         image, masks, scene = ev.reference_photo([instance])
-        save_png(image, folder / f"{instance.key}.png")
-        save_png(masks[0], folder / f"{instance.key}-mask.png")
+        save_png(to_pil(image), folder / f"{instance.key}.png")
+        save_png(to_pil(masks[0]), folder / f"{instance.key}-mask.png")
         lines.append({"image": f"{instance.key}.png", "mask": f"{instance.key}-mask.png", "token": f"zqobj{index}",
                       "class": instance.shape, "name": instance.key,
                       "settings": {"templates": [f"a photo of a {{}} on the left, {scene.background} background"]}})
