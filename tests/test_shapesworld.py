@@ -145,6 +145,7 @@ def test_the_attribute_benchmark_quick_writes_its_table_curve_and_check(tmp_path
                 "λ curve", "| 1.25 |", "Metric check on ground-truth renders of the targets"):
         assert row in table
     assert "| ground truth | 1.000 |" in table  # the answers score themselves perfectly
+    assert (tmp_path / "attributes_quick_lambda_sweep.png").is_file()
 
 
 def test_the_demo_learns_a_shapesworld_instance_by_default(tmp_path):

@@ -144,6 +144,7 @@ def run(args) -> dict:
     table = {name: {"attribute fidelity": [], "identity kept": [], "editability": [], "train seconds": []} for name in rows}
     curve = {strength: {"attribute fidelity": [], "identity kept": [], "editability": []} for strength in SWEEP}
     grids = {name: [] for name in rows}
+    references, sweep = [], {strength: [] for strength in SWEEP}  # the λ sweep picture: a row per λ
     started = time.perf_counter()
     instances = list(world.HELD_OUT[: args.instances])
     for index, instance in enumerate(instances):
@@ -151,6 +152,7 @@ def run(args) -> dict:
         scenes = transfer_scenes(instance, index)
         truth, _ = world.render(scenes)
         classes = [f"{instance.colour} {instance.shape}"]
+        references.append(image)
 
         def add(name: str, pictures: torch.Tensor, into: dict) -> None:
             for key, values in score(bench, pictures, scenes, truth).items():
@@ -168,6 +170,7 @@ def run(args) -> dict:
             if method.name == ATTRIBUTE:
                 for strength in SWEEP:
                     swept = pictures if strength == 1.0 else draw(bench, concept, [prompt(s, TOKEN) for s in scenes], strength)
+                    sweep[strength].append(swept[0])  # the first transfer scene, first seed
                     for key, values in score(bench, swept, scenes, truth).items():
                         curve[strength][key] += values
             print(f"[{time.perf_counter() - started:5.0f} s] {instance.key}: {method.name}: attribute fidelity "
@@ -179,7 +182,8 @@ def run(args) -> dict:
     return {"rows": {name: {key: mean(values) for key, values in row.items()} for name, row in table.items()
                      if row["attribute fidelity"]},
             "curve": {str(s): {key: mean(values) for key, values in row.items()} for s, row in curve.items()},
-            "validation": validation.__dict__, "look_alikes": look_alike_check(bench.encoder), "seconds": time.perf_counter() - started, "grids": grids}
+            "validation": validation.__dict__, "look_alikes": look_alike_check(bench.encoder), "seconds": time.perf_counter() - started, "grids": grids,
+            "sweep": [torch.stack(references)] + [torch.stack(row) for row in sweep.values() if row]}
 
 
 def claims(rows: dict) -> list[str]:
@@ -226,7 +230,9 @@ def write_report(results: dict, args, command: str) -> Path:
               f"The hypernetwork's learning rate ({args.hyper_learning_rate}) was chosen on instance 0 of this benchmark; the "
               f"direct LoRA uses the object-driven rows' {ev.LORA_LEARNING_RATE} (chosen by sweep.py on instances 0-3).", "",
               "Grids: one per row (`<name>_grid_<row>.png`); each row of a grid is an instance: its reference photo, then "
-              "the first seed of every transfer scene.", "",
+              "the first seed of every transfer scene. `<name>_lambda_sweep.png`: the first row is every instance's "
+              f"reference photo, then one row per λ ({', '.join(map(str, SWEEP))}) of {ATTRIBUTE}'s drawing of that "
+              "instance's first transfer scene (first seed).", "",
               "Shape and style are not measured: ShapesWorld's shapes are its classes, which every caption names, so a "
               "learned shape is nothing the class word does not already say; and the world has one drawing style. Either "
               "needs a richer world and a retrained shipped model (benchmarks/shapesworld/train_world.py), left for later."]
@@ -235,7 +241,9 @@ def write_report(results: dict, args, command: str) -> Path:
     for method, grid_rows in results["grids"].items():
         if grid_rows:
             world.save_grid(grid_rows, out / f"{name}_grid_{ev.slug(method)}.png")
-    (out / f"{name}.json").write_text(json.dumps({k: v for k, v in results.items() if k != "grids"}, indent=2))
+    if len(results["sweep"]) > 1:
+        world.save_grid(results["sweep"], out / f"{name}_lambda_sweep.png")
+    (out / f"{name}.json").write_text(json.dumps({k: v for k, v in results.items() if k not in ("grids", "sweep")}, indent=2))
     return path
 
 
