@@ -381,16 +381,20 @@ def test_ctrl_c_while_training_exits_130_with_one_line_and_writes_nothing_but_a_
                                                                                          checkpoint):
     out = tmp_path / "out"
     extra = ("--checkpoint-every", "1") if checkpoint else ()
-    child = _cli(root, _long_training(root, out, *extra))
-    err = _Reader(child.stderr)
-    err.wait_for("train:")
-    if checkpoint:
-        end = time.monotonic() + 60
-        while not (out / "zqcat-checkpoint" / "checkpoint.pt").exists():
-            assert time.monotonic() < end
-            time.sleep(0.1)
-    child.send_signal(sent)
-    assert child.wait(timeout=60) == 130
+    # A shell runs a background job with SIGINT ignored, and the child would inherit that: give it Ctrl-C's default.
+    child = _cli(root, _long_training(root, out, *extra), preexec=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        err = _Reader(child.stderr)
+        err.wait_for("train:")
+        if checkpoint:
+            end = time.monotonic() + 60
+            while not (out / "zqcat-checkpoint" / "checkpoint.pt").exists():
+                assert time.monotonic() < end
+                time.sleep(0.1)
+        child.send_signal(sent)
+        assert child.wait(timeout=60) == 130
+    finally:
+        child.kill()  # a 100000-step run must never outlive a failed test
     err.thread.join(timeout=10)
     assert "Traceback" not in err.text and "KeyboardInterrupt" not in err.text
     last = err.text.strip().splitlines()[-1]
