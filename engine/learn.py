@@ -92,8 +92,13 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
     return result
 
 
+def subject_words(tokens: list[str], class_words: list[str]) -> str:
+    """How a prompt names a concept's objects: "zqcat cat and zqmug mug"."""
+    return " and ".join(f"{t} {c}" for t, c in zip(tokens, class_words))
+
+
 def default_preview_prompts(tokens: list[str], class_words: list[str]) -> list[str]:
-    subject = " and ".join(f"{t} {c}" for t, c in zip(tokens, class_words))
+    subject = subject_words(tokens, class_words)
     return [f"a photo of {subject} on the beach", f"a photo of {subject} in the snow", f"a painting of {subject}"]
 
 

@@ -123,15 +123,18 @@ def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> C
     """Learn one manifest line into the models folder (or skip it when done already)."""
     from ..concept.concept import concept_files, models_folder_paths
     from ..images import load_image
-    from ..learn import learn
+    from ..learn import learn, subject_words
     from ..prototype import PrototypeSettings
     from ..train import TrainSettings
 
     started = time.perf_counter()
     lora, embedding = models_folder_paths(context.out, item.name)
-    written = [str(p) for p in concept_files(lora, embedding, item.tokens) if p.exists()]
+
+    def written() -> list[str]:
+        return [str(p) for p in concept_files(lora, embedding, item.tokens) if p.exists()]
+
     if done_already(item, context.out):
-        return ConceptDone(item.name, item.method, "skipped", 0.0, None, written)
+        return ConceptDone(item.name, item.method, "skipped", 0.0, None, written())
     settings = TrainSettings.from_values(item.method, **item.settings)
     if not settings.checkpoint_every:
         settings = settings.replace(checkpoint_every=max(1, settings.steps // context.checkpoints_per_run))
@@ -140,16 +143,14 @@ def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> C
     model = _model(context.model, context.device)
     towers = _towers(context.clip, context.device, context.model) if context.clip else None
     image = load_image(item.image)
-    subject = " and ".join(f"{t} {c}" for t, c in zip(item.tokens, item.class_words))
     result = learn(model, image, _masks(item, image, context), item.tokens, item.class_words, settings, context.out,
-                   item.name, [context.preview_prompt.format(subject)], towers=towers,
+                   item.name, [context.preview_prompt.format(subject_words(item.tokens, item.class_words))], towers=towers,
                    prototype=PrototypeSettings(n_vectors=settings.n_vectors, steps=context.prototype_steps), resume=resume,
                    render_options={"steps": context.sampler_steps, "guidance": context.guidance},
                    report_dir=context.reports, checkpoint_dir=checkpoints, inputs_hash=item.inputs_hash, quiet=quiet)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the concept is whole: its checkpoint is no longer needed
-    written = [str(p) for p in concept_files(lora, embedding, item.tokens) if p.exists()]
     return ConceptDone(item.name, item.method, "resumed" if resume else "trained", time.perf_counter() - started,
-                       result.losses[-1], written)
+                       result.losses[-1], written())
 
 
 def run_in_process(items: list[BatchItem], context: BatchContext) -> list[ConceptDone]:
