@@ -83,6 +83,8 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
         raise save_failed(error, result, name, out) from None
     if quiet:
         return result
+    if result.class_images is not None:
+        print(result.class_images)
     print(f"trained {settings.steps} steps in {result.seconds:.1f} s; final loss {result.losses[-1]:.4f}")
     for path in (*concept_files(lora_path, embedding_path, trainer.tokens), report_dir / f"{name}-loss.png",
                  report_dir / f"{name}-preview.png"):

@@ -228,7 +228,8 @@ def _train(node, model, clip, vae, picture, masks, tokens, class_words, settings
             comfy.model_management.soft_empty_cache()  # the training's activations go back to the device's pool
         seconds = time.perf_counter() - started
         unet_bytes = sum(p.numel() * p.element_size() for p in diffusion.unet.parameters())
-    summary = (f"{', '.join(tokens)}: {settings.steps} steps in {seconds:.0f} s, loss {np.mean(result.losses[:10]):.4f} "
+    summary = (f"{', '.join(tokens)}: {settings.steps} steps in {seconds:.0f} s"
+               f"{'' if result.class_images is None else f' ({result.class_images})'}, loss {np.mean(result.losses[:10]):.4f} "
                f"-> {np.mean(result.losses[-10:]):.4f} (first and last 10 steps); memory added by training "
                f"{extra / 2**20:.0f} MiB "
                f"({'CUDA' if memory.cuda else 'process'}; the UNet's weights are {unet_bytes / 2**20:.0f} MiB)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -98,6 +99,7 @@ def test_a_batch_trains_in_process_then_skips_what_is_done(photos, two_trained, 
         assert (out / "protobooth-batch" / f"{name}-preview.png").is_file()
         assert f"| {name} | object-driven | trained |" in table
     assert (out / "protobooth-batch" / "contact-sheet.png").is_file()
+    assert re.search(r"Class images found in the cache for [12] of the 2 trained concepts", table)  # one class
     assert not list((out / "protobooth-batch" / "checkpoints").iterdir())  # finished concepts keep no checkpoint
     assert sorted(p.name for p in out.iterdir()) == ["embeddings", "loras", "protobooth-batch"]  # a models folder
     first_hash = read_concept_metadata(out / "embeddings" / "zqobj0.safetensors")["inputs_hash"]

@@ -158,3 +158,36 @@ def test_impossible_settings_are_a_one_line_error(files, capsys, option, message
     assert err.splitlines() == [err.strip()] and err.startswith("protobooth train: error: "), err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_bf16_training_loads_the_model_in_bf16_and_keeps_the_trainables_in_fp32(files, monkeypatch):
+    """--mixed-precision bf16 stores the frozen weights in bf16 (no fp32 model, no autocast copies); what
+    trains, and so the saved concept, stays fp32."""
+    from protobooth.engine.models import loading
+    from protobooth.engine.train import trainer as trainer_module
+
+    seen = {}
+    real_load, real_step = loading.load_model, trainer_module.OneShotTrainer._train_step
+
+    def load_model(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        seen["weights"] = {p.dtype for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()}
+        return model
+
+    def step(self):
+        seen["autocast"] = self.autocast
+        seen["trainables"] = {p.dtype for group in self.optimizer.param_groups for p in group["params"]}
+        return real_step(self)
+
+    monkeypatch.setattr(loading, "load_model", load_model)
+    monkeypatch.setattr(trainer_module.OneShotTrainer, "_train_step", step)
+    out, mask = files / "out-bf16", np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 12:40] = 255
+    Image.fromarray(mask).save(files / "mask-bf16.png")
+    assert main(["train", str(files / "photo.png"), "--model", str(files / "model"), "--token", "zqcat", "--class",
+                 "cat", "--mask", str(files / "mask-bf16.png"), "--steps", "2", "--prior-images", "1", "--out", str(out),
+                 "--mixed-precision", "bf16", "--preview-prompt", "a photo of zqcat cat", "--quiet"]) == 0
+    assert seen == {"weights": {torch.bfloat16}, "autocast": None, "trainables": {torch.float32}}
+    concept = load_concept(out / "embeddings/zqcat.safetensors", out / "loras/zqcat.safetensors")
+    assert {v.dtype for v in concept.lora.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in concept.lora.values())

@@ -121,3 +121,22 @@ def test_a_model_computing_in_fp16_trains_with_loss_scaling(tmp_path):
     assert all(torch.isfinite(torch.tensor(result.losses)))
     first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
     assert last < 0.8 * first, (first, last)
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_once_and_names_the_fix(monkeypatch, caplog):
+    from protobooth.engine.models import precision
+
+    precision._warn_slow_bf16.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert precision.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+        assert precision.weights_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    warnings = [r.getMessage() for r in caplog.records if "bf16 matrix units" in r.getMessage()]
+    assert len(warnings) == 1 and "mixed precision no" in warnings[0]
+    caplog.clear()
+    precision._warn_slow_bf16.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    with caplog.at_level("WARNING"):
+        precision.autocast_dtype("bf16", torch.device("cpu"))
+    assert not caplog.records
+    assert precision.weights_dtype("auto", torch.device("cpu")) is torch.float32  # auto stays fp32 on a CPU

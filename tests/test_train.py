@@ -436,3 +436,16 @@ def test_greyscale_rgba_and_16_bit_images_are_converted(prior_cache):
     for image in (grey16, rgba):
         with OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], FAST, prior_cache=prior_cache) as trainer:
             assert trainer.image.shape == (3, 64, 64)
+
+
+def test_the_result_says_whether_class_images_were_drawn_or_cached(prior_cache):
+    image, cat, _ = scene()
+
+    def run(settings):
+        return train_concept(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache)
+
+    first, second = run(FAST.replace(steps=1)), run(FAST.replace(steps=1))
+    assert (first.class_images.classes, first.class_images.drawn) == (1, 1) and first.class_images.seconds > 0
+    assert second.class_images.drawn == 0 and "from the cache" in str(second.class_images)
+    assert "drawn for 1 of 1 class word" in str(first.class_images)
+    assert run(FAST.replace(steps=1, prior_weight=0.0)).class_images is None  # no prior, no class images

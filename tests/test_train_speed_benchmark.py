@@ -70,3 +70,14 @@ def test_quick_run_ends_with_the_two_ratio_lines():
     assert re.fullmatch(r"time ratio: \d+\.\d\d", last[0]), result.stdout
     assert re.fullmatch(r"memory ratio: \d+\.\d\d", last[1]), result.stdout
     assert "ours" in result.stdout and "reference" in result.stdout and "bare" in result.stdout
+
+
+def test_gpu_check_dry_run_measures_every_side_and_a_concept_on_the_cpu():
+    """The GPU script's plumbing, on the CPU with the tiny model in bf16 (it needs CUDA only for real numbers)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run"], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("bf16 ")}
+    assert set(rows) == {"ours", "reference", "bare", "concept"}, result.stdout
+    assert re.search(r"bf16 concept end to end: class images \(1 × 2 sampler steps\) [\d.]+ s, 3 steps", result.stdout)
+    assert re.search(r"bf16\s+reference\s+[\d.]+ s\s+n/a \(CPU\)\s+1\.00", rows["reference"]), rows["reference"]

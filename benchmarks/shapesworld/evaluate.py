@@ -117,27 +117,36 @@ def reference_photo(instances: list[world.Instance]) -> tuple[torch.Tensor, list
     return images[0], [(masks[0, k] > 0.5).float() for k in range(len(instances))], scene
 
 
-def train_once(model, towers, method: Method, image, masks, tokens, classes, steps: int, seed: int, cache: Path,
-               reference_scene: world.Scene):
-    """Train `method` on one photo; returns (concept, seconds, trainable parameters, bytes of its saved files)."""
-    started = time.perf_counter()
+def initial_vectors(model, towers, method: Method, image, masks, tokens, classes):
+    """The tokens' starting vectors as the method's row asks (None: the trainer's class-word start)."""
     if method.init == "prototype":
         found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, classes,
                                      PrototypeSettings(steps=100))
-        init = [p.vectors for p in found]
-    elif method.init == "rare":
-        init = [class_word_vectors(model.text_encoder, model.tokenizer, RARE_WORD, 1) for _ in tokens]
-    else:
-        init = None
+        return [p.vectors for p in found]
+    if method.init == "rare":
+        return [class_word_vectors(model.text_encoder, model.tokenizer, RARE_WORD, 1) for _ in tokens]
+    return None
+
+
+def method_settings(method: Method, steps: int, seed: int, reference_scene: world.Scene, objects: int, **extra) -> dict:
+    """The TrainSettings values of a row: the benchmark's common ones, the row's own, then `extra`."""
     # The templates caption the reference photo's scene, as a user would: the new words carry only the object.
     # No mirrored views: in this world a mirror image moves the object to the other side and mirrors its accent.
-    where = "on the left, " if len(tokens) == 1 else ""
+    where = "on the left, " if objects == 1 else ""
     common = dict(steps=steps, seed=seed, flip=False,
                   templates=(f"a photo of a {{}} {where}{reference_scene.background} background",))
     if method.method == "object-driven":
         common.update(lora_rank=4, lora_learning_rate=LORA_LEARNING_RATE, token_learning_rate=TOKEN_LEARNING_RATE,
                       prior_images=4, prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE)
-    settings = TrainSettings.from_values(method.method, **{**common, **method.settings})
+    return {**common, **method.settings, **extra}
+
+
+def train_once(model, towers, method: Method, image, masks, tokens, classes, steps: int, seed: int, cache: Path,
+               reference_scene: world.Scene):
+    """Train `method` on one photo; returns (concept, seconds, trainable parameters, bytes of its saved files)."""
+    started = time.perf_counter()
+    init = initial_vectors(model, towers, method, image, masks, tokens, classes)
+    settings = TrainSettings.from_values(method.method, **method_settings(method, steps, seed, reference_scene, len(tokens)))
     with OneShotTrainer(model, image, masks, tokens, classes, settings, init, prior_cache=cache) as trainer:
         result = trainer.train()
         trainable = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])

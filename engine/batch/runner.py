@@ -53,6 +53,7 @@ class ConceptDone:
     seconds: float
     final_loss: float | None
     files: list[str]
+    class_images: str = "none"  # "drawn" (for at least one class word), "cached" or "none" (no class prior, skipped)
 
 
 def done_already(item: BatchItem, out: Path) -> bool:
@@ -89,21 +90,22 @@ def _in_the_way(item: BatchItem, out: Path) -> bool:
 
 
 @functools.lru_cache(maxsize=2)
-def _model(path: str, device: str):
-    """One base model per process, shared by every concept it trains (training restores it afterwards)."""
+def _model(path: str, device: str, dtype):
+    """One base model per process and precision, shared by every concept it trains (training restores it
+    afterwards)."""
     from ..models.loading import load_model
     from ..shapesworld import load_shapesworld
 
-    return load_shapesworld(device) if path == "shapesworld" else load_model(path).to(device)
+    return load_shapesworld(device, dtype) if path == "shapesworld" else load_model(path, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=2)
-def _towers(clip: str, device: str, model_path: str):
+def _towers(clip: str, device: str, model_path: str, dtype):
     from ..prototype import load_clip_towers
     from ..shapesworld import clip_towers
 
     if clip == "shapesworld":
-        return clip_towers(_model(model_path, device).text_encoder, device)
+        return clip_towers(_model(model_path, device, dtype).text_encoder, device)
     return load_clip_towers(clip, device)
 
 
@@ -124,8 +126,10 @@ def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> C
     from ..concept.concept import concept_files, models_folder_paths
     from ..images import load_image
     from ..learn import learn, subject_words
+    import torch
+
     from ..prototype import PrototypeSettings
-    from ..train import TrainSettings
+    from ..train import TrainSettings, weights_dtype
 
     started = time.perf_counter()
     lora, embedding = models_folder_paths(context.out, item.name)
@@ -140,8 +144,9 @@ def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> C
         settings = settings.replace(checkpoint_every=max(1, settings.steps // context.checkpoints_per_run))
     checkpoints = context.checkpoint_dir(item)
     resume = (checkpoints / "checkpoint.pt").is_file()
-    model = _model(context.model, context.device)
-    towers = _towers(context.clip, context.device, context.model) if context.clip else None
+    dtype = weights_dtype(settings.mixed_precision, torch.device(context.device))
+    model = _model(context.model, context.device, dtype)
+    towers = _towers(context.clip, context.device, context.model, dtype) if context.clip else None
     image = load_image(item.image)
     result = learn(model, image, _masks(item, image, context), item.tokens, item.class_words, settings, context.out,
                    item.name, [context.preview_prompt.format(subject_words(item.tokens, item.class_words))], towers=towers,
@@ -149,8 +154,9 @@ def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> C
                    render_options={"steps": context.sampler_steps, "guidance": context.guidance},
                    report_dir=context.reports, checkpoint_dir=checkpoints, inputs_hash=item.inputs_hash, quiet=quiet)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the concept is whole: its checkpoint is no longer needed
+    prior = result.class_images
     return ConceptDone(item.name, item.method, "resumed" if resume else "trained", time.perf_counter() - started,
-                       result.losses[-1], written())
+                       result.losses[-1], written(), "none" if prior is None else "drawn" if prior.drawn else "cached")
 
 
 def run_in_process(items: list[BatchItem], context: BatchContext) -> list[ConceptDone]:
@@ -253,12 +259,16 @@ def write_summary(results: list[ConceptDone], context: BatchContext, seconds: fl
     from ..fileio import atomic_path, save_png
     from ..report import image_grid
 
-    lines = ["| concept | method | status | seconds | final loss | files |", "|---|---|---|---|---|---|"]
+    lines = ["| concept | method | status | seconds | class images | final loss | files |", "|---|---|---|---|---|---|---|"]
     for r in results:
         loss = "—" if r.final_loss is None else f"{r.final_loss:.4f}"
         files = ", ".join(str(Path(f).relative_to(context.out)) for f in r.files)
-        lines.append(f"| {r.name} | {r.method} | {r.status} | {r.seconds:.1f} | {loss} | {files} |")
+        lines.append(f"| {r.name} | {r.method} | {r.status} | {r.seconds:.1f} | {r.class_images} | {loss} | {files} |")
     lines.append(f"\n{len(results)} concept(s) in {seconds:.1f} s.")
+    prior = [r.class_images for r in results if r.class_images != "none"]
+    if prior:  # each worker caches class images per class word and model: a class it met before is a hit
+        lines.append(f"Class images found in the cache for {prior.count('cached')} of the {len(prior)} trained concepts "
+                     f"that use them ({prior.count('cached') / len(prior):.0%}).")
     table = "\n".join(lines) + "\n"
     context.reports.mkdir(parents=True, exist_ok=True)
     with atomic_path(context.reports / "summary.md") as tmp:

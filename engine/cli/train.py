@@ -132,8 +132,11 @@ def check_resume(path: Path, settings) -> None:
 
 
 def run_train(args) -> int:
+    import torch
+
     from ..images import load_image
     from ..models.loading import load_model
+    from ..models.precision import weights_dtype
     from ..prototype import load_clip_towers
 
     name, settings, prototype, device = check_train_inputs(args)
@@ -142,7 +145,7 @@ def run_train(args) -> int:
                                 if (out / f"{name}-checkpoint" / "checkpoint.pt").is_file() else "nothing written")
     image = load_image(args.image)
     masks = _object_masks(args, image)
-    model = load_model(args.model).to(device)
+    model = load_model(args.model, dtype=weights_dtype(settings.mixed_precision, torch.device(device)), device=device)
     towers = load_clip_towers(args.clip, device) if args.clip else None
     prompts = args.preview_prompt or default_preview_prompts(args.token, args.class_words)
     learn(model, image, masks, args.token, args.class_words, settings, out, name, prompts,

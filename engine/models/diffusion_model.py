@@ -73,8 +73,8 @@ class DiffusionModel:
         return self.unet.device
 
     def to(self, device=None, dtype=None) -> "DiffusionModel":
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+        for module in (self.unet, self.vae, self.text_encoder):  # diffusers warns about any dtype it is given
+            module.to(device=device, **({} if dtype is None else {"dtype": dtype}))
         return self
 
     def pipeline(self, scheduler=None):

@@ -24,11 +24,11 @@ def _folder() -> Path:
     return MODEL_DIR
 
 
-def load_shapesworld(device="cpu"):
-    """The ShapesWorld diffusion model as the engine's DiffusionModel (fp32)."""
+def load_shapesworld(device="cpu", dtype=None):
+    """The ShapesWorld diffusion model as the engine's DiffusionModel (fp32 unless `dtype` says)."""
     from ..models.loading import load_model
 
-    model = load_model(_folder(), device=device)
+    model = load_model(_folder(), device=device, **({"dtype": dtype} if dtype is not None else {}))
     model.name = "shapesworld"
     return model
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -131,3 +132,18 @@ def _stop_if_cancelled(should_cancel, prompt: str, index: int, count: int) -> No
     if should_cancel is not None and should_cancel():
         raise TrainingCancelled(f"cancelled while drawing class image {index + 1} of {count} for {prompt!r}; "
                                 "nothing was cached")
+
+
+@dataclass(frozen=True)
+class ClassImages:
+    """What the class prior's images cost a run: class words, how many of them had to be drawn (the rest came
+    from the cache) and the seconds spent (drawing, or reading the cache)."""
+
+    classes: int
+    drawn: int
+    seconds: float
+
+    def __str__(self) -> str:
+        if not self.drawn:
+            return f"class images: from the cache ({self.seconds:.1f} s)"
+        return f"class images: drawn for {self.drawn} of {self.classes} class word(s) in {self.seconds:.1f} s (cached now)"

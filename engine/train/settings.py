@@ -40,9 +40,11 @@ class TrainSettings:
                                      "often, as TextBoost)", choices=("uniform", "snr"), aliases=("--timesteps",))
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more time")
-    mixed_precision: str = setting("auto", "autocast of a full-precision model: auto is bf16 on a GPU that has it (else "
-                                   "fp16) and none on a CPU; bf16 on a CPU pays only with bf16 matrix units (e.g. AMX); "
-                                   "fp16 needs a CUDA GPU", choices=("auto", "no", "fp16", "bf16"))
+    mixed_precision: str = setting("auto", "training precision: auto is bf16 on a GPU that has it (else fp16) and fp32 on "
+                                   "a CPU; bf16 on a CPU pays only with bf16 matrix units (e.g. AMX); fp16 needs a CUDA "
+                                   "GPU. A model ProtoBooth loads is stored in it (what trains stays fp32); a model "
+                                   "already in half precision (a ComfyUI graph's) trains in its own; a full-precision "
+                                   "model handed in autocasts", choices=("auto", "no", "fp16", "bf16"))
     # ComfyUI's seeds go up to 2**64 - 1; the engine's class images use seed + i, so it keeps below 2**63.
     seed: int = setting(0, "random seed (same seed, same result)", low=0, high=2**63 - 1,
                         widget={"max": 0xFFFFFFFFFFFFFFFF}, from_widget=lambda value: value % 2**63)
@@ -99,3 +101,4 @@ class StepReport:
     total: int
     loss: float
     elapsed: float
+

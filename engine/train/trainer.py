@@ -29,6 +29,7 @@ from ..models.families import TRAINABLE
 from ..models.precision import autocast_dtype
 from ..text.vocabulary import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vocabulary_norm
 from . import augment
+from .class_prior import ClassImages
 from .losses import diffusion_target, latent_mask, sample_timesteps, snr_timestep_weights
 from .methods import method_of
 from .photo import square_crop, training_size
@@ -44,6 +45,7 @@ class TrainResult:
     concept: Concept
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    class_images: ClassImages | None = None  # what the class prior's images cost (None: the method has no prior)
 
 
 @dataclass
@@ -115,6 +117,7 @@ class OneShotTrainer:
         self.method = method_of(settings.method)(self)
         self.method.check_model()
         self.losses: list[float] = []
+        self.class_images: ClassImages | None = None  # set by a method that draws class images
         self.step = 0
         self._frozen_prompts: dict[str, torch.Tensor] = {}
         self._exit = contextlib.ExitStack()
@@ -224,7 +227,7 @@ class OneShotTrainer:
                 progress(StepReport(self.step, settings.steps, loss, time.perf_counter() - started))
             if checkpoint_dir is not None and settings.checkpoint_every and self.step % settings.checkpoint_every == 0:
                 self._save_checkpoint(Path(checkpoint_dir))
-        return TrainResult(self.concept(), list(self.losses), time.perf_counter() - started)
+        return TrainResult(self.concept(), list(self.losses), time.perf_counter() - started, self.class_images)
 
     def _draw(self, shape, like: torch.Tensor) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator).to(like.device, like.dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from ...concept.concept import peft_to_kohya
 from ...errors import InputError
 from ...text.templates import check_template
-from ..class_prior import class_latents
+from ..class_prior import ClassImages, cache_entry, class_latents
 from ..losses import masked_mse
 from ..fields import MethodSettings, setting
 from .base import Method, check_lora_rank
@@ -93,15 +94,18 @@ class ObjectDriven(Method):
         settings, trainer, prior = self.settings, self.trainer, {}
         classes = list(dict.fromkeys(trainer.class_words))
         per_class = settings.prior_images * settings.prior_steps
+        entry = dict(count=settings.prior_images, size=trainer.size, seed=trainer.settings.seed, steps=settings.prior_steps,
+                     guidance=settings.prior_guidance, directory=trainer.prior_cache, weights_key=trainer.weights_key)
+        started, drawn = time.perf_counter(), 0
         for number, class_word in enumerate(classes):
             # One progress scale over every class word's sampling steps.
             report = None if trainer.prepare_progress is None else (
                 lambda done, _total, offset=number * per_class: trainer.prepare_progress(offset + done, len(classes) * per_class))
             prompt = settings.class_prompt.format(class_word)
-            latents = class_latents(self.model, prompt, settings.prior_images, trainer.size, trainer.settings.seed,
-                                    settings.prior_steps, settings.prior_guidance, trainer.prior_cache, progress=report,
-                                    should_cancel=trainer.should_cancel, weights_key=trainer.weights_key)
+            drawn += not cache_entry(self.model.fingerprint, prompt, **entry)[0].is_file()
+            latents = class_latents(self.model, prompt, progress=report, should_cancel=trainer.should_cancel, **entry)
             prior[class_word] = (latents.to(trainer.device), trainer.encode_frozen([prompt]))
+        trainer.class_images = ClassImages(len(classes), drawn, time.perf_counter() - started)
         return prior
 
     def _pooled_class_prompts(self, words: list[str]) -> torch.Tensor:
