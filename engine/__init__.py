@@ -27,6 +27,7 @@ _PUBLIC = {
     "OneShotTrainer": "train",
     "TrainingCancelled": "errors",
     "train_concept": "train",
+    "weights_dtype": "models.precision",
     "Concept": "concept",
     "save_concept": "concept",
     "load_concept": "concept",

@@ -148,6 +148,20 @@ def test_the_attribute_benchmark_quick_writes_its_table_curve_and_check(tmp_path
     assert (tmp_path / "attributes_quick_lambda_sweep.png").is_file()
 
 
+@pytest.mark.slow
+def test_the_steps_benchmark_quick_scores_one_run_at_each_count(tmp_path):
+    script = ROOT / "benchmarks" / "shapesworld" / "steps.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--results", str(tmp_path)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "steps_quick.md").read_text()
+    assert "| object-driven (ours) | 5" in table and "| object-driven (ours) | 10" in table
+    assert "◄ enough" in table and "| 1 × 25 |" in table
+    counts = json.loads((tmp_path / "steps_quick.json").read_text())["curve"]["object-driven (ours)"]
+    assert sorted(counts) == ["10", "5"] and all(len(c["fidelity"]) == 2 for c in counts.values())
+    assert (tmp_path / "steps_quick.png").is_file()
+
+
 def test_the_demo_learns_a_shapesworld_instance_by_default(tmp_path):
     from protobooth.engine.cli import main
 

@@ -194,23 +194,39 @@ def write_report(results: dict, args, command: str) -> Path:
     return path
 
 
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for name, s in summary.items():
-        counts = list(s["rows"])
-        for axis, key in zip(axes, ("fidelity", "editability", "harmonic mean")):
-            axis.plot(counts, [s["rows"][c][key] for c in counts], marker="o", label=name)
-            axis.set_title(key)
-            axis.set_xlabel("training steps")
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+def plot(summary: dict, path: Path, width: int = 330, height: int = 260) -> None:
+    """Fidelity, editability and harmonic mean against steps, a panel each, one line per method (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    keys = ("fidelity", "editability", "harmonic mean")
+    legend = 16 * len(summary) + 8
+    image = Image.new("RGB", (width * len(keys), height + legend), "white")
+    draw = ImageDraw.Draw(image)
+    counts = sorted({c for s in summary.values() for c in s["rows"]})
+    for panel, key in enumerate(keys):
+        left, right, top, bottom = panel * width + 36, (panel + 1) * width - 10, 20, height - 24
+        draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+        draw.text((left, 4), f"{key} (0 to 1)", fill=(0, 0, 0))
+        x = {c: left + (right - left) * c / counts[-1] for c in counts}
+        for c in counts:
+            draw.text((x[c] - 8, bottom + 6), str(c), fill=(0, 0, 0))
+        for value in (0.25, 0.5, 0.75):
+            y = bottom - (bottom - top) * value
+            draw.line([(left, y), (right, y)], fill=(230, 230, 230))
+            draw.text((left - 30, y - 6), f"{value:.2f}", fill=(0, 0, 0))
+        for colour, s in zip(COLOURS, summary.values()):
+            points = [(x[c], bottom - (bottom - top) * s["rows"][c][key]) for c in counts if c in s["rows"]]
+            draw.line(points, fill=colour, width=2)
+            for px, py in points:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+    for row, (colour, name) in enumerate(zip(COLOURS, summary)):
+        y = height + 4 + 16 * row
+        draw.rectangle([36, y + 3, 52, y + 9], fill=colour)
+        draw.text((58, y), f"{name} (enough: {summary[name]['enough']} steps)", fill=(0, 0, 0))
+    image.save(path)
 
 
 def main(argv=None) -> int:
