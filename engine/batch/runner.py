@@ -123,11 +123,11 @@ def _masks(item: BatchItem, image, context: BatchContext):
 
 def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> ConceptDone:
     """Learn one manifest line into the models folder (or skip it when done already)."""
+    import torch
+
     from ..concept.concept import concept_files, models_folder_paths
     from ..images import load_image
     from ..learn import learn, subject_words
-    import torch
-
     from ..prototype import PrototypeSettings
     from ..train import TrainSettings, weights_dtype
 

@@ -101,4 +101,3 @@ class StepReport:
     total: int
     loss: float
     elapsed: float
-
