@@ -1,7 +1,7 @@
 """Training speed and memory: our one-shot trainer against a DreamBooth-LoRA reference loop.
 
-Four sides train the same model (same seeded weights, resolution, LoRA rank/alpha/target modules,
-batch of 1 instance + 1 class image, fp32):
+Six sides train the same model (same seeded weights, resolution, LoRA rank/alpha/target modules,
+batch of 1 instance + 1 class image, fp32 unless the side says):
 
 - ours: OneShotTrainer as in real use (class prior on, the new token trained through the text encoder,
   text anchor, object mask). Its class images are drawn once beforehand in a separate child and
@@ -23,7 +23,7 @@ batch of 1 instance + 1 class image, fp32):
 
 Every side runs in its own child process, which reports its peak RSS (and peak CUDA memory on a GPU).
 Steps alternate between the sides in rounds, so machine noise hits all of them alike. For the tiny model
-the four children stay alive for the whole run; SD1.5-size children take about 6 GB each, so only one
+the children stay alive for the whole run; SD1.5-size children take about 6 GB each, so only one
 is alive at a time and every round starts a fresh, warmed-up child per side.
 
 Per side the table gives the median wall-clock step time (the figure the targets use), the median CPU
@@ -32,6 +32,12 @@ point operations of one step (no load can change it).
 
     python benchmarks/train_speed.py           # tiny model, then SD1.5-size UNet/VAE/CLIP-L at 256 px
     python benchmarks/train_speed.py --quick   # tiny model only (well under two minutes)
+    python benchmarks/train_speed.py --profile # where one SD1.5-size step of ours goes beyond bare's
+    python benchmarks/train_speed.py --sd15-only --resolution 64 --bf16-anyway   # memory of every side
+
+On a CPU without bf16 matrix units the bf16 sides are left out (they run 70-110x slower there); the last
+command measures them anyway at a resolution small enough to finish, for their memory. On a GPU use
+benchmarks/gpu_check.py.
 
 The output ends with `time ratio: X.XX` and `memory ratio: X.XX` (ours / reference) for the last size
 measured: SD1.5 size, or the tiny model with --quick. The exit status is 0 whether targets are met or not.
@@ -435,9 +441,10 @@ def progress(message: str) -> None:
 
 def measure(size: Size, cache: Path, args) -> tuple[dict, dict]:
     """Step times and memory per side, and the one-off class-image job's figures."""
-    progress(f"{size.name}: drawing the class image (with the fp32 and the bf16 model: they differ)")
+    progress(f"{size.name}: drawing the class image")
     prior_stats = Child("prior", size.name, cache, args).finish()
     if STORED_BF16 & set(args.sides):
+        progress(f"{size.name}: drawing it again with the bf16 model (other weights, so another cache entry)")
         Child("prior-bf16", size.name, cache, args).finish()
     sides = args.sides
     times = {side: {"wall": [], "cpu": []} for side in sides}
