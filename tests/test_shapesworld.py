@@ -117,12 +117,16 @@ def test_the_gate_reads_an_exported_folder_such_as_the_shipped_model(tmp_path):
     assert ": met" in done.stdout, done.stdout[-2000:]
 
 
+def quick_run(script: str, results: Path, *extra: str) -> None:
+    """A ShapesWorld benchmark's --quick run into `results`; it must succeed."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shapesworld" / script), "--quick", *extra,
+                           "--results", str(results)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
-    script = ROOT / "benchmarks" / "shapesworld" / "evaluate.py"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--results", str(tmp_path)], capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    quick_run("evaluate.py", tmp_path)
     table = (tmp_path / "quick.md").read_text()
     for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
                    "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects",
@@ -136,10 +140,7 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
 
 @pytest.mark.slow
 def test_the_attribute_benchmark_quick_writes_its_table_curve_and_check(tmp_path):
-    script = ROOT / "benchmarks" / "shapesworld" / "attributes.py"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--rows", "2", "--steps", "20", "--results", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    quick_run("attributes.py", tmp_path, "--rows", "2", "--steps", "20")
     table = (tmp_path / "attributes_quick.md").read_text()
     for row in ("ground truth", "base model (plain target)", "attribute (OSTAF, decoder)", "attribute, encoder",
                 "λ curve", "| 1.25 |", "Metric check on ground-truth renders of the targets"):
@@ -150,10 +151,7 @@ def test_the_attribute_benchmark_quick_writes_its_table_curve_and_check(tmp_path
 
 @pytest.mark.slow
 def test_the_steps_benchmark_quick_scores_one_run_at_each_count(tmp_path):
-    script = ROOT / "benchmarks" / "shapesworld" / "steps.py"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--results", str(tmp_path)], capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    quick_run("steps.py", tmp_path)
     table = (tmp_path / "steps_quick.md").read_text()
     assert "| object-driven (ours) | 5" in table and "| object-driven (ours) | 10" in table
     assert "◄ enough" in table and "| 1 × 25 |" in table
