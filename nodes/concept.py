@@ -49,9 +49,11 @@ class ProtoBoothSaveConcept:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "concept": ("PROTOBOOTH_CONCEPT",),
-                "name": ("STRING", {"default": "my_concept"}),
-                "overwrite": ("BOOLEAN", {"default": False}),
+                "concept": ("PROTOBOOTH_CONCEPT", {"tooltip": "the concept to save, from Train Concept"}),
+                "name": ("STRING", {"default": "my_concept", "tooltip": "file name in models/loras and "
+                                    "models/embeddings (letters, digits, - and _)"}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace a concept of this name; off: refuse "
+                                          "and keep the old files"}),
             }
         }
 
@@ -87,7 +89,8 @@ class ProtoBoothLoadConcept:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"concept_name": (concept_names(),)}}
+        return {"required": {"concept_name": (concept_names(), {"tooltip": "a concept Save Concept wrote (its "
+                                                                  "embedding in models/embeddings)"})}}
 
     @classmethod
     def IS_CHANGED(cls, concept_name):
@@ -118,11 +121,13 @@ class ProtoBoothApplyConcept:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "clip": ("CLIP",),
-                "concept": ("PROTOBOOTH_CONCEPT",),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05}),
-                "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05}),
+                "model": ("MODEL", {"tooltip": "the base model the concept was trained on"}),
+                "clip": ("CLIP", {"tooltip": "its text encoder: the concept's words are added to it"}),
+                "concept": ("PROTOBOOTH_CONCEPT", {"tooltip": "from Train Concept or Load Concept"}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+                                             "tooltip": "strength of the concept's LoRA on the UNet (as Load LoRA)"}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+                                            "tooltip": "strength of its LoRA on the text encoder, where it has one"}),
             }
         }
 

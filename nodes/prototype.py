@@ -143,15 +143,20 @@ class ProtoBoothPrototypeInit:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip": ("CLIP",),
-                "clip_vision": ("CLIP_VISION",),
-                "image": ("IMAGE",),
-                "masks": ("MASK",),
-                "tokens": ("STRING", {"default": "zqcat"}),
-                "class_words": ("STRING", {"default": "cat"}),
-                "vectors": ("INT", {"default": 1, "min": 1, "max": 8}),
-                "steps": ("INT", {"default": 200, "min": 1, "max": 5000}),
-                "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-5, "max": 1.0, "step": 0.0005}),
+                "clip": ("CLIP", {"tooltip": "the text encoder of the model you will train"}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision (Load CLIP Vision): the picture side "
+                                                "of the prototype"}),
+                "image": ("IMAGE", {"tooltip": "the one photo of the object(s)"}),
+                "masks": ("MASK", {"tooltip": "one mask per object, in the order of the tokens (Segment Objects)"}),
+                "tokens": ("STRING", {"default": "zqcat", "tooltip": "the new trigger word of each object, "
+                                      "comma-separated (the same as on Train Concept)"}),
+                "class_words": ("STRING", {"default": "cat", "tooltip": "each object's class word, comma-separated"}),
+                "vectors": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": "token vectors per object (the same "
+                                    "as Train Concept's n_vectors)"}),
+                "steps": ("INT", {"default": 200, "min": 1, "max": 5000, "tooltip": "steps of the search for the "
+                                  "vectors whose CLIP text feature matches the object's picture"}),
+                "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-5, "max": 1.0, "step": 0.0005,
+                                            "tooltip": "learning rate of that search"}),
             },
             "optional": {
                 "text_projection_file": (projection_files(), {

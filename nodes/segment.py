@@ -59,7 +59,8 @@ class ProtoBoothSAMLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"sam_name": (folder_paths.get_filename_list(SAMS),)}}
+        return {"required": {"sam_name": (folder_paths.get_filename_list(SAMS), {
+            "tooltip": "a segment-anything checkpoint (sam_vit_b/l/h .pth) in models/sams"})}}
 
     def load(self, sam_name):
         path = folder_paths.get_full_path(SAMS, sam_name)
@@ -89,13 +90,18 @@ class ProtoBoothSegmentObjects:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "image": ("IMAGE",),
-                "sam": ("PROTOBOOTH_SAM",),
+                "image": ("IMAGE", {"tooltip": "the photo to pick objects in"}),
+                "sam": ("PROTOBOOTH_SAM", {"tooltip": "from Load SAM"}),
                 # dynamicPrompts off: the frontend would otherwise read JSON braces as {a|b} choices
-                "prompts": ("STRING", {"multiline": True, "default": DEFAULT_PROMPTS, "dynamicPrompts": False}),
-                "dilate": ("INT", {"default": 0, "min": -64, "max": 64, "step": 1}),
-                "feather": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 32.0, "step": 0.5}),
-                "multimask": ("BOOLEAN", {"default": True}),
+                "prompts": ("STRING", {"multiline": True, "default": DEFAULT_PROMPTS, "dynamicPrompts": False,
+                                       "tooltip": "one entry per object: a box and/or clicks, in image pixels; "
+                                                  "the Pick objects… button writes it for you"}),
+                "dilate": ("INT", {"default": 0, "min": -64, "max": 64, "step": 1,
+                                   "tooltip": "grow (positive) or shrink (negative) every mask by this many pixels"}),
+                "feather": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 32.0, "step": 0.5,
+                                      "tooltip": "soften the mask edges: blur radius (sigma) in pixels"}),
+                "multimask": ("BOOLEAN", {"default": True, "tooltip": "let SAM propose several masks and keep the "
+                                          "most confident (best for a single click); off: its single mask"}),
             }
         }
 

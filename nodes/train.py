@@ -143,11 +143,11 @@ class TrainNode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "clip": ("CLIP",),
-                "vae": ("VAE",),
-                "image": ("IMAGE",),
-                "masks": ("MASK",),
+                "model": ("MODEL", {"tooltip": "the base model to learn the object(s) for (its weights are not changed)"}),
+                "clip": ("CLIP", {"tooltip": "its text encoder, from the same checkpoint"}),
+                "vae": ("VAE", {"tooltip": "its VAE, from the same checkpoint"}),
+                "image": ("IMAGE", {"tooltip": "the one photo of the object(s)"}),
+                "masks": ("MASK", {"tooltip": "one mask per object, in the order of the tokens (Segment Objects)"}),
                 "tokens": ("STRING", {"default": "zqcat", "tooltip": "the new trigger word of each object, comma-separated"}),
                 "class_words": ("STRING", {"default": "cat", "tooltip": "each object's class word, comma-separated"}),
                 **widget_specs(cls.METHOD),

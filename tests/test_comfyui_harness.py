@@ -139,3 +139,19 @@ def test_interrupt_stops_a_running_sampler(comfyui, comfyui_checkpoint):
     assert entry["status"]["status_str"] == "error"
     assert execution_error(entry) == "interrupted in KSampler (node sample)"
     assert not any("harness_interrupted" in path.name for path in comfyui.output_files())
+
+
+def test_every_pack_node_has_a_description_and_every_input_a_tooltip(comfyui):
+    """The frontend shows DESCRIPTION on hover over a node and an input's `tooltip` over the input."""
+    info = comfyui.object_info()
+    lacking = []
+    for name in sorted(PACK_NODES):
+        node = info[name]
+        if "description" in node and not node["description"].strip():  # the 2024 server does not send it
+            lacking.append(f"{name}: description")
+        for group in ("required", "optional"):
+            for input_name, spec in node["input"].get(group, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not str(options.get("tooltip", "")).strip():
+                    lacking.append(f"{name}.{input_name}")
+    assert not lacking, "no description or tooltip: " + ", ".join(lacking)
