@@ -155,3 +155,21 @@ def test_every_pack_node_has_a_description_and_every_input_a_tooltip(comfyui):
                 if not str(options.get("tooltip", "")).strip():
                     lacking.append(f"{name}.{input_name}")
     assert not lacking, "no description or tooltip: " + ", ".join(lacking)
+
+
+def test_the_readme_node_table_names_every_node_the_server_lists_and_no_other(comfyui):
+    """README's node table: a row (or, for the methods' nodes, the Train Concept row's pattern) per node."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| node | in → out |"):]
+    table = table[: table.index("\n\n")]
+    named = set(re.findall(r"\*\*([^*]+)\*\*", table))
+    info = comfyui.object_info()
+    shown = {info[name]["display_name"] for name in PACK_NODES}
+    methods = {name for name in shown if re.fullmatch(r"Train Concept \(.+\)", name)}
+    assert "*Train Concept (method)*" in table and methods  # the methods' nodes, one pattern for all
+    assert named == shown - methods, (sorted(named - shown), sorted(shown - methods - named))
+    rows = {node: line for line in table.splitlines() for node in re.findall(r"\*\*([^*]+)\*\*", line)}
+    for name in PACK_NODES:  # each row names the types the node gives, so a reader knows what to connect
+        display = info[name]["display_name"]
+        for output in info[name]["output"] if display in rows else []:
+            assert output.removeprefix("PROTOBOOTH_") in rows[display], (display, output)

@@ -387,3 +387,15 @@ def test_attribute_workflow_learns_saves_and_draws_three_transfers(comfyui, tiny
     lora, embedding = concept_files(comfyui, name)
     assert embedding.is_file()
     assert all(key.startswith("lora_unet_up_blocks_") for key in safe_open(str(lora), "pt").keys())  # the decoder's
+
+
+def test_the_current_frontend_lists_every_example_workflow_as_a_template(comfyui):
+    """The current ComfyUI's template browser reads custom nodes' example folders (example_workflows/ by its
+    preference; workflows/, the design card's name, is read too, with only a debug-level rename hint)."""
+    if comfyui.build.name != "current":
+        pytest.skip("the 2024-03 ComfyUI has no template browser (no /workflow_templates route)")
+    pack = "protobooth"
+    templates = comfyui._request("GET", "/workflow_templates")
+    assert sorted(templates.get(pack, [])) == sorted(p.stem for p in WORKFLOWS.glob("*.json")), templates
+    served = comfyui._request("GET", f"/api/workflow_templates/{pack}/one_object.json")
+    assert served == json.loads((WORKFLOWS / "one_object.json").read_text())
