@@ -615,9 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.sides = chosen_sides(args)
     with tempfile.TemporaryDirectory(prefix="protobooth-bench-cache-") as cache:
-        for name in sizes:
-            results, prior_stats = measure(size_named(name, args), Path(cache), args)
-            ratios = report(size_named(name, args), results, prior_stats, args)
+        for size in (size_named(name, args) for name in sizes):
+            results, prior_stats = measure(size, Path(cache), args)
+            ratios = report(size, results, prior_stats, args)
     print(f"\nwhole run: {time.perf_counter() - started:.0f} s; the ratios below are for the {sizes[-1]} model")
     print(f"time ratio: {ratios['time']:.2f}")
     print(f"memory ratio: {ratios['memory']:.2f}")

@@ -163,6 +163,10 @@ def render_scenes(model, concept, prompts: list[str], seeds: list[int]) -> torch
     return torch.stack([load_image(p) for p in pictures])
 
 
+def harmonic_mean(fidelity: float, editability: float) -> float:
+    return 0.0 if fidelity + editability == 0 else 2 * fidelity * editability / (fidelity + editability)
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -183,8 +187,7 @@ class Scores:
 
     def row(self) -> dict:
         f, e = _mean(self.fidelity), _mean(self.editability)
-        hm = 0.0 if f + e == 0 else 2 * f * e / (f + e)
-        return {"fidelity": f, "editability": e, "harmonic mean": hm,
+        return {"fidelity": f, "editability": e, "harmonic mean": harmonic_mean(f, e),
                 "class attributes": _mean(self.class_attributes), "class likeness": _mean(self.class_likeness),
                 "train seconds": _mean(self.seconds) or 0.0, "trainable parameters": _mean(self.trainable),
                 "file bytes": _mean(self.file_bytes)}

@@ -90,10 +90,6 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def harmonic(f: float, e: float) -> float:
-    return 0.0 if f + e == 0 else 2 * f * e / (f + e)
-
-
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     bench = evaluate.Bench.load(list(range(args.seeds)), max(args.counts), args.seed)
@@ -140,9 +136,9 @@ def summarise(results: dict, counts: list[int]) -> dict:
     for name, per_count in results["curve"].items():
         rows = {}
         for count in counts:
-            values = per_count[str(count)] if str(count) in per_count else per_count[count]
+            values = per_count[count]
             f, e = mean(values["fidelity"]), mean(values["editability"])
-            rows[count] = {"fidelity": f, "editability": e, "harmonic mean": harmonic(f, e),
+            rows[count] = {"fidelity": f, "editability": e, "harmonic mean": evaluate.harmonic_mean(f, e),
                            "seconds": mean(values["seconds"])}
         final = rows[counts[-1]]["harmonic mean"]
         enough = next(c for c in counts if rows[c]["harmonic mean"] >= ENOUGH * final)
@@ -185,7 +181,7 @@ def write_report(results: dict, args, command: str) -> Path:
                   "cache miss) |", "|---|---|---|---|---|---|"]
         for name, values in results["prior"].items():
             f, e = mean(values["fidelity"]), mean(values["editability"])
-            lines.append(f"| {name} | {f:.3f} | {e:.3f} | {harmonic(f, e):.3f} | {mean(values['class likeness']):.3f} | "
+            lines.append(f"| {name} | {f:.3f} | {e:.3f} | {evaluate.harmonic_mean(f, e):.3f} | {mean(values['class likeness']):.3f} | "
                          f"{mean(values['seconds']):.1f} |")
     lines += ["", "![fidelity and editability per step](steps" + suffix + ".png)"]
     plot(summary, args.results / f"steps{suffix}.png")
