@@ -53,11 +53,13 @@ def check_concept_fits(model, concept: Concept) -> None:
     if concept.family != model.family:
         raise InputError(f"the concept was trained on an {concept.family.upper()} model but this is an "
                          f"{model.family.upper()} model; use a base model of the same family.")
-    width = model.text_encoder.get_input_embeddings().weight.shape[1]
-    wrong = [obj.token for obj in concept.objects if obj.vectors.shape[1] != width]
-    if wrong:
-        raise InputError(f"the concept's vectors for {wrong[0]!r} are {concept.objects[0].vectors.shape[1]} wide but this "
-                         f"model's text encoder takes {width}; the concept belongs to another model: use that one.")
+    widths = model.text_widths
+    wrong = [obj.token for obj in concept.objects if obj.vectors.shape[1] != sum(widths)]
+    if wrong or (len(widths) > 1 and tuple(concept.text_widths) != widths):
+        given = "+".join(map(str, concept.text_widths)) if concept.text_widths else concept.objects[0].vectors.shape[1]
+        takes = f"text encoders take {'+'.join(map(str, widths))}" if len(widths) > 1 else f"text encoder takes {widths[0]}"
+        raise InputError(f"the concept's vectors for {(wrong or concept.tokens)[0]!r} are {given} wide but this model's "
+                         f"{takes}; the concept belongs to another model: use that one.")
     if concept.base_fingerprint != model.fingerprint:
         log.warning("the concept was trained on another base model (fingerprint %s, this one %s); it may look different.",
                     concept.base_fingerprint, model.fingerprint)

@@ -113,7 +113,8 @@ def _damaged(tmp_path, tensors=None, **changes):
 @pytest.mark.parametrize(
     "tensors, changes, message",
     [
-        (None, dict(family="sdxl"), "model family 'sdxl', which this version of ProtoBooth cannot use"),
+        (None, dict(family="sd3"), "model family 'sd3', which this version of ProtoBooth cannot use"),
+        (None, dict(family="sdxl"), "has no \\[rows, width\\] 'clip_g' tensor"),  # an SDXL file with one half
         ({"clip_g": torch.zeros(3, 32)}, {}, "has no \\[rows, width\\] 'clip_l' tensor"),
         ({"clip_l": torch.zeros(96)}, {}, "has no \\[rows, width\\] 'clip_l' tensor"),
         (None, dict(objects=[{"token": "zqcat", "class_word": "cat", "rows": [0, 5]}]),

@@ -185,7 +185,7 @@ def test_knowledge_preservation_keeps_everyday_language_closer_to_the_base_model
         settings = textboost(steps=12, text_lora_learning_rate=3e-2, knowledge_weight=weight, augment_probability=0)
         with OneShotTrainer(model, image, [mask], ["zqsquare"], ["square"], settings, prior_cache=tmp_path) as trainer:
             with torch.no_grad():
-                frozen = trainer.encode_frozen(captions).float()
+                frozen = trainer.encode_frozen(captions).context.float()
             trainer.train()
             with torch.no_grad():
                 ids = trainer.vocabulary.input_ids(captions)

@@ -205,10 +205,10 @@ def _attention_term(trainer, prompt: str) -> float:
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     method = trainer.method
     with torch.no_grad():
-        states = trainer._encode_prompt(prompt)
+        conditioning = trainer._encode_prompt(prompt)
         method._attention_positions = trainer.token_positions(prompt, [0])
         trainer.model.unet(trainer.model.noise_scheduler.add_noise(latents, noise, timestep), timestep,
-                           encoder_hidden_states=states)
+                           **trainer.model.unet_kwargs(conditioning, trainer.size))
         method._attention_positions = None
         return float(method._attention_loss(view, [0]))
 

@@ -2,8 +2,8 @@
 
 - LoRA file: kohya keys (`lora_unet_<diffusers module path with _>.lora_down.weight`/`.lora_up.weight`
   plus an `.alpha` tensor), loaded by ComfyUI's LoraLoader (old and new) and diffusers' load_lora_weights.
-- Embedding file: `{"clip_l": [n, dim]}` (SD2: `clip_h`), every object's vectors one row each, in object
-  order; the header metadata records which rows belong to which token, the class words, the base model's
+- Embedding file: `{"clip_l": [n, dim]}` (SD2: `clip_h`; SDXL: `clip_l` [n, 768] and `clip_g` [n, 1280], the halves
+  of its joint token vectors), every object's vectors one row each, in object order; the header metadata records which rows belong to which token, the class words, the base model's
   fingerprint and family, the training settings and the software version. ComfyUI reads it through
   `embedding:<name>`, diffusers through load_textual_inversion.
 - Per-object embedding files, only for concepts of several objects: `<name>_<token>.safetensors` beside the
@@ -50,6 +50,8 @@ class Concept:
     settings: dict = field(default_factory=dict)
     version: str = __version__
     inputs_hash: str | None = None  # what it was made from, when a batch made it (its skip-if-done test)
+    # The widths of a vector's parts, one per text encoder (SDXL: CLIP-L's, bigG's); () means one part.
+    text_widths: tuple[int, ...] = ()
 
     @property
     def tokens(self) -> list[str]:
@@ -70,9 +72,15 @@ class Concept:
         }
         return meta if self.inputs_hash is None else {**meta, "inputs_hash": self.inputs_hash}
 
-    def embedding_tensors(self) -> dict[str, torch.Tensor]:
-        rows = torch.cat([o.vectors.detach().float().cpu() for o in self.objects])
-        return {FAMILIES[self.family].embedding_key: rows}
+    def embedding_tensors(self, vectors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The embedding file's tensors for `vectors` (default: every object's rows), one per text encoder."""
+        rows = torch.cat([o.vectors for o in self.objects]) if vectors is None else vectors
+        rows = rows.detach().float().cpu()
+        keys = FAMILIES[self.family].embedding_keys
+        widths = self.text_widths or (rows.shape[1],)
+        if len(widths) != len(keys) or sum(widths) != rows.shape[1]:
+            raise ValueError(f"{self.family} vectors {rows.shape[1]} wide cannot be split as {widths} for {keys}")
+        return {key: part.contiguous() for key, part in zip(keys, rows.split(list(widths), dim=1))}
 
 
 def peft_to_kohya(peft_state: dict[str, torch.Tensor], alpha: float, prefix: str = LORA_PREFIX) -> dict[str, torch.Tensor]:
@@ -160,12 +168,11 @@ def save_concept(concept: Concept, lora_path, embedding_path) -> None:
     elif lora_path.exists():
         # Left by an earlier concept of this name: loading this one would pick it up.
         lora_path.unlink()
-    key = FAMILIES[concept.family].embedding_key
     for obj in concept.objects:
         if obj.token in parts:
             part = {"concept": _stem(embedding_path), "token": obj.token, "class_word": obj.class_word,
                     "family": concept.family, "base_fingerprint": concept.base_fingerprint}
-            save_safetensors({key: obj.vectors.detach().float().cpu()}, parts[obj.token],
+            save_safetensors(concept.embedding_tensors(obj.vectors), parts[obj.token],
                              metadata={PART_KEY: json.dumps(part, sort_keys=True)})
     _remove_stale_parts(embedding_path, set(parts.values()))
     save_safetensors(concept.embedding_tensors(), embedding_path, metadata=meta)
@@ -236,11 +243,18 @@ def load_concept(embedding_path, lora_path=None) -> Concept:
     if family not in TRAINABLE:
         raise InputError(f"{embedding_path} is a concept for model family {family!r}, which this version of ProtoBooth "
                          f"cannot use (it knows {', '.join(TRAINABLE)}); update ProtoBooth or train it again.")
-    key = FAMILIES[family].embedding_key
-    rows = tensors.get(key)
-    if rows is None or rows.ndim != 2:
-        raise InputError(f"{embedding_path} has no [rows, width] {key!r} tensor, which an {family} concept keeps its "
-                         "vectors in; the file is damaged: save the concept again.")
+    halves = []
+    for key in FAMILIES[family].embedding_keys:
+        half = tensors.get(key)
+        if half is None or half.ndim != 2:
+            raise InputError(f"{embedding_path} has no [rows, width] {key!r} tensor, which an {family} concept keeps its "
+                             "vectors in; the file is damaged or incomplete: save the concept again.")
+        if halves and half.shape[0] != halves[0].shape[0]:
+            raise InputError(f"{embedding_path}: its {key!r} tensor has {half.shape[0]} row(s) but the other half "
+                             f"{halves[0].shape[0]}; the file is damaged: save the concept again.")
+        halves.append(half)
+    rows = torch.cat(halves, dim=1)
+    widths = tuple(half.shape[1] for half in halves) if len(halves) > 1 else ()
     objects = []
     for entry in meta.get("objects") or []:
         token, span = entry.get("token"), entry.get("rows")
@@ -261,18 +275,24 @@ def load_concept(embedding_path, lora_path=None) -> Concept:
         raise InputError(f"{embedding_path} was saved with a LoRA, but its LoRA file is missing: put "
                          f"{_stem(Path(embedding_path))}{EXTENSION} back in the loras folder, or give its path.")
     return Concept(objects, lora, family, meta.get("base_fingerprint", "unknown"), meta.get("settings", {}),
-                   meta.get("version", "?"), meta.get("inputs_hash"))
+                   meta.get("version", "?"), meta.get("inputs_hash"), widths)
 
 
 @contextlib.contextmanager
 def concept_applied(pipeline, concept: Concept, lora_scale: float = 1.0):
     """Apply a concept to a diffusers pipeline with the stock loaders; undone when the block ends.
 
-    Tokens go in through load_textual_inversion (one call per object, `tok`, `tok_1`, …), the LoRA
-    through load_lora_weights — exactly what a diffusers user without ProtoBooth would do.
+    Tokens go in through load_textual_inversion (one call per object, `tok`, `tok_1`, …; for SDXL one per object
+    and text encoder, each with its half), the LoRA through load_lora_weights — exactly what a diffusers user
+    without ProtoBooth would do.
     """
+    encoders = [(pipeline.tokenizer, pipeline.text_encoder)]
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        encoders.append((pipeline.tokenizer_2, pipeline.text_encoder_2))
     for obj in concept.objects:
-        pipeline.load_textual_inversion({obj.token: obj.vectors.to(pipeline.text_encoder.dtype)}, token=obj.token)
+        for (tokenizer, encoder), half in zip(encoders, concept.embedding_tensors(obj.vectors).values()):
+            pipeline.load_textual_inversion({obj.token: half.to(encoder.dtype)}, token=obj.token, tokenizer=tokenizer,
+                                            text_encoder=encoder)
     if concept.lora:
         pipeline.load_lora_weights(dict(concept.lora), adapter_name="protobooth")
         pipeline.set_adapters(["protobooth"], adapter_weights=[lora_scale])
@@ -281,5 +301,6 @@ def concept_applied(pipeline, concept: Concept, lora_scale: float = 1.0):
     finally:
         if concept.lora:
             pipeline.unload_lora_weights()
-        pipeline.unload_textual_inversion()
+        for tokenizer, encoder in encoders:
+            pipeline.unload_textual_inversion(tokenizer=tokenizer, text_encoder=encoder)
 

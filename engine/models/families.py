@@ -1,8 +1,7 @@
 """Model families: one record per family holds every fact that differs between them, and everything reads it.
 
 Loading, the ComfyUI views, concept files, tokenizers and nodes ask this table (family(name).pad_token, ...)
-instead of restating a fact. SDXL is named here so that messages can say what it is; it becomes trainable when
-its record gains the facts below and `trainable` turns True.
+instead of restating a fact. SDXL's two text encoders are one to the engine (models/sdxl.py); its record names both embedding halves.
 """
 from __future__ import annotations
 
@@ -10,23 +9,27 @@ from dataclasses import dataclass
 
 from ..text.tokenizer import END_TOKEN, END_TOKEN_ID, START_TOKEN_ID  # CLIP's tokenizer: every family's
 
-LATENT_SCALING = 0.18215  # SD1/SD2's KL autoencoder
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # the engine's name: "sd1", "sd2"
+    name: str  # the engine's name: "sd1", "sd2", "sdxl"
     label: str  # what users call it
     trainable: bool
     text_activation: str = ""  # of its text encoder: OpenAI CLIP-L uses quick_gelu, OpenCLIP gelu
     pad_token: str = END_TOKEN  # what its tokenizer pads prompts with (ComfyUI pads the same way)
     pad_token_id: int = END_TOKEN_ID
-    embedding_key: str = ""  # the key of its vectors in an embedding file (ComfyUI, kohya, diffusers)
+    # The keys of its vectors in an embedding file (ComfyUI, kohya, diffusers): one per text encoder, in the order
+    # their columns stand in a token's vector.
+    embedding_keys: tuple[str, ...] = ()
     comfy_text_encoder: str = ""  # the attribute of ComfyUI's CLIP model that holds its text encoder
     comfy_model_configs: tuple[str, ...] = ()  # ComfyUI's model-config classes of this family
     native_sizes: tuple[tuple[str, int], ...] = ()  # (prediction type, pixels it draws natively)
     unet_heads: int | None = None  # SD1 UNets have a fixed number of heads ...
     unet_head_channels: int | None = None  # ... SD2 UNets heads of a fixed width (the weights do not show it)
+    latent_scaling: float = 0.18215  # of its KL autoencoder's latents
+    # Its UNet also takes the pooled text embedding and the picture's size (SDXL's micro-conditioning).
+    size_conditioning: bool = False
     clip_vision: str = ""  # the CLIP image encoder whose features fit its text encoder (prototype init)
     full_clip: str = ""  # the full CLIP model file (both towers) that holds its text projection
 
@@ -57,7 +60,7 @@ class Family:
 
 FAMILIES = {
     "sd1": Family(
-        "sd1", "Stable Diffusion 1.x", trainable=True, text_activation="quick_gelu", embedding_key="clip_l",
+        "sd1", "Stable Diffusion 1.x", trainable=True, text_activation="quick_gelu", embedding_keys=("clip_l",),
         comfy_text_encoder="clip_l", comfy_model_configs=("SD15",), native_sizes=(("epsilon", 512),), unet_heads=8,
         clip_vision="CLIP ViT-L/14 (768-wide features; e.g. openai/clip-vit-large-patch14 saved as "
                     "clip-vit-large-patch14.safetensors)",
@@ -65,12 +68,18 @@ FAMILIES = {
     ),
     "sd2": Family(
         "sd2", "Stable Diffusion 2.x", trainable=True, text_activation="gelu", pad_token="!", pad_token_id=0,
-        embedding_key="clip_h", comfy_text_encoder="clip_h", comfy_model_configs=("SD20",),
+        embedding_keys=("clip_h",), comfy_text_encoder="clip_h", comfy_model_configs=("SD20",),
         native_sizes=(("epsilon", 512), ("v_prediction", 768)), unet_head_channels=64,
         clip_vision="CLIP ViT-H/14 (1024-wide features; e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
         full_clip="model.safetensors of laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     ),
-    "sdxl": Family("sdxl", "SDXL", trainable=False, embedding_key="clip_g", native_sizes=(("epsilon", 1024),)),
+    "sdxl": Family(
+        "sdxl", "SDXL", trainable=True, text_activation="quick_gelu", embedding_keys=("clip_l", "clip_g"),
+        native_sizes=(("epsilon", 1024),), unet_head_channels=64, latent_scaling=0.13025, size_conditioning=True,
+        clip_vision="CLIP ViT-L/14 for the CLIP-L half (e.g. clip-vit-large-patch14.safetensors); the bigG half starts "
+                    "from the class word",
+        full_clip="model.safetensors of openai/clip-vit-large-patch14",
+    ),
 }
 TRAINABLE = tuple(name for name, record in FAMILIES.items() if record.trainable)
 

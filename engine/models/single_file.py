@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError
 from ..fileio import read_torch_file
-from .families import LATENT_SCALING, family
+from .families import family
 
 log = logging.getLogger("protobooth")
 
@@ -239,7 +239,7 @@ def unet_config(shapes, family_name: str, prediction: str, prefix: str = UNET_PR
     }
 
 
-def vae_config(shapes, sample_size: int, prefix: str = VAE_PREFIX, scaling_factor: float = LATENT_SCALING) -> dict:
+def vae_config(shapes, sample_size: int, prefix: str = VAE_PREFIX, scaling_factor: float = family("sd1").latent_scaling) -> dict:
     """AutoencoderKL arguments from the shapes of SD's KL autoencoder in the original layout (names under `prefix`)."""
     p = prefix
     levels = _count(shapes, p + "encoder.down.{}.block.0.conv1.weight")

@@ -16,6 +16,8 @@ from .families import noise_scheduler
 
 TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples by 8, like SD's
 TEXT_WIDTH = 32
+# Tiny SDXL: the bigG half wider than the CLIP-L half, as in the real model, so a swapped half shows.
+BIG_G_WIDTH, BIG_G_PROJECTION, TIME_EMBED = 48, 40, 8
 
 
 def seeded(seed: int, build):
@@ -38,6 +40,27 @@ def tiny_text_encoder(seed: int = 0, family: str = "sd1"):
 def tiny_unet(seed: int = 0, family: str = "sd1"):
     from diffusers import UNet2DConditionModel
 
+    if family == "sdxl":  # SDXL's shape: no attention at the first level, linear projections, size conditioning
+        return seeded(
+            seed,
+            lambda: UNet2DConditionModel(
+                sample_size=TINY_RESOLUTION // 8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=1,
+                block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=TEXT_WIDTH + BIG_G_WIDTH,
+                attention_head_dim=(2, 4),
+                transformer_layers_per_block=(1, 2),
+                norm_num_groups=32,
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=TIME_EMBED,
+                projection_class_embeddings_input_dim=BIG_G_PROJECTION + 6 * TIME_EMBED,
+            ).eval(),
+        )
     return seeded(
         seed,
         lambda: UNet2DConditionModel(
@@ -56,7 +79,7 @@ def tiny_unet(seed: int = 0, family: str = "sd1"):
     )
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, family: str = "sd1"):
     from diffusers import AutoencoderKL
 
     return seeded(
@@ -71,17 +94,32 @@ def tiny_vae(seed: int = 0):
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
             sample_size=TINY_RESOLUTION,
+            scaling_factor=family_record(family).latent_scaling,
         ).eval(),
     )
 
 
+def tiny_sdxl_text_encoder(seed: int = 0):
+    """SDXL's two text encoders, tiny, as the one module the engine uses (models/sdxl.py)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .sdxl import SDXLTextEncoder, text_configs
+
+    config_l, config_g = text_configs(width_l=TEXT_WIDTH, width_g=BIG_G_WIDTH, layers_l=2, layers_g=3, heads_l=4,
+                                      heads_g=4, projection=BIG_G_PROJECTION, intermediate_l=37, intermediate_g=53)
+    return SDXLTextEncoder(seeded(seed, lambda: CLIPTextModel(config_l).eval()),
+                           seeded(seed + 1, lambda: CLIPTextModelWithProjection(config_g).eval())).eval()
+
+
 def tiny_model(seed: int = 0, family: str = "sd1", prediction_type: str = "epsilon") -> DiffusionModel:
-    """A complete tiny SD1-style (or SD2-style: linear projections, gelu, '!' padding) model."""
+    """A complete tiny SD1-style (or SD2-style: linear projections, gelu, '!' padding; or SDXL-style: two text
+    encoders, size conditioning) model."""
     tokenizer = clip_tokenizer(pad_token=family_record(family).pad_token)
+    text_encoder = tiny_sdxl_text_encoder(seed + 2) if family == "sdxl" else tiny_text_encoder(seed + 2, family)
     return DiffusionModel(
         unet=tiny_unet(seed, family),
-        vae=tiny_vae(seed + 1),
-        text_encoder=tiny_text_encoder(seed + 2, family),
+        vae=tiny_vae(seed + 1, family),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         noise_scheduler=noise_scheduler(prediction_type),
         family=family,

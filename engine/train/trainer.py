@@ -25,6 +25,7 @@ from ..concept.concept import Concept, ConceptObject
 from ..errors import InputError, TrainingCancelled
 from ..fileio import atomic_path, read_torch_file
 from ..images import check_masks, load_image
+from ..models.diffusion_model import Conditioning
 from ..models.families import TRAINABLE
 from ..models.precision import autocast_dtype
 from ..text.vocabulary import ConceptVocabulary, check_objects, class_word_vectors, eos_pooled, vocabulary_norm
@@ -119,7 +120,7 @@ class OneShotTrainer:
         self.losses: list[float] = []
         self.class_images: ClassImages | None = None  # set by a method that draws class images
         self.step = 0
-        self._frozen_prompts: dict[str, torch.Tensor] = {}
+        self._frozen_prompts: dict[str, Conditioning] = {}
         self._exit = contextlib.ExitStack()
         self._prepared = False
 
@@ -200,11 +201,11 @@ class OneShotTrainer:
         states = self.model.text_encoder(input_ids=ids)[0]
         return eos_pooled(states, ids, self.vocabulary.tokenizer.eos_token_id).float()
 
-    def encode_frozen(self, prompts: list[str]) -> torch.Tensor:
-        """Text states of prompts without the new words, through the model's own tokenizer."""
+    def encode_frozen(self, prompts: list[str]) -> Conditioning:
+        """The UNet's text conditioning for prompts without the new words, through the model's own tokenizer."""
         ids = self.model.tokenizer(prompts, padding="max_length", max_length=self.model.tokenizer.model_max_length,
                                    truncation=True, return_tensors="pt").input_ids
-        return self.model.text_encoder(input_ids=ids.to(self.device))[0]
+        return self.model.encode(ids.to(self.device))
 
     def train(self, progress=None, should_cancel=None, checkpoint_dir: Path | None = None, resume: bool = False) -> TrainResult:
         """Run the remaining steps. progress(StepReport) after each; should_cancel() → TrainingCancelled.
@@ -255,12 +256,12 @@ class OneShotTrainer:
         target = diffusion_target(model.noise_scheduler, batch, noise, timesteps)
 
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            states = self._encode_prompt(example.prompt)
+            conditioning = self._encode_prompt(example.prompt)
             if extra is not None:
-                states = torch.cat([states, extra[1].to(states.dtype)])
+                conditioning = conditioning.cat(extra[1])
             with self.method.unet_call(example):
                 prediction = model.unet(noisy.to(self.compute_dtype), timesteps,
-                                        encoder_hidden_states=states.to(self.compute_dtype)).sample
+                                        **model.unet_kwargs(conditioning, self.size)).sample
         loss = self.method.loss(example, prediction, target)
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -283,13 +284,13 @@ class OneShotTrainer:
         self.vocabulary.clamp_norms(self.norm_bounds, example.named)
         return float(loss.detach())
 
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Text states of a training prompt; cached when the tokens are frozen (nothing then changes them)."""
+    def _encode_prompt(self, prompt: str) -> Conditioning:
+        """The UNet's conditioning for a training prompt; cached when the tokens are frozen (nothing then changes it)."""
         if self.settings.train_tokens:
-            return self.model.text_encoder(input_ids=self.vocabulary.input_ids([prompt]).to(self.device))[0]
+            return self.model.encode(self.vocabulary.input_ids([prompt]).to(self.device))
         if prompt not in self._frozen_prompts:
             with torch.no_grad():
-                self._frozen_prompts[prompt] = self.model.text_encoder(input_ids=self.vocabulary.input_ids([prompt]).to(self.device))[0]
+                self._frozen_prompts[prompt] = self.model.encode(self.vocabulary.input_ids([prompt]).to(self.device))
         return self._frozen_prompts[prompt]
 
     def token_positions(self, prompt: str, subset: list[int]) -> dict[int, torch.Tensor]:
@@ -304,13 +305,14 @@ class OneShotTrainer:
     def concept(self) -> Concept:
         objects = [ConceptObject(t, c, v.detach().float().cpu().clone())
                    for t, c, v in zip(self.tokens, self.class_words, self.vocabulary.vectors)]
-        return Concept(objects, self.method.lora(), self.model.family, self.model.fingerprint, self.settings.as_dict())
+        widths = self.model.text_widths
+        return Concept(objects, self.method.lora(), self.model.family, self.model.fingerprint, self.settings.as_dict(),
+                       text_widths=widths if len(widths) > 1 else ())
 
     @contextlib.contextmanager
     def trained_pipeline(self, scheduler=None):
         """A diffusers pipeline over the model as it is now (trained LoRA active, tokens installed)."""
-        pipeline = self.model.pipeline(scheduler)
-        pipeline.tokenizer = self.vocabulary.tokenizer
+        pipeline = self.model.pipeline(scheduler, tokenizer=self.vocabulary.tokenizer)
         pipeline.set_progress_bar_config(disable=True)
         with torch.no_grad():
             yield pipeline

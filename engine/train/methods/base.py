@@ -46,8 +46,8 @@ class Method:
         the tokens' vectors are the trainer's). Undo every change through self.trainer.on_exit(callback)."""
         return []
 
-    def extra_rows(self, example) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(latents, text states) to add to this step's UNet batch after the instance row, or None."""
+    def extra_rows(self, example) -> tuple[torch.Tensor, "Conditioning"] | None:  # noqa: F821 (models.diffusion_model)
+        """(latents, text conditioning) to add to this step's UNet batch after the instance row, or None."""
         return None
 
     def unet_call(self, example):

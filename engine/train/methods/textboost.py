@@ -86,7 +86,7 @@ class TextBoost(Method):
         self.captions = list(settings.knowledge_prompts or everyday_captions())
         self.class_prompts = [f"a photo of a {word}" for word in dict.fromkeys(trainer.class_words)]
         prompts = ["", *self.captions, *self.class_prompts]
-        self.frozen = dict(zip(prompts, trainer.encode_frozen(prompts))) if settings.knowledge_weight > 0 else {}
+        self.frozen = dict(zip(prompts, trainer.encode_frozen(prompts).context)) if settings.knowledge_weight > 0 else {}
 
     def check_model(self) -> None:
         check_lora_rank(self.model.text_encoder, TEXT_LORA_LAYERS[self.settings.text_lora_layers],
