@@ -34,12 +34,24 @@ def test_conditioning_is_what_the_diffusers_pipeline_gives_the_unet():
     assert torch.allclose(ours.context, context, atol=1e-6) and torch.allclose(ours.pooled, pooled, atol=1e-6)
 
 
-def test_sdxl_concept_files_reproduce_the_trained_pipeline_in_diffusers(tmp_path):
+# Each method at settings that move its weights within a few steps (TextBoost's LoRA learns slowly by default).
+METHOD_SETTINGS = {
+    "object_driven": FAST,
+    "textboost": TrainSettings.from_values(method="textboost", steps=6, text_lora_learning_rate=5e-2,
+                                           token_learning_rate=1e-2, augment_probability=0),
+    "attribute": TrainSettings.from_values(method="attribute", steps=6, token_learning_rate=1e-2),
+}
+LORA_KEYS = {"object_driven": ("lora_unet_",), "textboost": ("lora_te1_text_model_", "lora_te2_text_model_"),
+             "attribute": ("lora_unet_",)}
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_sdxl_concept_files_reproduce_the_trained_pipeline_in_diffusers(tmp_path, method):
     model = tiny.tiny_model(0, family="sdxl")
     image, cat, pot = scene()
     prompt = "a photo of zqcat cat and zqpot teapot"
     draw = dict(num_inference_steps=4, height=64, width=64, output_type="np")
-    with OneShotTrainer(model, image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], FAST,
+    with OneShotTrainer(model, image, [cat, pot], ["zqcat", "zqpot"], ["cat", "teapot"], METHOD_SETTINGS[method],
                         prior_cache=tmp_path / "cache") as trainer:
         result = trainer.train()
         with trainer.trained_pipeline() as pipeline:
@@ -48,7 +60,9 @@ def test_sdxl_concept_files_reproduce_the_trained_pipeline_in_diffusers(tmp_path
     stored = load_file(tmp_path / "emb.safetensors")
     assert {k: tuple(v.shape) for k, v in stored.items()} == {"clip_l": (2, tiny.TEXT_WIDTH), "clip_g": (2, tiny.BIG_G_WIDTH)}
     assert set(load_file(tmp_path / "emb_zqcat.safetensors")) == {"clip_l", "clip_g"}
-    assert all(key.startswith("lora_unet_") for key in load_file(tmp_path / "lora.safetensors"))
+    keys = set(load_file(tmp_path / "lora.safetensors"))
+    assert {prefix for prefix in LORA_KEYS[method] if any(key.startswith(prefix) for key in keys)} == set(LORA_KEYS[method])
+    assert all(key.startswith(LORA_KEYS[method]) for key in keys)
     concept = load_concept(tmp_path / "emb.safetensors", tmp_path / "lora.safetensors")
     assert concept.text_widths == (tiny.TEXT_WIDTH, tiny.BIG_G_WIDTH)
     pipeline = model.pipeline()  # a plain diffusers SDXL pipeline: stock loaders only

@@ -95,6 +95,12 @@ class DiffusionModel:
         widths = getattr(self.text_encoder, "widths", None)
         return tuple(widths) if widths else (self.text_encoder.get_input_embeddings().weight.shape[1],)
 
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The transformers text encoder(s), in the order of the family's embedding keys and LoRA prefixes."""
+        parts = getattr(self.text_encoder, "parts", None)
+        return list(parts.values()) if parts else [self.text_encoder]
+
     def encode(self, input_ids: torch.Tensor) -> Conditioning:
         """The UNet's text conditioning for tokenized prompts (through the text encoder as it is now)."""
         output = self.text_encoder(input_ids=input_ids)

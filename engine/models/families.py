@@ -27,6 +27,8 @@ class Family:
     native_sizes: tuple[tuple[str, int], ...] = ()  # (prediction type, pixels it draws natively)
     unet_heads: int | None = None  # SD1 UNets have a fixed number of heads ...
     unet_head_channels: int | None = None  # ... SD2 UNets heads of a fixed width (the weights do not show it)
+    # kohya's LoRA key prefix of each text encoder, in embedding_keys' order (ComfyUI and diffusers map them).
+    text_lora_prefixes: tuple[str, ...] = ("lora_te_",)
     latent_scaling: float = 0.18215  # of its KL autoencoder's latents
     # Its UNet also takes the pooled text embedding and the picture's size (SDXL's micro-conditioning).
     size_conditioning: bool = False
@@ -75,6 +77,7 @@ FAMILIES = {
     ),
     "sdxl": Family(
         "sdxl", "SDXL", trainable=True, text_activation="quick_gelu", embedding_keys=("clip_l", "clip_g"),
+        text_lora_prefixes=("lora_te1_", "lora_te2_"),
         native_sizes=(("epsilon", 1024),), unet_head_channels=64, latent_scaling=0.13025, size_conditioning=True,
         clip_vision="CLIP ViT-L/14 for the CLIP-L half (e.g. clip-vit-large-patch14.safetensors); the bigG half starts "
                     "from the class word",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...concept.concept import peft_to_kohya
+from ...models.families import family
 from ..fields import MethodSettings, setting
 from ..losses import masked_mse
 from .base import Method, check_lora_rank
@@ -29,8 +30,9 @@ ADAPTER = "protobooth_text"
 # load there. "attention+mlp" is the paper's first version (0.66M parameters on SD1.5).
 TEXT_LORA_LAYERS = {"attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
                     "attention+mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
-# kohya's names for text-encoder LoRA keys, which ComfyUI maps onto SD1's CLIP-L and SD2's OpenCLIP-H alike.
-TEXT_LORA_PREFIX = "lora_te_text_model_"
+# kohya's names for text-encoder LoRA keys (the family's prefix, then this), which ComfyUI maps onto SD1's CLIP-L,
+# SD2's OpenCLIP-H and SDXL's two encoders alike.
+TEXT_MODEL_PREFIX = "text_model_"
 KNOWLEDGE_PROMPTS_FILE = Path(__file__).parents[2] / "data" / "knowledge_prompts.txt"
 
 
@@ -89,22 +91,26 @@ class TextBoost(Method):
         self.frozen = dict(zip(prompts, trainer.encode_frozen(prompts).context)) if settings.knowledge_weight > 0 else {}
 
     def check_model(self) -> None:
-        check_lora_rank(self.model.text_encoder, TEXT_LORA_LAYERS[self.settings.text_lora_layers],
-                        self.settings.text_lora_rank, "this model's text encoder")
+        for encoder in self.model.text_encoders:
+            check_lora_rank(encoder, TEXT_LORA_LAYERS[self.settings.text_lora_layers], self.settings.text_lora_rank,
+                            "this model's text encoder")
 
     def trainables(self) -> list[dict]:
+        """A LoRA on every text encoder (SDXL: both), each seeded alike."""
         from peft import LoraConfig
 
-        settings, trainer, encoder = self.settings, self.trainer, self.model.text_encoder
-        had_peft = bool(getattr(encoder, "peft_config", None))
+        settings, trainer = self.settings, self.trainer
         config = LoraConfig(r=settings.text_lora_rank, lora_alpha=settings.text_lora_rank, init_lora_weights="gaussian",
                             target_modules=TEXT_LORA_LAYERS[settings.text_lora_layers])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(trainer.settings.seed)
-            encoder.add_adapter(config, adapter_name=ADAPTER)
-        trainer.on_exit(lambda: _remove_adapter(encoder, had_peft))
-        encoder.set_adapter(ADAPTER)
-        self.lora_parameters = [p for n, p in encoder.named_parameters() if f".{ADAPTER}." in n]
+        self.lora_parameters = []
+        for encoder in self.model.text_encoders:
+            had_peft = bool(getattr(encoder, "peft_config", None))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(trainer.settings.seed)
+                encoder.add_adapter(config, adapter_name=ADAPTER)
+            trainer.on_exit(lambda encoder=encoder, had_peft=had_peft: _remove_adapter(encoder, had_peft))
+            encoder.set_adapter(ADAPTER)
+            self.lora_parameters += [p for n, p in encoder.named_parameters() if f".{ADAPTER}." in n]
         for p in self.lora_parameters:
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -135,23 +141,32 @@ class TextBoost(Method):
         frozen = torch.stack([self.frozen[p] for p in prompts]).float()
         return (1 - F.cosine_similarity(tuned, frozen, dim=-1)).mean()
 
-    def _lora_state(self) -> dict[str, torch.Tensor]:
+    def _lora_states(self) -> list[dict[str, torch.Tensor]]:
+        """Each text encoder's LoRA, in the model's order."""
         from peft.utils import get_peft_model_state_dict
 
         # Never the embedding table: peft would add it ("auto") once an earlier run left the encoder marked as
         # adapted, and the trainer's token vectors are saved as the embedding, not in the LoRA.
-        return get_peft_model_state_dict(self.model.text_encoder, adapter_name=ADAPTER, save_embedding_layers=False)
+        return [get_peft_model_state_dict(encoder, adapter_name=ADAPTER, save_embedding_layers=False)
+                for encoder in self.model.text_encoders]
 
     def lora(self) -> dict[str, torch.Tensor]:
-        return peft_to_kohya(self._lora_state(), self.settings.text_lora_rank, prefix=TEXT_LORA_PREFIX)
+        prefixes, lora = family(self.model.family).text_lora_prefixes, {}
+        for prefix, state in zip(prefixes, self._lora_states()):
+            # transformers 5 nests CLIPTextModelWithProjection's layers under text_model. (SDXL's bigG), not
+            # CLIPTextModel's: kohya names both from the text model down.
+            state = {name.removeprefix("text_model."): value for name, value in state.items()}
+            lora.update(peft_to_kohya(state, self.settings.text_lora_rank, prefix + TEXT_MODEL_PREFIX))
+        return dict(sorted(lora.items()))
 
     def checkpoint_state(self) -> dict:
-        return {"lora": self._lora_state()}
+        return {"lora": self._lora_states()}
 
     def load_checkpoint_state(self, state: dict) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.model.text_encoder, state["lora"], adapter_name=ADAPTER)
+        for encoder, saved in zip(self.model.text_encoders, state["lora"]):
+            set_peft_model_state_dict(encoder, saved, adapter_name=ADAPTER)
 
 
 def _remove_adapter(encoder, had_peft: bool) -> None:
