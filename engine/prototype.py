@@ -11,6 +11,7 @@ text tower). Without a CLIP model, tokens start from their class word's embeddin
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -192,7 +193,7 @@ def class_word_prototype(text_encoder, tokenizer, token: str, class_word: str, n
 
 
 def prototype_embeddings(
-    towers: ClipTowers | None,
+    towers: ClipTowers | None | list[ClipTowers | None],
     text_encoder,
     tokenizer,
     image: torch.Tensor,
@@ -202,7 +203,23 @@ def prototype_embeddings(
     settings: PrototypeSettings | None = None,
     progress=None,
 ) -> list[Prototype]:
-    """One Prototype per object. `progress(step, total)` is called every optimisation step."""
+    """One Prototype per object. `progress(step, total)` is called every optimisation step.
+
+    A text encoder of several parts (SDXL's CLIP-L and bigG) takes one towers entry per part, or one for the first:
+    each part with towers is searched, the others start from the class word, and the parts' vectors are joined."""
+    parts = list(getattr(text_encoder, "parts", {}).values())
+    if parts:
+        per_part = list(towers) if isinstance(towers, (list, tuple)) else [towers]
+        per_part += [None] * (len(parts) - len(per_part))
+        if all(part_towers is None for part_towers in per_part):
+            log.warning("No CLIP model given: tokens start from their class words' embeddings (no prototype search).")
+        n_vectors = (settings or PrototypeSettings()).n_vectors
+        found = [prototype_embeddings(part_towers, part, tokenizer, image, masks, tokens, class_words, settings, progress)
+                 if part_towers is not None else
+                 [class_word_prototype(part, tokenizer, t, c, n_vectors) for t, c in zip(tokens, class_words)]
+                 for part_towers, part in zip(per_part, parts)]
+        # Per object, its parts' vectors side by side; what the search found is told by the first part's record.
+        return [dataclasses.replace(own[0], vectors=torch.cat([p.vectors for p in own], dim=1)) for own in zip(*found)]
     settings = settings or PrototypeSettings()
     settings.check()
     if towers is None:

@@ -90,3 +90,19 @@ def test_an_sdxl_embedding_with_a_half_missing_is_refused(tmp_path):
     save_file({"clip_l": load_file(tmp_path / "emb.safetensors")["clip_l"]}, tmp_path / "half.safetensors", header)
     with pytest.raises(InputError, match="'clip_g'"):
         load_concept(tmp_path / "half.safetensors", tmp_path / "lora.safetensors")
+
+
+def test_prototype_on_sdxl_searches_the_clip_l_half_and_starts_big_g_from_the_class_word():
+    from protobooth.engine.prototype import ClipTowers, PrototypeSettings, prototype_embeddings
+    from protobooth.engine.text.vocabulary import class_word_vectors
+
+    model = tiny.tiny_model(0, family="sdxl")
+    image, cat, _ = scene()
+    towers = ClipTowers.from_clip_model(tiny.tiny_clip(model.text_encoder.clip_l))
+    found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, [cat], ["zqcat"], ["cat"],
+                                 PrototypeSettings(steps=5))[0]
+    start = class_word_vectors(model.text_encoder, model.tokenizer, "cat", 1)
+    width_l = tiny.TEXT_WIDTH
+    assert found.vectors.shape == start.shape and found.method == "prototype"
+    assert not torch.allclose(found.vectors[:, :width_l], start[:, :width_l])  # searched
+    assert torch.equal(found.vectors[:, width_l:], start[:, width_l:])  # the class word's bigG row
