@@ -8,6 +8,8 @@ model it trains):
   diffusers-style DreamBooth-LoRA loop and of a bare UNet + LoRA step (the loops of train_speed.py, here
   with the frozen weights in the half dtype and the LoRA in fp32 under autocast, as diffusers' script
   runs with --mixed_precision): median seconds per step and peak CUDA memory of each;
+- ours with the text path frozen (train_tokens off) with and without offload_frozen (the VAE and text encoder
+  on the CPU while the UNet trains): the GPU memory the offload saves;
 - one concept end to end as a user gets it: the class images (4 × 25 sampler steps), then 400 steps.
 
     python benchmarks/gpu_check.py              # on cuda, a few minutes on a recent GPU
@@ -74,14 +76,18 @@ def model_on(p: dict, dtype: torch.dtype):
         return train_speed.build_model(p["size"], p["device"], dtype)
 
 
+FROZEN_TEXT = {"train_tokens": False, "text_anchor_weight": 0.0}
+OUR_SIDES = {"ours": {}, "ours-frozen": FROZEN_TEXT, "ours-offload": {**FROZEN_TEXT, "offload_frozen": True}}
+
+
 def time_side(side: str, p: dict, dtype: torch.dtype, cache: Path) -> dict:
     """Median step seconds and peak memory of one side, in a model of its own."""
     _reset(p["device"])
     model = model_on(p, dtype)
     with contextlib.ExitStack() as stack:
-        if side == "ours":
+        if side in OUR_SIDES:
             image, mask = train_speed.scene(p["resolution"])
-            settings = train_speed.our_settings(p["resolution"], mixed_precision=settings_name(dtype))
+            settings = train_speed.our_settings(p["resolution"], mixed_precision=settings_name(dtype), **OUR_SIDES[side])
             from protobooth.engine.train import OneShotTrainer
 
             trainer = stack.enter_context(OneShotTrainer(model, image, [mask], [train_speed.TOKEN],
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if p["device"] == "cuda" else "CPU (dry run)"
     print(f"{device_name}, torch {torch.__version__}; {p['size']} model at {p['resolution']} px, LoRA rank "
           f"{train_speed.LORA_RANK}, 1 instance + 1 class image; {p['steps']} timed steps after {p['warmup']} warm-up")
-    print(f"{'dtype':<6} {'side':<10} {'median step':>12} {'peak memory':>12} {'/reference time':>16}")
+    print(f"{'dtype':<6} {'side':<12} {'median step':>12} {'peak memory':>12} {'/reference time':>16}")
     with tempfile.TemporaryDirectory(prefix="protobooth-gpu-check-") as cache:
         cache = Path(cache)
         for dtype in p["dtypes"]:
@@ -160,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                 model = train_speed.build_model(p["size"], p["device"], dtype)
             train_speed.cached_class_latents(model, p["resolution"], cache)  # ours' class image, outside its steps
             del model
-            sides = {side: time_side(side, p, dtype, cache) for side in ("ours", "reference", "bare")}
+            sides = {side: time_side(side, p, dtype, cache) for side in (*OUR_SIDES, "reference", "bare")}
             for side, r in sides.items():
-                print(f"{settings_name(dtype):<6} {side:<10} {r['median']:>10.3f} s {megabytes(r['peak']):>12} "
+                print(f"{settings_name(dtype):<6} {side:<12} {r['median']:>10.3f} s {megabytes(r['peak']):>12} "
                       f"{r['median'] / sides['reference']['median']:>16.2f}", flush=True)
         for dtype in p["dtypes"]:
             r = one_concept(p, dtype, cache)

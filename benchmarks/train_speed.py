@@ -104,7 +104,8 @@ SIZES = {
 
 
 def build_model(size: str, device: str, dtype: torch.dtype = torch.float32):
-    """The tiny test model, or SD1.5's UNet, VAE and CLIP-L text encoder with seeded random weights.
+    """The tiny test model, or SD1.5's UNet, VAE and CLIP-L text encoder with seeded random weights (size "sdxl":
+    SDXL's UNet, VAE and two text encoders; training_memory.py measures it).
 
     In another dtype the weights are drawn in it (the same seed, so close to the fp32 ones but not equal): an
     fp32 model cast afterwards would put the fp32 copy into the peak memory."""
@@ -120,6 +121,8 @@ def build_model(size: str, device: str, dtype: torch.dtype = torch.float32):
     from protobooth.engine.models.families import noise_scheduler
     from protobooth.engine.text.tokenizer import clip_tokenizer
 
+    if size == "sdxl":
+        return _build_sdxl(device, dtype)
     with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel(
@@ -139,6 +142,40 @@ def build_model(size: str, device: str, dtype: torch.dtype = torch.float32):
     model = DiffusionModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                            tokenizer=clip_tokenizer(pad_token="<|endoftext|>"),
                            noise_scheduler=noise_scheduler("epsilon"), family="sd1", name="sd15-random")
+    return model.to(device)
+
+
+def _build_sdxl(device: str, dtype: torch.dtype):
+    """SDXL base's architecture (2.6 G UNet parameters, CLIP-L + bigG, its VAE) with seeded random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from protobooth.engine.models.diffusion_model import DiffusionModel
+    from protobooth.engine.models.families import family, noise_scheduler
+    from protobooth.engine.models.sdxl import SDXLTextEncoder, text_configs
+    from protobooth.engine.text.tokenizer import clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=family("sdxl").latent_scaling,
+        )
+        config_l, config_g = text_configs(width_l=768, width_g=1280, layers_l=12, layers_g=32, heads_l=12, heads_g=20,
+                                          projection=1280)
+        text_encoder = SDXLTextEncoder(CLIPTextModel(config_l).eval(), CLIPTextModelWithProjection(config_g).eval())
+    model = DiffusionModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                           tokenizer=clip_tokenizer(), noise_scheduler=noise_scheduler("epsilon"), family="sdxl",
+                           name="sdxl-random")
     return model.to(device)
 
 

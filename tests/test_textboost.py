@@ -231,3 +231,18 @@ def test_the_command_line_trains_and_exports_a_textboost_concept(tmp_path):
     concept = load_concept(out / "embeddings" / "zqsquare.safetensors", out / "loras" / "zqsquare.safetensors")
     assert concept.settings["method"]["knowledge_weight"] == 0.5 and concept.settings["steps"] == 2
     assert concept.lora and all(key.startswith("lora_te_") for key in concept.lora)
+
+
+def test_without_token_training_the_prompt_is_still_encoded_through_the_training_lora(tmp_path):
+    """Frozen tokens alone do not make a prompt's conditioning fixed: TextBoost's LoRA sits in the text encoder."""
+    image, mask = tiny_photo()
+    settings = textboost(steps=6, text_lora_learning_rate=5e-2, train_tokens=False, augment_probability=0)
+    with OneShotTrainer(tiny.tiny_model(0), image, [mask], ["zqsquare"], ["square"], settings, prior_cache=tmp_path) as trainer:
+        prompt = settings.templates[0].format("zqsquare square")
+        with torch.no_grad():
+            before = trainer._encode_prompt(prompt).context.clone()
+        trainer.train()
+        with torch.no_grad():
+            after = trainer._encode_prompt(prompt).context
+    assert not trainer.text_is_frozen()
+    assert not torch.allclose(before, after)

@@ -78,6 +78,6 @@ def test_gpu_check_dry_run_measures_every_side_and_a_concept_on_the_cpu():
                             text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("bf16 ")}
-    assert set(rows) == {"ours", "reference", "bare", "concept"}, result.stdout
+    assert set(rows) == {"ours", "ours-frozen", "ours-offload", "reference", "bare", "concept"}, result.stdout
     assert re.search(r"bf16 concept end to end: class images \(1 × 2 sampler steps\) [\d.]+ s, 3 steps", result.stdout)
     assert re.search(r"bf16\s+reference\s+[\d.]+ s\s+n/a \(CPU\)\s+1\.00", rows["reference"]), rows["reference"]

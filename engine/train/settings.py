@@ -40,6 +40,10 @@ class TrainSettings:
                                      "often, as TextBoost)", choices=("uniform", "snr"), aliases=("--timesteps",))
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more time")
+    offload_frozen: bool = setting(False, "on a GPU, keep the VAE on the CPU while the UNet trains, and the text encoder "
+                                   "too when nothing in it trains (train_tokens off, a UNet-only method): its prompts are "
+                                   "encoded there once and cached. Less GPU memory (SDXL: about 1.7 GB in fp16); no "
+                                   "effect on a CPU")
     mixed_precision: str = setting("auto", "training precision: auto is bf16 on a GPU that has it (else fp16) and fp32 on "
                                    "a CPU; bf16 on a CPU pays only with bf16 matrix units (e.g. AMX); fp16 needs a CUDA "
                                    "GPU. A model ProtoBooth loads is stored in it (what trains stays fp32); a model "

@@ -167,6 +167,7 @@ class OneShotTrainer:
         self.snr_weights = (
             snr_timestep_weights(model.noise_scheduler.alphas_cumprod.float()) if settings.timestep_sampling == "snr" else None
         )
+        self._offload_frozen()
         groups = self._attach_trainables()
         if settings.train_tokens:
             groups.append({"params": list(self.vocabulary.vectors), "lr": settings.token_learning_rate, "weight_decay": 0.0})
@@ -176,6 +177,21 @@ class OneShotTrainer:
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(self.device.type) if torch.float16 in (self.autocast, self.compute_dtype) else None
         self._prepared = True
+
+    def text_is_frozen(self) -> bool:
+        """Nothing in the text path trains: a prompt's conditioning is fixed and can be cached."""
+        return not self.settings.train_tokens and not self.method.trains_text_encoder
+
+    def _offload_frozen(self) -> None:
+        """offload_frozen: the VAE (and a frozen text encoder) to the CPU once the photo is encoded; back on exit."""
+        if not self.settings.offload_frozen or self.device.type == "cpu":
+            return
+        modules = [self.model.vae] + ([self.model.text_encoder] if self.text_is_frozen() else [])
+        for module in modules:
+            module.to("cpu")
+            self.on_exit(lambda module=module: module.to(self.device))
+        log.info("offload_frozen: the %s wait on the CPU while the UNet trains",
+                 "VAE and text encoder" if len(modules) > 1 else "VAE")
 
     def _attach_trainables(self) -> list[dict]:
         model, settings = self.model, self.settings
@@ -285,12 +301,15 @@ class OneShotTrainer:
         return float(loss.detach())
 
     def _encode_prompt(self, prompt: str) -> Conditioning:
-        """The UNet's conditioning for a training prompt; cached when the tokens are frozen (nothing then changes it)."""
-        if self.settings.train_tokens:
+        """The UNet's conditioning for a training prompt; cached when nothing in the text path trains (it is then
+        fixed), computed wherever the text encoder is (offload_frozen) and kept on the UNet's device."""
+        if not self.text_is_frozen():
             return self.model.encode(self.vocabulary.input_ids([prompt]).to(self.device))
         if prompt not in self._frozen_prompts:
             with torch.no_grad():
-                self._frozen_prompts[prompt] = self.model.encode(self.vocabulary.input_ids([prompt]).to(self.device))
+                ids = self.vocabulary.input_ids([prompt]).to(self.model.text_encoder.device)
+                self._frozen_prompts[prompt] = Conditioning(*(t if t is None else t.to(self.device)
+                                                              for t in self.model.encode(ids)))
         return self._frozen_prompts[prompt]
 
     def token_positions(self, prompt: str, subset: list[int]) -> dict[int, torch.Tensor]:
@@ -312,6 +331,8 @@ class OneShotTrainer:
     @contextlib.contextmanager
     def trained_pipeline(self, scheduler=None):
         """A diffusers pipeline over the model as it is now (trained LoRA active, tokens installed)."""
+        for module in (self.model.vae, self.model.text_encoder):  # back from the CPU (offload_frozen)
+            module.to(self.device)
         pipeline = self.model.pipeline(scheduler, tokenizer=self.vocabulary.tokenizer)
         pipeline.set_progress_bar_config(disable=True)
         with torch.no_grad():

@@ -29,6 +29,7 @@ class Method:
     shared_defaults: ClassVar[dict] = {}
     # The largest LoRA strength that still makes sense for its concepts (a warning beyond it); None: no limit known.
     sensible_strength: ClassVar[float | None] = None
+    trains_text_encoder: ClassVar[bool] = False  # its trainables sit in the text encoder (it cannot be offloaded)
 
     def __init__(self, trainer):
         self.trainer = trainer
