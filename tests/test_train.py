@@ -253,13 +253,25 @@ def test_snr_timestep_sampling_prefers_noisy_steps():
     assert 540 < draws.mean() < 630  # research/methods.md §2.6: E[t] ≈ 584 for SD's schedule
 
 
-def test_v_prediction_model_trains(prior_cache):
+def test_v_prediction_model_trains_towards_the_velocity(prior_cache):
     image, cat, _ = scene()
     model = tiny.tiny_model(0, family="sd2", prediction_type="v_prediction")
-    result = train_concept(model, image, [cat], ["zqcat"], ["cat"], FAST.replace(timestep_sampling="snr"),
-                           prior_cache=prior_cache)
+    seen = []  # per step: the clean latents, noise and timesteps of the batch, and the target the loss got
+    add_noise = model.noise_scheduler.add_noise
+    model.noise_scheduler.add_noise = lambda x, noise, t: seen.append([x, noise, t]) or add_noise(x, noise, t)
+    with OneShotTrainer(model, image, [cat], ["zqcat"], ["cat"], FAST.replace(timestep_sampling="snr"),
+                        prior_cache=prior_cache) as trainer:
+        loss = trainer.method.loss
+        trainer.method.loss = lambda example, prediction, target: seen[-1].append(target) or loss(example, prediction, target)
+        result = trainer.train()
     assert result.concept.family == "sd2" and all(torch.isfinite(torch.tensor(result.losses)))
     assert "clip_h" in result.concept.embedding_tensors()
+    alphas = model.noise_scheduler.alphas_cumprod
+    for x, noise, t, target in seen:  # v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x₀ (Salimans & Ho), not the noise
+        a = alphas[t].view(-1, 1, 1, 1)
+        assert torch.allclose(target, a.sqrt() * noise - (1 - a).sqrt() * x, atol=1e-5)
+        assert not torch.allclose(target, noise, atol=1e-3)
+    assert len(seen) == FAST.steps
 
 
 @pytest.mark.parametrize(
