@@ -80,3 +80,19 @@ def image_grid(images: list, captions: list[str] | None = None, columns: int | N
             for column, text in enumerate(texts):
                 draw.text((column * width + 2, y), text[: max(4, width // 6)], fill=(0, 0, 0))
     return grid
+
+
+def live_preview(losses: list[float], total_steps: int, sample, height: int = 256):
+    """What a training run shows while it runs: the loss curve so far beside a sample drawn with the concept as it
+    stands (scaled to the curve's height, nearest neighbour for small models' pictures)."""
+    from PIL import Image, ImageDraw
+
+    curve = loss_curve(losses, width=2 * height, height=height, title=f"step {len(losses)} of {total_steps}")
+    scale = height / sample.height
+    sample = sample.convert("RGB").resize((max(1, round(sample.width * scale)), height),
+                                          Image.NEAREST if scale >= 2 else Image.BICUBIC)
+    picture = Image.new("RGB", (curve.width + sample.width, height), "white")
+    picture.paste(curve, (0, 0))
+    picture.paste(sample, (curve.width, 0))
+    ImageDraw.Draw(picture).text((curve.width + 4, 4), "now", fill=(255, 255, 255))
+    return picture

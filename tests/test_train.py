@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -461,3 +462,27 @@ def test_the_result_says_whether_class_images_were_drawn_or_cached(prior_cache):
     assert second.class_images.drawn == 0 and "from the cache" in str(second.class_images)
     assert "drawn for 1 of 1 class word" in str(first.class_images)
     assert run(FAST.replace(steps=1, prior_weight=0.0)).class_images is None  # no prior, no class images
+
+
+def test_previews_while_training_show_the_concept_as_it_stands_and_change_nothing(prior_cache):
+    from protobooth.engine.report import live_preview
+
+    image, cat, _ = scene()
+    settings = FAST.replace(steps=4, lora_learning_rate=2e-2)
+
+    def run(preview_every: int):
+        pictures = []
+        with OneShotTrainer(tiny.tiny_model(0), image, [cat], ["zqcat"], ["cat"], settings, prior_cache=prior_cache) as trainer:
+            def progress(report):
+                if preview_every and report.step % preview_every == 0:
+                    pictures.append(live_preview(trainer.losses, report.total, trainer.preview_sample()))
+            result = trainer.train(progress=progress)
+        return result, pictures
+
+    plain, _ = run(0)
+    previewed, pictures = run(2)
+    assert previewed.losses == plain.losses  # the same seed gives the same run with or without previews
+    assert torch.equal(previewed.concept.objects[0].vectors, plain.concept.objects[0].vectors)
+    assert len(pictures) == 2 and pictures[0].size == (2 * 256 + 256, 256)
+    samples = [np.asarray(p)[:, 512:].astype(float) for p in pictures]
+    assert np.abs(samples[0] - samples[1]).max() > 0  # the concept moved between the two previews

@@ -116,7 +116,7 @@ def check_resume(path: Path, settings) -> None:
     """--resume: the checkpoint must be there and be ProtoBooth's for these settings (the model and photo are
     compared once loaded)."""
     from ..fileio import read_torch_file
-    from ..train.trainer import CHECKPOINT_KEYS, settings_record
+    from ..train.resume import CHECKPOINT_KEYS, settings_record
 
     if not path.is_file():
         raise InputError(f"--resume: there is no checkpoint at {path}; leave out --resume to start from step 0 "

@@ -10,8 +10,6 @@ ends, however it ends.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import random
 import time
@@ -23,7 +21,6 @@ import torch.nn.functional as F
 
 from ..concept.concept import Concept, ConceptObject
 from ..errors import InputError, TrainingCancelled
-from ..fileio import atomic_path, read_torch_file
 from ..images import check_masks, load_image
 from ..models.diffusion_model import Conditioning
 from ..models.families import TRAINABLE
@@ -34,11 +31,10 @@ from .class_prior import ClassImages
 from .losses import diffusion_target, latent_mask, sample_timesteps, snr_timestep_weights
 from .methods import method_of
 from .photo import square_crop, training_size
+from .resume import load_checkpoint, save_checkpoint
 from .settings import StepReport, TrainSettings
 
 log = logging.getLogger("protobooth")
-# What a checkpoint written by _save_checkpoint holds.
-CHECKPOINT_KEYS = {"run", "step", "losses", "vectors", "method", "optimizer", "generator", "rng"}
 
 
 @dataclass
@@ -232,7 +228,7 @@ class OneShotTrainer:
         settings = self.settings
         should_cancel = should_cancel or self.should_cancel
         if resume and checkpoint_dir is not None:
-            self._load_checkpoint(Path(checkpoint_dir))
+            load_checkpoint(self, Path(checkpoint_dir))
         started = time.perf_counter()
         while self.step < settings.steps:
             if should_cancel is not None and should_cancel():
@@ -243,7 +239,7 @@ class OneShotTrainer:
             if progress is not None:
                 progress(StepReport(self.step, settings.steps, loss, time.perf_counter() - started))
             if checkpoint_dir is not None and settings.checkpoint_every and self.step % settings.checkpoint_every == 0:
-                self._save_checkpoint(Path(checkpoint_dir))
+                save_checkpoint(self, Path(checkpoint_dir))
         return TrainResult(self.concept(), list(self.losses), time.perf_counter() - started, self.class_images)
 
     def _draw(self, shape, like: torch.Tensor) -> torch.Tensor:
@@ -328,75 +324,30 @@ class OneShotTrainer:
         return Concept(objects, self.method.lora(), self.model.family, self.model.fingerprint, self.settings.as_dict(),
                        text_widths=widths if len(widths) > 1 else ())
 
+    def preview_sample(self, seed: int = 0, sampler_steps: int = 5):
+        """A quick picture with the concept as it stands now: the first template naming every object, one seed,
+        few DDIM steps at the training size. Training's own random state is untouched (same seed, same result)."""
+        phrase = " and ".join(f"{token} {word}" for token, word in zip(self.tokens, self.class_words))
+        with self.trained_pipeline() as pipeline:
+            return pipeline(self.settings.templates[0].format(phrase), height=self.size,
+                            width=self.size, num_inference_steps=sampler_steps,
+                            generator=torch.Generator().manual_seed(seed)).images[0]
+
     @contextlib.contextmanager
     def trained_pipeline(self, scheduler=None):
-        """A diffusers pipeline over the model as it is now (trained LoRA active, tokens installed)."""
-        for module in (self.model.vae, self.model.text_encoder):  # back from the CPU (offload_frozen)
+        """A diffusers pipeline over the model as it is now (trained LoRA active, tokens installed); modules that
+        offload_frozen keeps on the CPU join the UNet for the block."""
+        offloaded = [m for m in (self.model.vae, self.model.text_encoder) if next(m.parameters()).device != self.device]
+        for module in offloaded:
             module.to(self.device)
         pipeline = self.model.pipeline(scheduler, tokenizer=self.vocabulary.tokenizer)
         pipeline.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            yield pipeline
-
-    # ----------------------------------------------------------------------------------------------
-    # checkpoints: everything needed to continue exactly where a run stopped
-
-    def _run_key(self) -> str:
-        fields = {"model": self.model.fingerprint, "tokens": self.tokens, "classes": self.class_words,
-                  "settings": settings_record(self.settings),
-                  "image": hashlib.sha256(self.image.numpy().tobytes()).hexdigest(),
-                  "masks": [hashlib.sha256(m.numpy().tobytes()).hexdigest() for m in self.masks]}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-    def _save_checkpoint(self, directory: Path) -> None:
-        state = {  # CHECKPOINT_KEYS, and the settings for a check before the model loads
-            "run": self._run_key(),
-            "settings": settings_record(self.settings),
-            "step": self.step,
-            "losses": torch.tensor(self.losses, dtype=torch.float64),
-            "vectors": [v.detach().cpu() for v in self.vocabulary.vectors],
-            "method": self.method.checkpoint_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "rng": self.rng.getstate(),
-        }
-        with atomic_path(directory / "checkpoint.pt") as tmp:
-            torch.save(state, tmp)
-
-    def _load_checkpoint(self, directory: Path) -> None:
-        path = directory / "checkpoint.pt"
-        if not path.is_file():
-            log.info("no checkpoint in %s; starting from step 0", directory)
-            return
-        state = read_torch_file(path, "checkpoint")
-        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
-            raise InputError(f"checkpoint {path} is not a ProtoBooth training checkpoint; remove it or give another "
-                             "checkpoint folder.")
-        if state["run"] != self._run_key():
-            raise InputError(f"checkpoint {path} belongs to a different run (model, image, masks, tokens or settings "
-                             "differ); use another checkpoint folder or the same inputs.")
-        with torch.no_grad():
-            for vectors, saved in zip(self.vocabulary.vectors, state["vectors"]):
-                vectors.copy_(saved)
-        self.method.load_checkpoint_state(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.rng.setstate(_as_tuples(state["rng"]))
-        self.step = int(state["step"])
-        self.losses = state["losses"].tolist()
-        log.info("resumed from %s at step %d", path, self.step)
-
-
-def settings_record(settings: TrainSettings) -> dict:
-    """The settings that decide a run (not checkpoint_every), as plain JSON values."""
-    values = {k: v for k, v in settings.as_dict().items() if k != "checkpoint_every"}
-    return json.loads(json.dumps(values, sort_keys=True, default=str))
-
-
-def _as_tuples(value):
-    """random.setstate wants tuples all the way down; a checkpoint round trip may give lists."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
+        try:
+            with torch.no_grad():
+                yield pipeline
+        finally:
+            for module in offloaded:
+                module.to("cpu")
 
 def train_concept(model, image, masks, tokens, class_words, settings: TrainSettings | None = None, *,
                   init_vectors=None, prior_cache=None, weights_key=None, prepare_progress=None, should_cancel=None,
