@@ -327,13 +327,54 @@ class ComfyUIServer:
         """Every node class the server knows, with its inputs and outputs (or just `node_class`)."""
         return self._request("GET", "/object_info" + (f"/{node_class}" if node_class else ""))
 
-    def queue(self, prompt: dict) -> str:
-        """Queue an API-format graph; returns its prompt id. Raises ComfyUIError when validation fails."""
+    def queue(self, prompt: dict, client_id: str | None = None) -> str:
+        """Queue an API-format graph; returns its prompt id. Raises ComfyUIError when validation fails. With
+        `client_id`, the server sends that websocket client the run's messages and previews (as the frontend gets)."""
         try:
-            answer = self._request("POST", "/prompt", {"prompt": prompt})
+            answer = self._request("POST", "/prompt", {"prompt": prompt, **({"client_id": client_id} if client_id else {})})
         except ComfyUIError as error:
             raise ComfyUIError(f"ComfyUI refused the prompt: {error}") from None
         return answer["prompt_id"]
+
+    def run_watched(self, prompt: dict, timeout: float = 300) -> tuple[dict, list]:
+        """Run a graph as the frontend does, over a websocket: (its history entry, the preview pictures (PIL) the
+        server sent while it ran)."""
+        import asyncio
+        import io
+        import struct
+        import uuid
+
+        import aiohttp
+        from PIL import Image
+
+        client_id = uuid.uuid4().hex
+        pictures = []
+
+        async def watch() -> str:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url}/ws?clientId={client_id}") as socket:
+                    prompt_id = self.queue(prompt, client_id)
+                    async for message in socket:
+                        if message.type == aiohttp.WSMsgType.BINARY:
+                            kind, = struct.unpack(">I", message.data[:4])
+                            if kind == 1:  # PREVIEW_IMAGE: image type, then the image
+                                pictures.append(Image.open(io.BytesIO(message.data[8:])))
+                            elif kind == 4:  # PREVIEW_IMAGE_WITH_METADATA (current builds): metadata, then the image
+                                length, = struct.unpack(">I", message.data[4:8])
+                                pictures.append(Image.open(io.BytesIO(message.data[8 + length:])))
+                        elif message.type == aiohttp.WSMsgType.TEXT:
+                            event = json.loads(message.data)
+                            data = event.get("data", {})
+                            if data.get("prompt_id") == prompt_id and (
+                                    event["type"] in ("execution_success", "execution_error", "execution_interrupted")
+                                    or (event["type"] == "executing" and data.get("node") is None)):
+                                return prompt_id
+                        else:
+                            break
+                    return prompt_id
+
+        prompt_id = asyncio.run(asyncio.wait_for(watch(), timeout))
+        return self.wait(prompt_id, timeout), pictures
 
     def history(self, prompt_id: str) -> dict | None:
         """The prompt's history entry (see `wait`), or None while it is queued or running."""

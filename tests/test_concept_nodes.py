@@ -111,7 +111,7 @@ def test_nodes_are_registered_with_their_widgets(comfyui):
     for node, inputs in NODES.items():
         assert info[node]["category"] == "ProtoBooth"
         assert list(info[node]["input"]["required"]) == inputs, node
-    assert list(info["ProtoBoothTrainConcept"]["input"]["optional"]) == ["token_init"]
+    assert list(info["ProtoBoothTrainConcept"]["input"]["optional"]) == ["token_init", "preview_every"]
     assert info["ProtoBoothTrainConcept"]["output"] == ["MODEL", "CLIP", "PROTOBOOTH_CONCEPT", "IMAGE"]
     assert info["ProtoBoothApplyConcept"]["output"] == ["MODEL", "CLIP"]
     assert info["ProtoBoothSaveConcept"]["output_node"] is True
@@ -320,6 +320,17 @@ def test_a_concept_trained_by_the_engine_reproduces_in_comfyui_through_stock_loa
     assert context.shape == (77 * 768,)  # every position, the trigger word's included
     assert np.abs(context - states.flatten().numpy()).max() <= 1e-4
     assert np.abs(prediction(entry, "stock") - expected).max() <= 1e-4
+
+
+def test_training_shows_live_previews_on_the_node(comfyui, comfyui_checkpoint, photo):
+    """Every preview_every steps (and at the end) the server sends the node a picture: loss curve beside a sample."""
+    graph = training_graph(comfyui_checkpoint, photo, steps=4, preview_every=2)
+    entry, pictures = comfyui.run_watched(graph)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    previews = [p for p in pictures if p.size == (768, 256)]  # the loss curve (512) beside the sample (256)
+    assert len(previews) == 2, [p.size for p in pictures]
+    curve_area = np.asarray(previews[-1].convert("L"))[:, :512]
+    assert (curve_area < 128).mean() > 0.005  # axes, text and the curve are drawn
 
 
 def test_cancel_stops_training_writes_nothing_and_leaves_the_inputs(comfyui, comfyui_checkpoint, photo):

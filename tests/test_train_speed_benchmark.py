@@ -81,3 +81,11 @@ def test_gpu_check_dry_run_measures_every_side_and_a_concept_on_the_cpu():
     assert set(rows) == {"ours", "ours-frozen", "ours-offload", "reference", "bare", "concept"}, result.stdout
     assert re.search(r"bf16 concept end to end: class images \(1 × 2 sampler steps\) [\d.]+ s, 3 steps", result.stdout)
     assert re.search(r"bf16\s+reference\s+[\d.]+ s\s+n/a \(CPU\)\s+1\.00", rows["reference"]), rows["reference"]
+
+
+def test_preview_cost_compares_runs_with_and_without_previews():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "preview_cost.py"), "--size", "tiny", "--steps", "4",
+                             "--every", "2", "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"tiny, 4 steps, a preview every 2 \(2 previews\): [\d.]+ s without, [\d.]+ s with; "
+                     r"preview cost ratio: \d+\.\d{3}$", result.stdout.strip()), result.stdout
