@@ -34,6 +34,7 @@ function button(label, onClick) {
 
 function openPicker(url, initialJSON, onDone) {
   const overlay = document.createElement("div");
+  overlay.className = "protobooth-picker";  // what the browser test finds it by
   Object.assign(overlay.style, {
     position: "fixed", inset: "0", background: "rgba(0,0,0,0.75)", zIndex: 10000,
     display: "flex", flexDirection: "column", alignItems: "center", justifyContent: "center", color: "#eee",
