@@ -58,6 +58,9 @@ class Chromium:
         self._reader = asyncio.ensure_future(self._read())
         for domain in ("Page", "Runtime", "Log"):
             await self.send(f"{domain}.enable")
+        # The page itself this size (the window size would include the browser's own bars).
+        await self.send("Emulation.setDeviceMetricsOverride", width=self.size[0], height=self.size[1],
+                        deviceScaleFactor=1, mobile=False)
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -147,6 +150,10 @@ class Chromium:
             await self.mouse("mouseMoved", start[0] + (end[0] - start[0]) * step / steps,
                              start[1] + (end[1] - start[1]) * step / steps, held=True)
         await self.mouse("mouseReleased", *end)
+
+    async def press(self, key: str, code: int) -> None:
+        for kind in ("keyDown", "keyUp"):
+            await self.send("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code)
 
     async def screenshot(self, path: Path) -> Path:
         data = await self.send("Page.captureScreenshot", format="png")
