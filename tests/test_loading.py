@@ -131,6 +131,14 @@ def test_sdxl_folder_with_the_legacy_end_token_id_pools_at_the_end_token(tmp_pat
         assert torch.allclose(pooled, loaded.encode(ids).pooled, atol=1e-6)
 
 
+def test_sdxl_folder_of_fp16_variant_files_loads(tmp_path):
+    """Some downloads hold only the fp16 variant (*.fp16.safetensors) in every component folder, bigG's included."""
+    original = tiny_model(seed=9, family="sdxl")
+    original.pipeline().save_pretrained(tmp_path / "xl", variant="fp16")
+    assert [p.name for p in (tmp_path / "xl" / "text_encoder_2").glob("*.safetensors")] == ["model.fp16.safetensors"]
+    assert_same_weights(load_model(tmp_path / "xl"), original)
+
+
 def rule_following_model(family: str) -> DiffusionModel:
     """A small model whose hidden settings follow real checkpoints' rules (heads, GroupNorm 32).
 

@@ -115,9 +115,10 @@ def _torch_load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def not_supported(path, kind: str) -> InputError:
+    article = "an" if kind[:1] in "AEIOUaeiou" or kind.startswith("SD") else "a"  # "an SDXL refiner" ("ess-dee")
     return InputError(
-        f"{path} is a {kind} model, which ProtoBooth does not support (it trains Stable Diffusion 1.x, 2.x and SDXL "
-        "base models). Choose an SD1.x, SD2.x or SDXL base model."
+        f"{path} is {article} {kind} model, which ProtoBooth does not support (it trains Stable Diffusion 1.x, 2.x and "
+        "SDXL base models). Choose an SD1.x, SD2.x or SDXL base model."
     )
 
 
