@@ -355,6 +355,7 @@ SDXL_TEXT = {"conditioner.embedders.0.transformer.text_model.embeddings.position
           "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight": (8,)}, "SDXL refiner model"),
         ({UNET_CONV_IN: (320, 9, 3, 3), LABEL_EMB: (8, 16), **SDXL_TEXT}, "SDXL inpainting model"),
         ({UNET_CONV_IN: (320, 4, 3, 3), **SDXL_TEXT}, "lacks SDXL's size conditioning"),
+        ({UNET_CONV_IN: (320, 4, 3, 3), LABEL_EMB: (8, 16), **SDXL_TEXT, "edm_mean": (1, 4, 1, 1)}, "Playground v2.5"),
         ({UNET_CONV_IN: (320, 4, 3, 3), LABEL_EMB: (8, 16), "cond_stage_model.model.positional_embedding": (77, 8)},
          "class-conditioned"),
         ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "Flux model"),

@@ -134,6 +134,8 @@ def family_from_shapes(shapes: dict[str, tuple], path) -> str:
         raise not_supported(path, "Flux")
     if any("joint_blocks.0.context_block." in name for name in names):
         raise not_supported(path, "Stable Diffusion 3")
+    if "edm_mean" in shapes:  # SDXL's layout, but a continuous (EDM) noise schedule and its own latent statistics
+        raise not_supported(path, "Playground v2.5 (EDM)")
     found = _sdxl_text_encoders(names, path) if any(name.startswith(SDXL_PREFIX) for name in names) else None
     size_conditioned = UNET_PREFIX + "label_emb.0.0.weight" in shapes
     if size_conditioned and found is None:
