@@ -30,7 +30,7 @@ from ..engine.report import loss_curve
 from ..engine.train import train_concept
 from ..engine.train.methods import default_method, registry
 from ..engine.train.options import settings_from_widgets, widget_specs
-from .bridge import apply_concept, base_fingerprint, diffusion_model_view, model_family
+from .bridge import apply_concept, base_fingerprint, diffusion_model_view, model_family, text_encoders
 from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
@@ -159,7 +159,9 @@ class TrainNode:
     def train(self, model, clip, vae, image, masks, tokens, class_words, token_init=None, **widgets):
         node = self.NODE
         with node_errors(node):
-            model_family(model)
+            family, _ = model_family(model)
+            self.METHOD.check_family(family)
+            text_encoders(clip, family)  # the CLIP of the same model family
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
             init_vectors = _initial_vectors(token_init, tokens)
             settings = settings_from_widgets(self.METHOD, widgets)

@@ -16,6 +16,8 @@ from typing import ClassVar
 
 import torch
 
+from ...models.families import TRAINABLE, family
+
 
 class Method:
     name: ClassVar[str]  # the --method value and the settings' owner
@@ -29,11 +31,25 @@ class Method:
     shared_defaults: ClassVar[dict] = {}
     # The largest LoRA strength that still makes sense for its concepts (a warning beyond it); None: no limit known.
     sensible_strength: ClassVar[float | None] = None
+    families: ClassVar[tuple[str, ...]] = TRAINABLE  # the model families it can train
 
     def __init__(self, trainer):
+        self.check_family(trainer.model.family)
         self.trainer = trainer
         self.model = trainer.model
         self.settings = trainer.settings.method
+
+    @classmethod
+    def check_family(cls, name: str) -> None:
+        """Refuse a model family this method cannot train, naming the methods that can."""
+        if name in cls.families:
+            return
+        from ...errors import InputError
+        from . import registry
+
+        others = [method.label for method in registry().values() if name in method.families]
+        raise InputError(f"{cls.label} cannot train {family(name).label} models yet; use "
+                         f"{' or '.join(others) or 'another model family'} for this one.")
 
     def check_model(self) -> None:
         """Refuse, before anything is prepared, a model the settings do not fit (a LoRA rank above a layer's width)."""

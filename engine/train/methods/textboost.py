@@ -79,6 +79,8 @@ class TextBoost(Method):
                "augment_probability", "resolution", "seed")
     shared_defaults = {"steps": 250, "token_learning_rate": 1e-3, "timestep_sampling": "snr", "augment_probability": 0.5,
                        "flip": False}
+    # Its LoRA file names one text encoder (lora_te_*); SDXL's two (lora_te1_/lora_te2_) are not written yet.
+    families = ("sd1", "sd2")
 
     def prepare(self) -> None:
         """The frozen text encoder's states for every knowledge-preservation prompt (none names a new word)."""
