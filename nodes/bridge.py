@@ -64,7 +64,7 @@ def model_family(model) -> tuple[str, str]:
     channels = config.unet_config.get("in_channels")
     if channels != 4:
         label = FAMILIES[found].label
-        raise InputError(f"the MODEL takes {channels} input channels (a {label} inpainting or image-edit checkpoint); "
+        raise InputError(f"the MODEL takes {channels} input channels (an inpainting or image-edit {label} checkpoint); "
                          f"use a plain {label} checkpoint.")
     sampling = model.object_patches.get("model_sampling", model.model.model_sampling)
     if isinstance(sampling, comfy.model_sampling.EDM) or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
@@ -111,8 +111,8 @@ def text_encoders(clip, family: str) -> list:
     """ComfyUI's text-encoder modules (SDClipModel) of a CLIP of `family`, in the order of a token vector's parts."""
     held = clip_family(clip)
     if held != family:
-        raise InputError(f"the CLIP is the text encoder of a {FAMILIES[held].label} model but the MODEL is "
-                         f"{FAMILIES[family].label}; connect the CLIP from the same checkpoint as the MODEL.")
+        raise InputError(f"the CLIP is {FAMILIES[held].label}'s text encoder but the MODEL is {FAMILIES[family].label}; "
+                         "connect the CLIP from the same checkpoint as the MODEL.")
     return [getattr(clip.cond_stage_model, name) for name in FAMILIES[family].comfy_text_encoders]
 
 
@@ -257,11 +257,7 @@ def sdxl_text_encoder_view(clip, encoders, device: torch.device):
 
     from ..engine.models.sdxl import SDXLTextEncoder, text_configs
 
-    defaults = {encoder.options_default[1] for encoder in encoders}
-    if clip.layer_idx is not None and {clip.layer_idx} != defaults:
-        raise InputError(f"this CLIP conditions on layer {clip.layer_idx} (CLIPSetLastLayer); SDXL reads layer "
-                         f"{'/'.join(map(str, sorted(defaults)))} of both text encoders, the only one ProtoBooth trains "
-                         "through: connect the CLIP without CLIPSetLastLayer.")
+    check_sdxl_layers(clip, encoders)
     (clip_l, clip_g), (sizes_l, sizes_g) = encoders, [_text_sizes(encoder) for encoder in encoders]
     config_l, config_g = text_configs(
         width_l=sizes_l["hidden_size"], width_g=sizes_g["hidden_size"], layers_l=sizes_l["num_hidden_layers"],
@@ -272,6 +268,25 @@ def sdxl_text_encoder_view(clip, encoders, device: torch.device):
     view_l = _text_view(_on_meta(lambda: CLIPTextModel(config_l)), clip_l, device)
     view_g = _text_view(_on_meta(lambda: CLIPTextModelWithProjection(config_g)), clip_g, device)
     return SDXLTextEncoder(view_l, view_g).eval()
+
+
+def check_sdxl_layers(clip, encoders) -> None:
+    """SDXL's text view reads the layer SDXL conditions on (the penultimate); refuse a CLIP set to another one."""
+    defaults = {encoder.options_default[1] for encoder in encoders}
+    if clip.layer_idx is not None and {clip.layer_idx} != defaults:
+        raise InputError(f"this CLIP conditions on layer {clip.layer_idx} (CLIPSetLastLayer); SDXL reads layer "
+                         f"{'/'.join(map(str, sorted(defaults)))} of both text encoders, the only one ProtoBooth trains "
+                         "through: connect the CLIP without CLIPSetLastLayer.")
+
+
+def check_clip(clip, family: str) -> None:
+    """Refuse, before anything loads, a CLIP that text_encoder_view cannot reproduce: another family's, or one set to
+    a layer it cannot read."""
+    encoders = text_encoders(clip, family)
+    if len(encoders) > 1:
+        check_sdxl_layers(clip, encoders)
+    else:
+        text_encoder_layers(clip, encoders[0])
 
 
 def vae_view(vae, scaling_factor: float, device: torch.device | None = None):
@@ -400,8 +415,8 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
     family, _ = model_family(model)
     if concept.family != family:
         made_for, here = FAMILIES[concept.family].label, FAMILIES[family].label
-        raise InputError(f"the concept was trained on a {made_for} model ({concept.family}) but the MODEL is {here} "
-                         f"({family}); use a {made_for} checkpoint or train the concept again on this one.")
+        raise InputError(f"the concept was trained on {made_for} ({concept.family}) but the MODEL is {here} ({family}); "
+                         f"use a {made_for} checkpoint or train the concept again on this one.")
     encoders = text_encoders(clip, family)
     widths = [encoder.transformer.get_input_embeddings().weight.shape[1] for encoder in encoders]
     given = concept.text_widths or (concept.objects[0].vectors.shape[1],)

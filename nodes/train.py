@@ -30,7 +30,7 @@ from ..engine.report import loss_curve
 from ..engine.train import train_concept
 from ..engine.train.methods import default_method, registry
 from ..engine.train.options import settings_from_widgets, widget_specs
-from .bridge import apply_concept, base_fingerprint, diffusion_model_view, model_family, text_encoders
+from .bridge import apply_concept, base_fingerprint, check_clip, diffusion_model_view, model_family
 from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
@@ -161,7 +161,7 @@ class TrainNode:
         with node_errors(node):
             family, _ = model_family(model)
             self.METHOD.check_family(family)
-            text_encoders(clip, family)  # the CLIP of the same model family
+            check_clip(clip, family)
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
             init_vectors = _initial_vectors(token_init, tokens)
             settings = settings_from_widgets(self.METHOD, widgets)

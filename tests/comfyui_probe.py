@@ -75,7 +75,8 @@ class ProtoBoothTestTokenInitReport:
 
 class ProtoBoothTestFakeVision:
     """A CLIP_VISION that is not the ViT-L/14 an SD1 checkpoint needs: 1024-wide (like ViT-H/14) or without a
-    projection into CLIP's joint space (like image encoders of other kinds)."""
+    projection into CLIP's joint space (like image encoders of other kinds); or a stand-in for ViT-L/14 without its
+    300 M parameters ("768 wide"), whose features are a fixed random projection of the downscaled picture."""
 
     CATEGORY = "testing"
     RETURN_TYPES = ("CLIP_VISION",)
@@ -83,13 +84,19 @@ class ProtoBoothTestFakeVision:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"kind": (["1024 wide", "no projection"],)}}
+        return {"required": {"kind": (["1024 wide", "no projection", "768 wide"],)}}
 
     def make(self, kind):
-        def encode_image(image):
-            return {"image_embeds": torch.zeros(image.shape[0], 1024)}
+        width = 768 if kind == "768 wide" else 1024
+        features = torch.randn(8 * 8 * 3, width, generator=torch.Generator().manual_seed(0))
 
-        projection = torch.nn.Linear(1024, 1024, bias=False) if kind == "1024 wide" else torch.nn.Identity()
+        def encode_image(image):
+            if kind != "768 wide":
+                return {"image_embeds": torch.zeros(image.shape[0], width)}
+            small = torch.nn.functional.interpolate(image.movedim(-1, 1).float(), size=(8, 8), mode="area")
+            return {"image_embeds": small.flatten(1) @ features}
+
+        projection = torch.nn.Identity() if kind == "no projection" else torch.nn.Linear(width, width, bias=False)
         return (SimpleNamespace(model=SimpleNamespace(visual_projection=projection), encode_image=encode_image),)
 
 

@@ -495,8 +495,8 @@ def test_apply_concept_checks_the_family_and_warns_about_another_base_model(comf
     comfyui.run(graph("protobooth_other_base"), timeout=600)
     assert comfyui.log_text().count("was trained on another base model") == warnings + 1
     error = failure(comfyui, graph("protobooth_sd2_concept"))
-    assert "Apply Concept:" in error and ("trained on a Stable Diffusion 2.x model (sd2) but the MODEL is Stable "
-                                          "Diffusion 1.x (sd1)") in error, error
+    assert "Apply Concept:" in error and ("trained on Stable Diffusion 2.x (sd2) but the MODEL is Stable Diffusion 1.x "
+                                          "(sd1)") in error, error
 
 
 def test_two_chained_apply_concepts_make_both_trigger_words_work(comfyui, comfyui_checkpoint):
