@@ -17,7 +17,8 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 
 from kit.checkpoints import ldm_state_dict, write_single_file
-from protobooth.engine.models.single_file import HINTS_METADATA_KEY
+from protobooth.engine.models import tiny
+from protobooth.engine.models.single_file import BIG_G_PREFIX, HINTS_METADATA_KEY
 from protobooth.engine.errors import InputError
 from protobooth.engine.models.tiny import tiny_model
 
@@ -100,6 +101,32 @@ def test_tiny_models_read_back_by_diffusers_converters(family):
     assert_diffusers_reads_back(tiny_model(seed=3, family=family))
 
 
+def test_tiny_sdxl_read_back_by_diffusers_converters():
+    """diffusers' converters give back every tensor of SDXL's UNet, VAE and both text encoders (bigG with all its
+    blocks: SDXL reads the penultimate hidden state and pools the last)."""
+    model = tiny_model(seed=3, family="sdxl")
+    checkpoint = ldm_state_dict(model)
+    assert_same_tensors(convert_ldm_unet_checkpoint(checkpoint, model.unet.config), model.unet.state_dict())
+    assert_same_tensors(convert_ldm_vae_checkpoint(checkpoint, model.vae.config), model.vae.state_dict())
+
+    clip_l = convert_ldm_clip_checkpoint(checkpoint)  # strips conditioner.embedders.0.transformer.
+    assert torch.equal(clip_l.pop("text_model.embeddings.position_ids")[0], torch.arange(77))
+    assert_same_tensors({name.removeprefix("text_model."): t for name, t in clip_l.items()},
+                        model.text_encoder.clip_l.state_dict())
+    big_g = model.text_encoder.clip_g
+    assert_same_tensors(convert_open_clip_checkpoint(big_g, checkpoint, prefix=BIG_G_PREFIX), big_g.state_dict())
+
+
+def test_sdxl_text_projection_is_stored_as_openclip_multiplies_it():
+    """OpenCLIP computes features @ text_projection ([width, projection]); transformers' Linear holds the transpose."""
+    model = tiny_model(seed=3, family="sdxl")
+    stored = ldm_state_dict(model)[BIG_G_PREFIX + "text_projection"]
+    assert stored.shape == (tiny.BIG_G_WIDTH, tiny.BIG_G_PROJECTION)
+    features = torch.randn(2, tiny.BIG_G_WIDTH, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(features @ stored, model.text_encoder.clip_g.text_projection(features), atol=1e-6)
+
+
 def test_comfy_tiny_model_read_back_by_diffusers_converters(comfy_tiny):
     assert_diffusers_reads_back(comfy_tiny)
     assert infer_diffusers_model_type(ldm_state_dict(comfy_tiny)) == "v1"
@@ -174,7 +201,7 @@ def test_position_ids_stay_integers(tmp_path):
     assert ids.dtype == torch.int64 and torch.equal(ids, torch.arange(77)[None])
 
 
-def test_unets_outside_the_sd1_sd2_layout_are_refused(tmp_path):
+def test_unets_outside_the_original_layout_are_refused(tmp_path):
     from diffusers import UNet2DConditionModel
 
     model = tiny_model()

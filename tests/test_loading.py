@@ -11,13 +11,14 @@ from safetensors.torch import save_file
 from conftest import run_python
 from kit.checkpoints import ldm_state_dict, write_single_file
 from protobooth.engine.errors import InputError
-from protobooth.engine.models.loading import detect_family, load_model
+from protobooth.engine.models.loading import configs, detect_family, load_model
 from protobooth.engine.models.families import FAMILIES
-from protobooth.engine.models.single_file import CheckpointFile, configs
+from protobooth.engine.models.single_file import CheckpointFile
 from protobooth.engine.models.diffusion_model import DiffusionModel
 from protobooth.engine.models.families import noise_scheduler
+from protobooth.engine.models import tiny
 from protobooth.engine.models.tiny import tiny_model
-from protobooth.engine.text.tokenizer import clip_tokenizer
+from protobooth.engine.text.tokenizer import END_TOKEN_ID, clip_tokenizer
 
 MODULES = ("unet", "vae", "text_encoder")
 
@@ -32,6 +33,12 @@ def render(model) -> torch.Tensor:
         ).images
 
 
+def assert_same_pictures(loaded, original) -> None:
+    """The same pictures up to float rounding: identical weights read from a file can lie at other memory alignments,
+    which vectorised kernels round differently (last bits only; a wrong setting moves pixels by far more)."""
+    assert (render(loaded) - render(original)).abs().max() < 1e-5
+
+
 def assert_same_weights(loaded, original, rounding=None) -> None:
     for module in MODULES:
         expected, actual = getattr(original, module).state_dict(), getattr(loaded, module).state_dict()
@@ -42,7 +49,8 @@ def assert_same_weights(loaded, original, rounding=None) -> None:
             assert torch.equal(actual[name], tensor), f"{module}.{name}"
 
 
-@pytest.mark.parametrize(("family", "prediction_type"), [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction")])
+@pytest.mark.parametrize(("family", "prediction_type"),
+                         [("sd1", "epsilon"), ("sd2", "epsilon"), ("sd2", "v_prediction"), ("sdxl", "epsilon")])
 def test_single_file_round_trip_is_exact(tmp_path, family, prediction_type):
     original = tiny_model(seed=5, family=family, prediction_type=prediction_type)
     path = tmp_path / "model.safetensors"
@@ -76,7 +84,7 @@ def test_load_in_half_precision(tmp_path):
     assert {p.dtype for m in MODULES for p in getattr(loaded, m).parameters()} == {torch.float16}
 
 
-@pytest.mark.parametrize(("family", "prediction_type"), [("sd1", "epsilon"), ("sd2", "v_prediction")])
+@pytest.mark.parametrize(("family", "prediction_type"), [("sd1", "epsilon"), ("sd2", "v_prediction"), ("sdxl", "epsilon")])
 def test_diffusers_folder_round_trip(tmp_path, family, prediction_type):
     original = tiny_model(seed=7, family=family, prediction_type=prediction_type)
     folder = tmp_path / "my-model"
@@ -87,7 +95,7 @@ def test_diffusers_folder_round_trip(tmp_path, family, prediction_type):
     assert (loaded.family, loaded.prediction_type, loaded.name) == (family, prediction_type, "my-model")
     assert loaded.noise_scheduler.config.clip_sample is False
     assert_same_weights(loaded, original)
-    assert torch.equal(render(loaded), render(original))
+    assert_same_pictures(loaded, original)
 
     # Without a tokenizer folder the built-in CLIP tokenizer is used, padded as the family pads.
     for path in (folder / "tokenizer").iterdir():
@@ -98,10 +106,36 @@ def test_diffusers_folder_round_trip(tmp_path, family, prediction_type):
     assert fallback.prediction_type == "epsilon"
 
 
+def test_sdxl_folder_with_the_legacy_end_token_id_pools_at_the_end_token(tmp_path):
+    """Text-encoder configs saved before transformers fixed it say eos_token_id 2, with which transformers pools at the
+    largest token id; SDXL's diffusers pipeline hands that pooled vector to the UNet, so loading sets the end token."""
+    folder = tmp_path / "legacy"
+    tiny_model(seed=8, family="sdxl").pipeline().save_pretrained(folder)
+    for part in ("text_encoder", "text_encoder_2"):
+        config = json.loads((folder / part / "config.json").read_text())
+        (folder / part / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))
+
+    loaded = load_model(folder)
+    encoders = (loaded.text_encoder.clip_l, loaded.text_encoder.clip_g)
+    assert [encoder.config.eos_token_id for encoder in encoders] == [END_TOKEN_ID, END_TOKEN_ID]
+    assert loaded.text_encoder.clip_g.text_model.eos_token_id == END_TOKEN_ID
+    # A new word's id is above the end token's, so pooling at the largest id would pool at the word.
+    loaded.tokenizer.add_tokens(["zqnew"])
+    for encoder in encoders:
+        encoder.resize_token_embeddings(len(loaded.tokenizer))
+    ids = loaded.tokenizer(["a zqnew cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.argmax(-1) != (ids == END_TOKEN_ID).int().argmax(-1)
+    pipeline = loaded.pipeline()
+    with torch.no_grad():
+        _, _, pooled, _ = pipeline.encode_prompt("a zqnew cat", device="cpu", do_classifier_free_guidance=False)
+        assert torch.allclose(pooled, loaded.encode(ids).pooled, atol=1e-6)
+
+
 def rule_following_model(family: str) -> DiffusionModel:
     """A small model whose hidden settings follow real checkpoints' rules (heads, GroupNorm 32).
 
-    The SD2 UNet has SD2's 4 levels x 2 blocks, so output_blocks.11 exists for the v-prediction rule.
+    The SD2 UNet has SD2's 4 levels x 2 blocks, so output_blocks.11 exists for the v-prediction rule. The SDXL one has
+    SDXL's shape: no attention at the first level, more transformer layers further down, size conditioning.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -110,9 +144,22 @@ def rule_following_model(family: str) -> DiffusionModel:
 
 def _rule_following_model(family: str) -> DiffusionModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if family == "sd1":
+    from protobooth.engine.models.sdxl import SDXLTextEncoder, text_configs
+
+    if family == "sdxl":
+        config_l, config_g = text_configs(width_l=64, width_g=128, layers_l=2, layers_g=2, heads_l=1, heads_g=2,
+                                          projection=96, intermediate_l=96, intermediate_g=160)
+        text_encoder = SDXLTextEncoder(CLIPTextModel(config_l), CLIPTextModelWithProjection(config_g))
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=64 + 128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=[1, 2, 2],
+            transformer_layers_per_block=[1, 1, 2], use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=96 + 6 * 8,
+        )
+    elif family == "sd1":
         unet = UNet2DConditionModel(
             sample_size=64, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -127,17 +174,18 @@ def _rule_following_model(family: str) -> DiffusionModel:
         block_out_channels=(32, 32, 32, 32), layers_per_block=1, sample_size=512,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    text_encoder = CLIPTextModel(
-        FAMILIES[family].text_encoder_config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1)
-    )
+    if family != "sdxl":
+        text_encoder = CLIPTextModel(FAMILIES[family].text_encoder_config(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1))
+    vae.register_to_config(scaling_factor=FAMILIES[family].latent_scaling)
     return DiffusionModel(
         unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-        tokenizer=clip_tokenizer(pad_token="<|endoftext|>" if family == "sd1" else "!"),
+        tokenizer=clip_tokenizer(pad_token=FAMILIES[family].pad_token),
         noise_scheduler=noise_scheduler(), family=family,
     )
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_files_from_other_tools_load_by_the_rules(tmp_path, family):
     """Without ProtoBooth's metadata (as in files from the web), the rules rebuild the same model."""
     original = rule_following_model(family)
@@ -146,10 +194,72 @@ def test_files_from_other_tools_load_by_the_rules(tmp_path, family):
 
     loaded = load_model(path)
     assert_same_weights(loaded, original)
-    expected_heads = 8 if family == "sd1" else [1, 1, 1, 1]  # SD1: 8 heads; SD2: 64-channel heads
-    assert loaded.unet.config.attention_head_dim == expected_heads
-    assert loaded.text_encoder.config.num_attention_heads == 1
+    assert loaded.unet.config.attention_head_dim == original.unet.config.attention_head_dim  # SD1: 8; else 64-wide heads
+
+    def text_heads(model) -> list[int]:  # by the rule, one per 64 channels
+        encoders = (model.text_encoder.clip_l, model.text_encoder.clip_g) if family == "sdxl" else (model.text_encoder,)
+        return [encoder.config.num_attention_heads for encoder in encoders]
+
+    assert text_heads(loaded) == text_heads(original)
     assert loaded.vae.config.norm_num_groups == loaded.unet.config.norm_num_groups == 32
+    assert loaded.latent_scaling == original.latent_scaling
+    # Heads and the size conditioning's split do not show in the weights; the pictures show them.
+    assert_same_pictures(loaded, original)
+
+
+def test_full_size_sdxl_unet_is_read_as_its_official_config():
+    """SDXL base's UNet (the diffusers config of stable-diffusion-xl-base-1.0), built without memory: the shapes of its
+    original-layout names give a UNet of the same tensors, with its 64-channel heads and 256-wide size embeddings."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from kit.checkpoints import original_names, unet_module_map
+    from protobooth.engine.models.single_file import UNET_PREFIX, unet_config
+
+    official = dict(
+        sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[5, 10, 20],
+        transformer_layers_per_block=[1, 2, 10], use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**official)
+    tensors = unet.state_dict()
+    names = original_names(tensors, unet_module_map(unet.config), UNET_PREFIX)
+    pooled_width = 1280  # bigG's projection
+    shapes = {names[name]: tuple(tensor.shape) for name, tensor in tensors.items()}
+    config = unet_config(shapes, "sdxl", "epsilon", pooled_width=pooled_width)
+
+    for key in ("attention_head_dim", "addition_time_embed_dim", "cross_attention_dim", "sample_size"):
+        assert config[key] == official[key], key
+    with init_empty_weights():
+        rebuilt = UNet2DConditionModel(**config).state_dict()
+    assert {name: t.shape for name, t in rebuilt.items()} == {name: t.shape for name, t in tensors.items()}
+
+
+def test_reduced_sdxl_layouts_load_by_their_shapes(tmp_path):
+    """Distilled SDXLs (Segmind's SSD-1B, Vega) drop transformer layers block by block, differently on the way up than
+    on the way down, and SSD-1B's middle block is a single resnet: the depths are read block by block."""
+    from diffusers import UNet2DConditionModel
+
+    original = tiny_model(seed=4, family="sdxl")
+    original.unet = tiny.seeded(4, lambda: UNet2DConditionModel(
+        sample_size=tiny.TINY_RESOLUTION // 8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D", cross_attention_dim=tiny.TEXT_WIDTH + tiny.BIG_G_WIDTH,
+        attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=[[1, 1], [2, 1]], reverse_transformer_layers_per_block=[[3, 1, 2], [1, 1, 1]],
+        addition_embed_type="text_time", addition_time_embed_dim=tiny.TIME_EMBED,
+        projection_class_embeddings_input_dim=tiny.BIG_G_PROJECTION + 6 * tiny.TIME_EMBED,
+    ).eval())
+    path = tmp_path / "reduced.safetensors"
+    write_single_file(original, path, dtype=torch.float32)
+
+    loaded = load_model(path)
+    assert loaded.unet.config.mid_block_type == "UNetMidBlock2D"
+    assert_same_weights(loaded, original)
+    assert torch.equal(render(loaded), render(original))
 
 
 def test_sd2_prediction_type_without_metadata(tmp_path, caplog):
@@ -218,6 +328,9 @@ def write_keys(path, shapes: dict[str, tuple]) -> None:
 
 
 UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+LABEL_EMB = "model.diffusion_model.label_emb.0.0.weight"
+SDXL_TEXT = {"conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 8),
+             "conditioner.embedders.1.model.positional_embedding": (77, 8)}
 
 
 @pytest.mark.parametrize(
@@ -227,8 +340,15 @@ UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
         ({"encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_in.weight": (8, 4, 3, 3)}, "stand-alone VAE"),
         ({"emb_params": (1, 768)}, "textual-inversion embedding"),
         ({"weight": (3, 3)}, "not a Stable Diffusion checkpoint"),
-        ({UNET_CONV_IN: (320, 4, 3, 3), "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
-          "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768)}, "SDXL model"),
+        ({UNET_CONV_IN: (320, 4, 3, 3), LABEL_EMB: (8, 16),
+          "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768)},
+         "SDXL-style text encoders .* but not SDXL's pair"),
+        ({UNET_CONV_IN: (384, 4, 3, 3), LABEL_EMB: (8, 16),
+          "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight": (8,)}, "SDXL refiner model"),
+        ({UNET_CONV_IN: (320, 9, 3, 3), LABEL_EMB: (8, 16), **SDXL_TEXT}, "SDXL inpainting model"),
+        ({UNET_CONV_IN: (320, 4, 3, 3), **SDXL_TEXT}, "lacks SDXL's size conditioning"),
+        ({UNET_CONV_IN: (320, 4, 3, 3), LABEL_EMB: (8, 16), "cond_stage_model.model.positional_embedding": (77, 8)},
+         "class-conditioned"),
         ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "Flux model"),
         ({UNET_CONV_IN: (320, 9, 3, 3)}, "SD inpainting model"),
         ({UNET_CONV_IN: (320, 4, 3, 3)}, "no text encoder"),
@@ -272,21 +392,39 @@ def test_bad_paths_and_files(tmp_path):
         load_model(other)
 
 
-def test_unsupported_diffusers_folders_are_named(tmp_path):
-    folder = tmp_path / "xl"
+CLIP_L = ["transformers", "CLIPTextModel"]
+
+
+@pytest.mark.parametrize(("index", "unet", "message"), [
+    # The refiner: bigG alone, saved as text_encoder_2.
+    ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]},
+     {"addition_embed_type": "text_time", "in_channels": 4}, "SDXL refiner model"),
+    ({"_class_name": "StableDiffusionXLPipeline", "text_encoder": CLIP_L},
+     {"addition_embed_type": "text_time", "in_channels": 9}, "SDXL inpainting model"),
+    ({"_class_name": "StableDiffusionXLInpaintPipeline", "text_encoder": CLIP_L},
+     {"addition_embed_type": "text_time", "in_channels": 4}, "SDXL inpainting model"),
+    ({"_class_name": "StableDiffusionPipeline", "text_encoder": CLIP_L}, {"class_embed_type": "projection"},
+     "class-conditioned model"),
+    ({"_class_name": "StableDiffusion3Pipeline"}, {}, "Stable Diffusion 3 model"),
+])
+def test_unsupported_diffusers_folders_are_named(tmp_path, index, unet, message):
+    folder = tmp_path / "model"
     (folder / "unet").mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    (folder / "unet" / "config.json").write_text(json.dumps({"addition_embed_type": "text_time", "in_channels": 4}))
-    with pytest.raises(InputError, match="SDXL model"):
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "unet" / "config.json").write_text(json.dumps(unet))
+    with pytest.raises(InputError, match=message):
         detect_family(folder)
 
 
 def test_loading_never_touches_the_network(tmp_path):
     """Even without the HF offline variables, loading reads only local files (sockets are refused)."""
-    original = tiny_model()
-    folder, file = tmp_path / "folder", tmp_path / "file.safetensors"
-    original.pipeline().save_pretrained(folder)
-    write_single_file(original, file)
+    paths = []
+    for family in ("sd1", "sdxl"):
+        original = tiny_model(family=family)
+        folder, file = tmp_path / f"{family}-folder", tmp_path / f"{family}-file.safetensors"
+        original.pipeline().save_pretrained(folder)
+        write_single_file(original, file)
+        paths += [str(folder), str(file)]
     code = f"""
 import os, socket
 for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -296,10 +434,10 @@ def refuse(*args, **kwargs):
 socket.socket.connect = refuse
 socket.create_connection = refuse
 from protobooth.engine.models.loading import load_model
-for path in ({str(folder)!r}, {str(file)!r}):
+for path in {paths!r}:
     print(load_model(path).family)
 """
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["sd1", "sd1"]
+    assert result.stdout.split() == ["sd1", "sd1", "sdxl", "sdxl"]
     assert "network used" not in result.stderr

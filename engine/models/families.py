@@ -110,7 +110,7 @@ def family(name: str) -> Family:
 
 
 def noise_scheduler(prediction_type: str = "epsilon"):
-    """SD1/SD2's training noise schedule: 1000 scaled-linear steps from 0.00085 to 0.012."""
+    """The training noise schedule of SD1, SD2 and SDXL: 1000 scaled-linear steps from 0.00085 to 0.012."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(

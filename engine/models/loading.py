@@ -1,7 +1,8 @@
-"""Loading Stable Diffusion 1.x/2.x base models from diffusers folders and original single files, offline.
+"""Loading Stable Diffusion 1.x, 2.x and SDXL base models from diffusers folders and original single files, offline.
 
-Diffusers folders load with `local_files_only=True`. Single files are read by single_file.py: the configuration
-from the tensors' shapes, the tensors under diffusers' names by diffusers' own converters.
+Diffusers folders load with `local_files_only=True`. Single files are read by single_file.py (UNet, VAE) and
+single_file_text.py (text encoders): the configuration from the tensors' shapes, the tensors under diffusers' names
+by diffusers' own converters.
 """
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ import torch
 
 from ..errors import InputError
 from ..fileio import error_summary
-from ..text.tokenizer import clip_tokenizer
-from . import single_file
+from ..text.tokenizer import END_TOKEN_ID, clip_tokenizer
+from . import single_file, single_file_text
 from .diffusion_model import DiffusionModel
 from .families import TRAINABLE, family, noise_scheduler
-from .single_file import FIX_PATH, PREDICTION_TYPES, CheckpointFile
+from .single_file import FIX_PATH, NOT_STANDARD, PREDICTION_TYPES, CheckpointFile
 
+# A folder's pipeline class: None when the UNet's config tells the family, else what the model is.
 _FOLDER_PIPELINES = {
     "StableDiffusionPipeline": None,
     "StableDiffusionImg2ImgPipeline": None,
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusionXLPipeline": None,
+    "StableDiffusionXLImg2ImgPipeline": None,  # SDXL base saved for img2img, or the refiner (told apart below)
     "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
     "StableDiffusionInpaintPipeline": "SD inpainting",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
@@ -35,25 +37,33 @@ def _folder_family(folder: Path) -> str:
     if not index_path.is_file():
         raise InputError(f"{folder} is a folder but not a diffusers model (it has no model_index.json). {FIX_PATH}")
     try:
-        pipeline = json.loads(index_path.read_text()).get("_class_name", "")
+        index = json.loads(index_path.read_text())
         unet = json.loads((folder / "unet" / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"{folder} is not a complete diffusers model ({error}). Download it again.") from None
+    pipeline = index.get("_class_name", "")
     unsupported = _FOLDER_PIPELINES[pipeline] if pipeline in _FOLDER_PIPELINES else (pipeline or "unknown")
-    if unet.get("addition_embed_type") is not None or unet.get("class_embed_type") is not None:
-        unsupported = unsupported or "class-conditioned (SDXL-style)"
+    size_conditioned = unet.get("addition_embed_type") == "text_time"
+    if size_conditioned and not (index.get("text_encoder") or [None])[0]:
+        unsupported = unsupported or "SDXL refiner"  # bigG alone, as text_encoder_2
+    elif not size_conditioned and (unet.get("addition_embed_type") is not None or unet.get("class_embed_type") is not None):
+        unsupported = unsupported or "class-conditioned"
     elif unet.get("in_channels", 4) != 4:
-        unsupported = unsupported or {9: "SD inpainting", 8: "InstructPix2Pix"}.get(unet["in_channels"], "non-standard")
+        unsupported = unsupported or single_file.special_unet_kind(unet["in_channels"], "SDXL" if size_conditioned else "SD")
     if unsupported:
         raise single_file.not_supported(folder, unsupported)
+    if size_conditioned:
+        return "sdxl"
     return "sd2" if unet.get("use_linear_projection") else "sd1"
 
 
 def detect_family(path) -> str:
-    """'sd1' or 'sd2' for a single-file checkpoint or diffusers folder.
+    """'sd1', 'sd2' or 'sdxl' for a single-file checkpoint or diffusers folder (a .safetensors file's header or a
+    folder's configs are read; a .ckpt is read whole).
 
     SD1 has 1x1-convolution UNet projections and the CLIP-L text encoder; SD2 has linear projections and
-    OpenCLIP. Anything else (SDXL, SD3, Flux, inpainting, a LoRA, ...) is an InputError that names it.
+    OpenCLIP; SDXL both text encoders and a size-conditioned UNet. Anything else (the SDXL refiner, SD3, Flux,
+    inpainting, a LoRA, ...) is an InputError that names it.
     """
     path = _existing(path)
     if path.is_dir():
@@ -63,15 +73,15 @@ def detect_family(path) -> str:
 
 def load_model(path, *, family: str | None = None, prediction_type: str | None = None,
                dtype: torch.dtype = torch.float32, device="cpu") -> DiffusionModel:
-    """Load an SD1.x/2.x model from a diffusers folder or an original single file, without network access.
+    """Load an SD1.x, SD2.x or SDXL model from a diffusers folder or an original single file, without network access.
 
-    `family` ("sd1"/"sd2"), when given, must match what the file is. `prediction_type` ("epsilon" or
+    `family` ("sd1"/"sd2"/"sdxl"), when given, must match what the file is. `prediction_type` ("epsilon" or
     "v_prediction") overrides the one found; pass it for SD2 files whose kind cannot be told. Without it:
     a diffusers folder's scheduler config decides; a single file is v-prediction if it has ComfyUI's
     `v_pred` marker or ProtoBooth's metadata says so; an SD2 file without either follows ComfyUI's rule
     (the spread of one LayerNorm bias, output_blocks.11.1.transformer_blocks.0.norm1.bias, std > 0.09
     means v-prediction), which separates the official 768-px v-models from the 512-px epsilon ones but is
-    a guess for fine-tunes; if that tensor does not exist, epsilon. SD1 files are epsilon.
+    a guess for fine-tunes; if that tensor does not exist, epsilon. SD1 and SDXL files without either are epsilon.
     """
     path = _existing(path)
     if family is not None and family not in TRAINABLE:
@@ -100,22 +110,28 @@ def _check_family(detected: str, expected: str | None, path) -> None:
 
 def _load_folder(folder: Path, expected, prediction_type, dtype) -> DiffusionModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     detected = _folder_family(folder)
     _check_family(detected, expected, folder)
-    missing = [part for part in ("unet", "vae", "text_encoder", "scheduler") if not (folder / part).is_dir()]
+    # SDXL's second text encoder (bigG) has a text projection: the pooled embedding its UNet takes.
+    text_parts = {"text_encoder": CLIPTextModel}
+    if detected == "sdxl":
+        text_parts["text_encoder_2"] = CLIPTextModelWithProjection
+    missing = [part for part in ("unet", "vae", *text_parts, "scheduler") if not (folder / part).is_dir()]
     if missing:
-        raise InputError(f"{folder} lacks the {', '.join(missing)} folder(s) of a diffusers SD model. Download it again.")
+        raise InputError(f"{folder} lacks the {', '.join(missing)} folder(s) of a diffusers {family(detected).label} "
+                         "model. Download it again.")
     try:
         unet = UNet2DConditionModel.from_pretrained(
             folder, subfolder="unet", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "unet"))
         vae = AutoencoderKL.from_pretrained(
             folder, subfolder="vae", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "vae"))
-        text_encoder = CLIPTextModel.from_pretrained(
-            folder / "text_encoder", local_files_only=True, dtype=dtype, variant=_variant(folder / "text_encoder"))
+        encoders = [_pooling_at_end_token(kind.from_pretrained(
+            folder / part, local_files_only=True, dtype=dtype, variant=_variant(folder / part)).eval())
+            for part, kind in text_parts.items()]
         schedule = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
-        if (folder / "tokenizer").is_dir():
+        if (folder / "tokenizer").is_dir():  # SDXL's first tokenizer: CLIP-L's, which the engine feeds both encoders
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
         else:
             tokenizer = clip_tokenizer(pad_token=family(detected).pad_token)
@@ -125,8 +141,26 @@ def _load_folder(folder: Path, expected, prediction_type, dtype) -> DiffusionMod
     # SD never clips samples; DDPMScheduler would, if the folder's (often PNDM) config does not say.
     schedule.setdefault("clip_sample", False)
     schedule["prediction_type"] = prediction_type or schedule.get("prediction_type", "epsilon")
+    if detected == "sdxl":
+        from .sdxl import SDXLTextEncoder
+
+        text_encoder = SDXLTextEncoder(*encoders)
+    else:
+        [text_encoder] = encoders
     return DiffusionModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                           noise_scheduler=DDPMScheduler.from_config(schedule), family=detected, name=folder.name)
+
+
+def _pooling_at_end_token(encoder):
+    """`encoder` with its config's end token set to CLIP's. Configs saved before transformers fixed it carry
+    eos_token_id 2, with which transformers pools at the largest token id, a new word's once a concept adds one; SDXL's
+    diffusers pipeline gives the UNet that pooled vector. transformers also keeps a copy on the text model."""
+    for module in (encoder, getattr(encoder, "text_model", None)):
+        if module is not None:
+            module.config.eos_token_id = END_TOKEN_ID
+            if hasattr(module, "eos_token_id"):
+                module.eos_token_id = END_TOKEN_ID
+    return encoder
 
 
 def _variant(component: Path) -> str | None:
@@ -135,32 +169,42 @@ def _variant(component: Path) -> str | None:
     return "fp16" if names and all(".fp16." in name for name in names) else None
 
 
+def configs(checkpoint: CheckpointFile, family_name: str, prediction: str, use_hints: bool = True):
+    """(UNet kwargs, VAE kwargs, text-encoder config) of a single file, from its shapes and, unless told not to, its
+    hints. SDXL's text-encoder config is a pair (CLIP-L's, bigG's)."""
+    hints = checkpoint.hints() if use_hints else {}
+    shapes = checkpoint.shapes
+    pooled = single_file_text.pooled_width(shapes) if family(family_name).size_conditioning else None
+    unet = {**single_file.unet_config(shapes, family_name, prediction, pooled_width=pooled), **hints.get("unet", {})}
+    vae = {**single_file.vae_config(shapes, sample_size=unet["sample_size"] * 8,
+                                    scaling_factor=family(family_name).latent_scaling), **hints.get("vae", {})}
+    return unet, vae, single_file_text.text_config(shapes, family_name, hints)
+
+
 def _load_single_file(path: Path, expected, prediction_type, dtype) -> DiffusionModel:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     checkpoint = CheckpointFile(path)
     detected = single_file.family_from_shapes(checkpoint.shapes, path)
     _check_family(detected, expected, path)
     prediction_type = prediction_type or single_file.prediction_type(checkpoint, detected)
     try:
-        unet_config, vae_config, text_config = single_file.configs(checkpoint, detected, prediction_type)
+        unet_config, vae_config, text_config = configs(checkpoint, detected, prediction_type)
     except KeyError as error:
-        raise InputError(f"{path} lacks tensor {error}; it is incomplete or not a standard SD1.x/2.x checkpoint.") from None
+        raise InputError(f"{path} lacks tensor {error}; {NOT_STANDARD}.") from None
     # Modules without memory for their weights: the checkpoint's tensors are put in place below.
     try:
         with init_empty_weights(include_buffers=False):
             unet = UNet2DConditionModel(**unet_config)
             vae = AutoencoderKL(**vae_config)
-            text_encoder = CLIPTextModel(text_config)
+            text_encoder = single_file_text.build_text_encoder(text_config)
     except ValueError as error:
-        raise InputError(f"{path}: its tensor shapes do not make a standard SD1.x/2.x model ({error}).") from None
-    text_prefix = single_file.OPEN_CLIP_PREFIX if detected == "sd2" else single_file.OLD_CLIP_L_PREFIX
+        raise InputError(f"{path}: its tensor shapes do not make a model ({error}); {NOT_STANDARD}.") from None
     parts = {
         unet: single_file.unet_tensors(checkpoint.tensors(single_file.UNET_PREFIX, dtype), unet.config),
         vae: single_file.vae_tensors(checkpoint.tensors(single_file.VAE_PREFIX, dtype), vae.config),
-        text_encoder: single_file.text_tensors(checkpoint.tensors(text_prefix, dtype), detected, text_encoder),
+        text_encoder: single_file_text.text_tensors(checkpoint, detected, text_encoder, dtype),
     }
     for module, tensors in parts.items():
         _fill(module, tensors, path)
@@ -175,9 +219,9 @@ def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path)
     if set(tensors) != set(expected):
         example = sorted(set(expected) ^ set(tensors))[0]
         raise InputError(f"{path} does not have the tensors its {type(module).__name__} needs (e.g. {example!r}); "
-                         "it is incomplete or not a standard SD1.x/2.x checkpoint.")
+                         f"{NOT_STANDARD}.")
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise InputError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, which does not fit "
-                             f"{tuple(expected[name].shape)}; the file is not a standard SD1.x/2.x checkpoint.")
+                             f"{tuple(expected[name].shape)}; {NOT_STANDARD}.")
     module.load_state_dict(tensors, strict=True, assign=True)

@@ -1,10 +1,12 @@
-"""Stable Diffusion in the original (CompVis/ldm) single-file layout: what a file holds, what its tensors' shapes
-say about the model, and its tensors under diffusers' names.
+"""Stable Diffusion in the original (CompVis/ldm, Stability) single-file layout: what a file holds, what its tensors'
+shapes say about the model, and its tensors under diffusers' names.
 
 That layout is what ComfyUI, A1111 and diffusers' `from_single_file` read: the UNet under `model.diffusion_model.*`,
 the VAE under `first_stage_model.*`, the text encoder under `cond_stage_model.transformer.text_model.*` (SD1:
-OpenAI CLIP-L, transformers names) or `cond_stage_model.model.*` (SD2: OpenCLIP ViT-H, q/k/v fused). ComfyUI
-keeps a loaded UNet and VAE under the same names, without the prefix.
+OpenAI CLIP-L, transformers names) or `cond_stage_model.model.*` (SD2: OpenCLIP ViT-H, q/k/v fused); SDXL's two
+under `conditioner.embedders.0.transformer.text_model.*` (CLIP-L) and `conditioner.embedders.1.model.*` (OpenCLIP
+bigG). ComfyUI keeps a loaded UNet and VAE under the same names, without the prefix. The text encoders are read by
+single_file_text.py, the UNet and VAE here.
 
 Names are converted by diffusers' own converters (loaders.single_file_utils), which run offline; for the UNet and
 VAE they map names without copying a tensor, so the ComfyUI views share the graph's storage through them too.
@@ -33,10 +35,16 @@ VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "cond_stage_model.transformer.text_model."
 OLD_CLIP_L_PREFIX = "cond_stage_model.transformer."  # older tools left out "text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_PREFIX = "conditioner.embedders."  # SDXL's text encoders (and its refiner's)
+SDXL_CLIP_L_PREFIX = SDXL_PREFIX + "0.transformer.text_model."
+BIG_G_PREFIX = SDXL_PREFIX + "1.model."
+REFINER_BIG_G_PREFIX = SDXL_PREFIX + "0.model."  # the refiner has bigG alone, first
 V_PREDICTION_MARKER = "v_pred"  # an empty tensor ComfyUI writes into checkpoints it saves from v-prediction models
 HINTS_METADATA_KEY = "protobooth.architecture"  # settings shapes cannot show, recorded by the test kit's writer
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-FIX_PATH = "Give a Stable Diffusion 1.x/2.x .safetensors checkpoint or a diffusers model folder (with model_index.json)."
+FIX_PATH = ("Give a Stable Diffusion 1.x, 2.x or SDXL .safetensors checkpoint or a diffusers model folder (with "
+            "model_index.json).")
+NOT_STANDARD = "the file is incomplete or not a standard SD1.x, SD2.x or SDXL checkpoint"
 # ComfyUI's rule for SD2 checkpoints without a marker: the 768-px v-prediction releases have much more spread in
 # this LayerNorm bias than the 512-px epsilon ones.
 _SD2_V_PROBE = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
@@ -108,46 +116,65 @@ def _torch_load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def not_supported(path, kind: str) -> InputError:
     return InputError(
-        f"{path} is a {kind} model, which ProtoBooth does not support yet (supported: Stable Diffusion 1.x and 2.x; "
-        "SDXL is planned). Choose an SD1.x or SD2.x base model."
+        f"{path} is a {kind} model, which ProtoBooth does not support (it trains Stable Diffusion 1.x, 2.x and SDXL "
+        "base models). Choose an SD1.x, SD2.x or SDXL base model."
     )
 
 
+def special_unet_kind(in_channels: int, family_label: str) -> str:
+    """What a UNet that takes other than the 4 latent channels is, for the message refusing it."""
+    return f"{family_label} " + {9: "inpainting", 8: "InstructPix2Pix"}.get(in_channels, f"{in_channels}-channel")
+
+
 def family_from_shapes(shapes: dict[str, tuple], path) -> str:
-    """'sd1' or 'sd2' for an original-layout checkpoint; InputError naming anything else."""
+    """'sd1', 'sd2' or 'sdxl' for an original-layout checkpoint; InputError naming anything else."""
     names = shapes.keys()
     if any(name.endswith("double_blocks.0.img_attn.norm.key_norm.scale") for name in names):
         raise not_supported(path, "Flux")
     if any("joint_blocks.0.context_block." in name for name in names):
         raise not_supported(path, "Stable Diffusion 3")
-    if any(name.startswith("conditioner.embedders.") for name in names):
-        raise not_supported(path, family("sdxl").label)
-    if UNET_PREFIX + "label_emb.0.0.weight" in shapes:
-        raise not_supported(path, "class-conditioned (SDXL-style or SD2 unCLIP)")
+    found = _sdxl_text_encoders(names, path) if any(name.startswith(SDXL_PREFIX) for name in names) else None
+    size_conditioned = UNET_PREFIX + "label_emb.0.0.weight" in shapes
+    if size_conditioned and found is None:
+        raise not_supported(path, "class-conditioned (SD2 unCLIP-style)")
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         raise InputError(f"{path} is not a Stable Diffusion checkpoint: {_what_else(names)} {FIX_PATH}")
     if conv_in[1] != 4:
-        raise not_supported(path, {9: "SD inpainting", 8: "InstructPix2Pix"}.get(conv_in[1], f"{conv_in[1]}-channel"))
+        raise not_supported(path, special_unet_kind(conv_in[1], "SDXL" if found else "SD"))
+    if found == "sdxl" and not size_conditioned:
+        raise InputError(f"{path} has SDXL's text encoders but its UNet lacks SDXL's size conditioning "
+                         f"(model.diffusion_model.label_emb.*); {NOT_STANDARD}.")
 
-    if any(name.startswith(OLD_CLIP_L_PREFIX) for name in names):
+    if found is None and any(name.startswith(OLD_CLIP_L_PREFIX) for name in names):
         found = "sd1"
-    elif any(name.startswith(OPEN_CLIP_PREFIX) for name in names):
+    elif found is None and any(name.startswith(OPEN_CLIP_PREFIX) for name in names):
         found = "sd2"
-    else:
+    elif found is None:
         raise InputError(f"{path} holds a UNet but no text encoder (no cond_stage_model.* tensors). ProtoBooth needs a "
                          "full checkpoint with UNet, VAE and text encoder.")
     if not any(name.startswith(VAE_PREFIX) for name in names):
         raise InputError(f"{path} has no VAE (first_stage_model.* tensors). Use a checkpoint with its VAE baked in.")
     proj_in = next((shape for name, shape in shapes.items() if _PROJ_IN.fullmatch(name)), None)
     if proj_in is None:
-        raise InputError(f"{path} has a UNet without attention layers; it is not a standard SD1.x/2.x checkpoint.")
-    if (len(proj_in) == 2) != (found == "sd2"):
-        raise InputError(
-            f"{path} mixes SD1 and SD2 parts ({'linear' if len(proj_in) == 2 else 'convolution'} UNet projections with "
-            f"the {'OpenCLIP' if found == 'sd2' else 'CLIP-L'} text encoder); it is not a standard SD1.x/2.x checkpoint."
-        )
+        raise InputError(f"{path} has a UNet without attention layers; {NOT_STANDARD}.")
+    if (len(proj_in) == 2) != (found != "sd1"):  # SD1 alone has 1x1-convolution projections
+        raise InputError(f"{path} mixes parts of different models ({'linear' if len(proj_in) == 2 else 'convolution'} "
+                         f"UNet projections with the text encoder of {family(found).label}); {NOT_STANDARD}.")
     return found
+
+
+def _sdxl_text_encoders(names, path) -> str:
+    """'sdxl' when a file with conditioner.embedders.* text encoders has SDXL base's two; InputError otherwise."""
+    def holds(prefix: str) -> bool:
+        return any(name.startswith(prefix) for name in names)
+
+    if holds(REFINER_BIG_G_PREFIX) and not holds(BIG_G_PREFIX):
+        raise not_supported(path, "SDXL refiner")
+    if not (holds(SDXL_CLIP_L_PREFIX) and holds(BIG_G_PREFIX)):
+        raise InputError(f"{path} has SDXL-style text encoders ({SDXL_PREFIX}*) but not SDXL's pair (CLIP-L under "
+                         f"{SDXL_CLIP_L_PREFIX}*, OpenCLIP bigG under {BIG_G_PREFIX}*); {NOT_STANDARD}.")
+    return "sdxl"
 
 
 def _what_else(names) -> str:
@@ -161,11 +188,11 @@ def _what_else(names) -> str:
         return "it looks like a textual-inversion embedding."
     if any(name.startswith(("down_blocks.", "unet.")) for name in names):
         return "it looks like diffusers-format weights; give the folder that contains model_index.json instead."
-    return "it has none of the model.diffusion_model.* tensors of an SD1.x/2.x checkpoint."
+    return "it has none of the model.diffusion_model.* tensors of a Stable Diffusion checkpoint."
 
 
 def prediction_type(checkpoint: CheckpointFile, family_name: str) -> str:
-    """ComfyUI's v_pred marker, else the file's hints, else SD1: epsilon; SD2: ComfyUI's LayerNorm-bias rule."""
+    """ComfyUI's v_pred marker, else the file's hints, else SD1/SDXL: epsilon; SD2: ComfyUI's LayerNorm-bias rule."""
     if V_PREDICTION_MARKER in checkpoint.shapes:
         return "v_prediction"
     recorded = checkpoint.hints().get("prediction_type")
@@ -187,110 +214,130 @@ def prediction_type(checkpoint: CheckpointFile, family_name: str) -> str:
 # ------------------------------------------------------------------------------------------ configuration
 
 
-def _count(shapes, pattern: str) -> int:
+def count_numbered(shapes, pattern: str) -> int:
+    """How many numbered parts (pattern.format(0), (1), ...) the shapes hold, counting up from 0."""
     count = 0
     while any(name.startswith(pattern.format(count)) for name in shapes):
         count += 1
     return count
 
 
-def unet_config(shapes, family_name: str, prediction: str, prefix: str = UNET_PREFIX) -> dict:
-    """UNet2DConditionModel arguments from the shapes of an original-layout UNet (names under `prefix`)."""
+def unet_config(shapes, family_name: str, prediction: str, prefix: str = UNET_PREFIX,
+                pooled_width: int | None = None) -> dict:
+    """UNet2DConditionModel arguments from the shapes of an original-layout UNet (names under `prefix`).
+
+    Transformer depths are read block by block, so reduced SDXL layouts (Segmind Vega, SSD-1B: other depths on the
+    way up than down, a middle block of one resnet) are read too. An SDXL UNet's added conditioning takes the pooled
+    text embedding (`pooled_width` wide, bigG's projection) and six size ids, each `addition_time_embed_dim` wide.
+    """
     p = prefix
-    levels = []  # per level: [blocks, channels, transformer depth (0: no attention)]
-    current = [0, 0, 0]
+    levels = []  # per level: (channels, transformer depth of each block; 0: no attention)
+    channels, depths = 0, []
     block = 1
     while True:
         where = f"{p}input_blocks.{block}."
         if where + "0.op.weight" in shapes:  # a downsampler ends a level
-            levels.append(current)
-            current = [0, 0, 0]
+            levels.append((channels, depths))
+            channels, depths = 0, []
         elif where + "0.in_layers.0.weight" in shapes:
-            current[0] += 1
-            current[1] = shapes[where + "0.out_layers.3.weight"][0]
-            current[2] = _count(shapes, where + "1.transformer_blocks.{}.")
+            channels = shapes[where + "0.out_layers.3.weight"][0]
+            depths.append(count_numbered(shapes, where + "1.transformer_blocks.{}."))
         else:
             break
         block += 1
-    levels.append(current)
-    blocks = {level[0] for level in levels}
+    levels.append((channels, depths))
+    blocks = {len(depths) for _, depths in levels}
     if len(blocks) != 1:
-        raise InputError("This UNet has levels with different block counts; it is not a standard SD1.x/2.x UNet.")
-    channels = [level[1] for level in levels]
-    attention = [level[2] > 0 for level in levels]
-    middle_depth = _count(shapes, p + "middle_block.1.transformer_blocks.{}.")
-    depths = [level[2] or middle_depth for level in levels]
-    first_attention = next(f"{p}input_blocks.{i}.1." for i in range(1, block) if f"{p}input_blocks.{i}.1.proj_in.weight" in shapes)
+        raise InputError(f"This UNet has levels with different block counts; {NOT_STANDARD}.")
+    per_level = blocks.pop()
+    down = [depths for _, depths in levels]
+    # Up levels, lowest resolution first as diffusers counts them, have one block more than down levels.
+    up_blocks = [count_numbered(shapes, f"{p}output_blocks.{i}.1.transformer_blocks.{{}}.")
+                 for i in range(len(levels) * (per_level + 1))]
+    up = [up_blocks[i : i + per_level + 1] for i in range(0, len(up_blocks), per_level + 1)]
+    if any(0 in depths and any(depths) for depths in down + up):
+        raise InputError(f"This UNet has attention in only some blocks of a level, which diffusers cannot build; "
+                         f"{NOT_STANDARD}.")
+    middle_type, middle_depth = _middle_block(shapes, p)
+    # diffusers builds the middle block with the last level's depth, so levels without attention carry the middle's.
+    down_depths = [depths if any(depths) else [middle_depth or 1] * per_level for depths in down]
+    up_depths = [depths if any(depths) else [middle_depth or 1] * (per_level + 1) for depths in up]
+    if middle_depth and down_depths[-1][0] != middle_depth:
+        raise InputError(f"This UNet's middle block has {middle_depth} transformer layers but its last level "
+                         f"{down_depths[-1][0]}, which diffusers cannot build; {NOT_STANDARD}.")
+    per_level_depth = [depths[0] for depths in down_depths]
+    uniform = (all(len(set(depths)) == 1 for depths in down_depths + up_depths)
+               and [depths[0] for depths in up_depths] == per_level_depth[::-1])
+    channels = [channels for channels, _ in levels]
+    first_attention = next(f"{p}input_blocks.{i}.1." for i in range(1, block)
+                           if f"{p}input_blocks.{i}.1.proj_in.weight" in shapes)
     record = family(family_name)
-    return {
+    config = {
         "sample_size": record.native_size(prediction) // 8,
         "in_channels": shapes[p + "input_blocks.0.0.weight"][1],
         "out_channels": shapes[p + "out.2.weight"][0],
         "block_out_channels": channels,
-        "layers_per_block": blocks.pop(),
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
+        "layers_per_block": per_level,
+        "down_block_types": ["CrossAttnDownBlock2D" if any(depths) else "DownBlock2D" for depths in down],
+        "up_block_types": ["CrossAttnUpBlock2D" if any(depths) else "UpBlock2D" for depths in up],
+        "mid_block_type": middle_type,
+        "transformer_layers_per_block": (per_level_depth[0] if len(set(per_level_depth)) == 1 else per_level_depth)
+                                        if uniform else down_depths,
+        "reverse_transformer_layers_per_block": None if uniform else up_depths,
         "cross_attention_dim": shapes[first_attention + "transformer_blocks.0.attn2.to_k.weight"][1],
         "use_linear_projection": len(shapes[first_attention + "proj_in.weight"]) == 2,
         "norm_num_groups": 32,
-        # diffusers calls the number of heads attention_head_dim: SD1 has 8; SD2 heads of 64 channels.
+        # diffusers calls the number of heads attention_head_dim: SD1 has 8; SD2 and SDXL heads of 64 channels.
         "attention_head_dim": record.unet_heads or [c // record.unet_head_channels for c in channels],
     }
+    if p + "label_emb.0.0.weight" in shapes:
+        config.update(_size_conditioning(shapes[p + "label_emb.0.0.weight"][1], pooled_width))
+    return config
+
+
+def _middle_block(shapes, p: str) -> tuple[str | None, int]:
+    """(diffusers' mid_block_type, transformer depth) of the middle block: resnet-attention-resnet, one resnet (SSD-1B),
+    or none."""
+    depth = count_numbered(shapes, p + "middle_block.1.transformer_blocks.{}.")
+    if depth:
+        return "UNetMidBlock2DCrossAttn", depth
+    parts = count_numbered(shapes, p + "middle_block.{}.")
+    if parts > 1:
+        raise InputError(f"This UNet's middle block has no attention but {parts} parts, which diffusers cannot build; "
+                         f"{NOT_STANDARD}.")
+    return ("UNetMidBlock2D" if parts else None), 0
+
+
+def _size_conditioning(in_features: int, pooled_width: int | None) -> dict:
+    """SDXL's added conditioning: the pooled text embedding and six size ids, each embedded sinusoidally."""
+    from .sdxl import TIME_IDS
+
+    size_features = in_features - (pooled_width or 0)
+    if pooled_width is None or size_features <= 0 or size_features % TIME_IDS:
+        raise InputError(f"the UNet's added conditioning takes {in_features} values, which are not a pooled text "
+                         f"embedding ({pooled_width} wide) and {TIME_IDS} size embeddings; {NOT_STANDARD}.")
+    return {"addition_embed_type": "text_time", "addition_time_embed_dim": size_features // TIME_IDS,
+            "projection_class_embeddings_input_dim": in_features}
 
 
 def vae_config(shapes, sample_size: int, prefix: str = VAE_PREFIX, scaling_factor: float = family("sd1").latent_scaling) -> dict:
     """AutoencoderKL arguments from the shapes of SD's KL autoencoder in the original layout (names under `prefix`)."""
     p = prefix
-    levels = _count(shapes, p + "encoder.down.{}.block.0.conv1.weight")
+    levels = count_numbered(shapes, p + "encoder.down.{}.block.0.conv1.weight")
     if not levels or p + "quant_conv.weight" not in shapes or p + "encoder.mid.attn_1.q.weight" not in shapes:
-        raise InputError("this VAE is not Stable Diffusion's KL autoencoder (the layout of SD1.x/SD2.x VAEs).")
+        raise InputError("this VAE is not Stable Diffusion's KL autoencoder (the layout of SD1.x, SD2.x and SDXL VAEs).")
     return {
         "in_channels": shapes[p + "encoder.conv_in.weight"][1],
         "out_channels": shapes[p + "decoder.conv_out.weight"][0],
         "latent_channels": shapes[p + "decoder.conv_in.weight"][1],
         "block_out_channels": [shapes[f"{p}encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels)],
-        "layers_per_block": _count(shapes, p + "encoder.down.0.block.{}.conv1.weight"),
+        "layers_per_block": count_numbered(shapes, p + "encoder.down.0.block.{}.conv1.weight"),
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "sample_size": sample_size,
         "scaling_factor": scaling_factor,
         "norm_num_groups": 32,
     }
-
-
-def clip_l_prefix(shapes) -> str:
-    return CLIP_L_PREFIX if CLIP_L_PREFIX + "embeddings.token_embedding.weight" in shapes else OLD_CLIP_L_PREFIX
-
-
-def text_sizes(shapes, family_name: str) -> dict:
-    """The text encoder's sizes (CLIPTextConfig arguments) from its shapes."""
-    if family_name == "sd2":
-        p = OPEN_CLIP_PREFIX
-        vocab_size, width = shapes[p + "token_embedding.weight"]
-        sizes = {
-            "num_hidden_layers": _count(shapes, p + "transformer.resblocks.{}.ln_1.weight") - 1,  # SD2 skips the last
-            "intermediate_size": shapes[p + "transformer.resblocks.0.mlp.c_fc.weight"][0],
-            "max_position_embeddings": shapes[p + "positional_embedding"][0],
-        }
-    else:
-        p = clip_l_prefix(shapes)
-        vocab_size, width = shapes[p + "embeddings.token_embedding.weight"]
-        sizes = {
-            "num_hidden_layers": _count(shapes, p + "encoder.layers.{}.mlp.fc1.weight"),
-            "intermediate_size": shapes[p + "encoder.layers.0.mlp.fc1.weight"][0],
-            "max_position_embeddings": shapes[p + "embeddings.position_embedding.weight"][0],
-        }
-    return {**sizes, "vocab_size": vocab_size, "hidden_size": width, "num_attention_heads": max(1, width // 64)}
-
-
-def configs(checkpoint: CheckpointFile, family_name: str, prediction: str, use_hints: bool = True):
-    """(UNet kwargs, VAE kwargs, CLIPTextConfig) of a checkpoint, from its shapes and, unless told not to, its hints."""
-    hints = checkpoint.hints() if use_hints else {}
-    unet = {**unet_config(checkpoint.shapes, family_name, prediction), **hints.get("unet", {})}
-    vae = {**vae_config(checkpoint.shapes, sample_size=unet["sample_size"] * 8), **hints.get("vae", {})}
-    text = {**text_sizes(checkpoint.shapes, family_name), **hints.get("text_encoder", {})}
-    return unet, vae, family(family_name).text_encoder_config(**text)
 
 
 # ----------------------------------------------------------------------------------- tensors, diffusers names
@@ -301,7 +348,7 @@ def unet_tensors(tensors: dict[str, torch.Tensor], config: dict, prefix: str = U
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     named = {UNET_PREFIX + name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-    return _converted(lambda: convert_ldm_unet_checkpoint(named, config), "UNet")
+    return converted(lambda: convert_ldm_unet_checkpoint(named, config), "UNet")
 
 
 def vae_tensors(tensors: dict[str, torch.Tensor], config: dict, prefix: str = VAE_PREFIX) -> dict[str, torch.Tensor]:
@@ -310,25 +357,13 @@ def vae_tensors(tensors: dict[str, torch.Tensor], config: dict, prefix: str = VA
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     named = {VAE_PREFIX + name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-    return _converted(lambda: convert_ldm_vae_checkpoint(named, config), "VAE")
+    return converted(lambda: convert_ldm_vae_checkpoint(named, config), "VAE")
 
 
-def text_tensors(tensors: dict[str, torch.Tensor], family_name: str, text_encoder) -> dict[str, torch.Tensor]:
-    """The text encoder's tensors under transformers CLIPTextModel names (SD2's unused last OpenCLIP block left out)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-
-    if family_name == "sd2":
-        converted = _converted(lambda: convert_open_clip_checkpoint(text_encoder, dict(tensors)), "text encoder")
-    else:
-        converted = _converted(lambda: convert_ldm_clip_checkpoint(dict(tensors)), "text encoder")
-    names = {name.removeprefix("text_model."): t for name, t in converted.items()}
-    wanted = text_encoder.state_dict()
-    return {name: t for name, t in names.items() if name in wanted}
-
-
-def _converted(convert, part: str) -> dict[str, torch.Tensor]:
+def converted(convert, part: str) -> dict[str, torch.Tensor]:
+    """What a diffusers converter returns; its failures (names or shapes it cannot place) as an InputError."""
     try:
         return convert()
     except (KeyError, IndexError, ValueError) as error:
-        raise InputError(f"the {part}'s tensors do not make a standard SD1.x/2.x {part} ({error!r}); the file is "
-                         "incomplete or another kind of model.") from None
+        raise InputError(f"the {part}'s tensors do not fit the model their shapes describe ({error!r}); "
+                         f"{NOT_STANDARD}.") from None

@@ -3,7 +3,7 @@
 The library only reads that layout (engine/models/single_file.py, through diffusers' converters); writing it is
 needed only to make the test checkpoints, so the writer lives here. The name maps are built from the diffusers
 configs (levels, blocks per level, which levels have attention, transformer depth), so the same code writes tiny
-test models and real SD1.5/SD2.1 layouts; diffusers' converters reading the files back is tested.
+test models and real SD1.5/SD2.1/SDXL layouts; diffusers' converters reading the files back is tested.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 
 from protobooth.engine.errors import InputError
 from protobooth.engine.fileio import save_safetensors
-from protobooth.engine.models.single_file import (CLIP_L_PREFIX, HINTS_METADATA_KEY, OPEN_CLIP_PREFIX, UNET_PREFIX,
-                                                  V_PREDICTION_MARKER, VAE_PREFIX)
+from protobooth.engine.models.single_file import (BIG_G_PREFIX, CLIP_L_PREFIX, HINTS_METADATA_KEY, OPEN_CLIP_PREFIX,
+                                                  SDXL_CLIP_L_PREFIX, UNET_PREFIX, V_PREDICTION_MARKER, VAE_PREFIX)
 
 # Renames inside one module: the part of a parameter name between the module prefix and ".weight"/".bias".
 _UNET_RESNET = {
@@ -32,8 +32,8 @@ _SAME: dict[str, str] = {}
 
 
 def unet_module_map(config) -> dict[str, tuple[str, dict[str, str]]]:
-    """diffusers module prefix -> (original module prefix, renames inside the module), for an SD1/SD2 UNet."""
-    _require_plain_sd_unet(config)
+    """diffusers module prefix -> (original module prefix, renames inside the module), for an SD1/SD2/SDXL UNet."""
+    _require_ldm_unet(config)
     levels = len(config.block_out_channels)
     per_level = config.layers_per_block
     modules = {
@@ -41,11 +41,15 @@ def unet_module_map(config) -> dict[str, tuple[str, dict[str, str]]]:
         "time_embedding.linear_2.": ("time_embed.2.", _SAME),
         "conv_in.": ("input_blocks.0.0.", _SAME),
         "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET),
-        "mid_block.attentions.0.": ("middle_block.1.", _SAME),
-        "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
         "conv_norm_out.": ("out.0.", _SAME),
         "conv_out.": ("out.2.", _SAME),
     }
+    if config.mid_block_type == "UNetMidBlock2DCrossAttn":  # else one resnet alone (SSD-1B)
+        modules["mid_block.attentions.0."] = ("middle_block.1.", _SAME)
+        modules["mid_block.resnets.1."] = ("middle_block.2.", _UNET_RESNET)
+    if config.addition_embed_type == "text_time":  # SDXL's pooled text and size conditioning
+        modules["add_embedding.linear_1."] = ("label_emb.0.0.", _SAME)
+        modules["add_embedding.linear_2."] = ("label_emb.0.2.", _SAME)
     # input_blocks: conv_in, then per level `per_level` x (resnet [+ transformer]), then a downsampler
     # except after the last level.
     block = 1
@@ -120,14 +124,13 @@ def original_names(names, module_map, prefix: str) -> dict[str, str]:
     if unmapped:
         raise InputError(
             f"{len(unmapped)} tensors (e.g. {unmapped[0]!r}) have no place in the original SD1/SD2 checkpoint layout; "
-            "only plain Stable Diffusion 1.x/2.x models can be written as single files."
+            "only plain Stable Diffusion 1.x, 2.x and SDXL models can be written as single files."
         )
     return mapped
 
 
-def open_clip_names(num_layers: int) -> dict[str, tuple[str, ...]]:
+def open_clip_names(num_layers: int, prefix: str = OPEN_CLIP_PREFIX) -> dict[str, tuple[str, ...]]:
     """Original OpenCLIP text-tower name -> transformers CLIPTextModel names (q, k, v are fused in one)."""
-    prefix = OPEN_CLIP_PREFIX
     names = {
         prefix + "token_embedding.weight": ("embeddings.token_embedding.weight",),
         prefix + "positional_embedding": ("embeddings.position_embedding.weight",),
@@ -153,7 +156,11 @@ def architecture_hints(model) -> dict:
     text-encoder heads, GroupNorm 32); tiny test models do not, so the writer records them and the
     reader prefers them to the rules.
     """
-    unet, vae, text = model.unet.config, model.vae.config, model.text_encoder.config
+    unet, vae = model.unet.config, model.vae.config
+    if model.family == "sdxl":  # diffusers' folder names for SDXL's two text encoders
+        encoders = {"text_encoder": model.text_encoder.clip_l.config, "text_encoder_2": model.text_encoder.clip_g.config}
+    else:
+        encoders = {"text_encoder": model.text_encoder.config}
     return {
         "family": model.family,
         "prediction_type": model.prediction_type,
@@ -167,7 +174,7 @@ def architecture_hints(model) -> dict:
             "sample_size": vae.sample_size,
             "scaling_factor": vae.scaling_factor,
         },
-        "text_encoder": {"num_attention_heads": text.num_attention_heads},
+        **{name: {"num_attention_heads": config.num_attention_heads} for name, config in encoders.items()},
     }
 
 
@@ -177,6 +184,7 @@ def ldm_state_dict(model) -> dict[str, torch.Tensor]:
     Tensors are shared with the model where no reshaping is needed; copy before modifying.
     SD2's text encoder is written as OpenCLIP with one more block than the diffusers model: SD2 uses
     the penultimate layer, so the last block is unused; it is written as an identity (all-zero) block.
+    SDXL's bigG is written with every block (its last one makes the pooled embedding) and its text projection.
     """
     state: dict[str, torch.Tensor] = {}
     unet = model.unet.state_dict()
@@ -190,32 +198,45 @@ def ldm_state_dict(model) -> dict[str, torch.Tensor]:
             tensor = tensor[:, :, None, None]  # Linear weight -> 1x1 convolution weight
         state[names[name]] = tensor
 
-    text = model.text_encoder.state_dict()
     if model.family == "sd1":
-        state.update({CLIP_L_PREFIX + name: tensor for name, tensor in text.items()})
-        positions = model.text_encoder.config.max_position_embeddings
-        state[CLIP_L_PREFIX + "embeddings.position_ids"] = torch.arange(positions)[None]
+        state.update(_clip_l_state(model.text_encoder, CLIP_L_PREFIX))
     elif model.family == "sd2":
-        state.update(_open_clip_state(text, model.text_encoder.config))
+        state.update(_open_clip_state(model.text_encoder, OPEN_CLIP_PREFIX, unused_block=True))
+    elif model.family == "sdxl":
+        state.update(_clip_l_state(model.text_encoder.clip_l, SDXL_CLIP_L_PREFIX))
+        state.update(_open_clip_state(model.text_encoder.clip_g, BIG_G_PREFIX, unused_block=False))
     else:
-        raise InputError(f"Model family {model.family!r} cannot be written as an SD1/SD2 single file.")
+        raise InputError(f"Model family {model.family!r} cannot be written as an SD1/SD2/SDXL single file.")
 
     if model.prediction_type == "v_prediction":
         state[V_PREDICTION_MARKER] = torch.tensor([])
     return state
 
 
-def _open_clip_state(text: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    layers = config.num_hidden_layers
+def _clip_l_state(encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """CLIP-L under transformers names, with the position ids real files hold."""
+    state = {prefix + name: tensor for name, tensor in encoder.state_dict().items()}
+    state[prefix + "embeddings.position_ids"] = torch.arange(encoder.config.max_position_embeddings)[None]
+    return state
+
+
+def _open_clip_state(encoder, prefix: str, unused_block: bool) -> dict[str, torch.Tensor]:
+    """OpenCLIP's text tower: SD2's with an unused identity block after the last (see ldm_state_dict), SDXL's bigG
+    with its projection (stored [width, projection]: OpenCLIP multiplies features @ text_projection)."""
+    text = {name.removeprefix("text_model."): tensor for name, tensor in encoder.state_dict().items()}
+    layers = encoder.config.num_hidden_layers
     state = {}
-    for original, parts in open_clip_names(layers).items():
+    for original, parts in open_clip_names(layers, prefix).items():
         state[original] = text[parts[0]] if len(parts) == 1 else torch.cat([text[p] for p in parts])
-    # The unused last block (see ldm_state_dict): zero projections make it pass its input through.
-    last, unused = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers - 1}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layers}."
-    for original in [name for name in state if name.startswith(last)]:
-        state[unused + original[len(last) :]] = torch.zeros_like(state[original])
-    width = config.hidden_size
-    state[OPEN_CLIP_PREFIX + "text_projection"] = torch.eye(width, dtype=state[OPEN_CLIP_PREFIX + "ln_final.weight"].dtype)
+    if unused_block:  # zero projections make it pass its input through
+        last, unused = f"{prefix}transformer.resblocks.{layers - 1}.", f"{prefix}transformer.resblocks.{layers}."
+        for original in [name for name in state if name.startswith(last)]:
+            state[unused + original[len(last) :]] = torch.zeros_like(state[original])
+    if "text_projection.weight" in text:
+        state[prefix + "text_projection"] = text["text_projection.weight"].T
+    else:  # SD2 does not use it
+        width = encoder.config.hidden_size
+        state[prefix + "text_projection"] = torch.eye(width, dtype=state[prefix + "ln_final.weight"].dtype)
     return state
 
 
@@ -229,16 +250,17 @@ def write_single_file(model, path, dtype: torch.dtype = torch.float16) -> None:
     save_safetensors(state, path, metadata=metadata)
 
 
-def _require_plain_sd_unet(config) -> None:
-    """The original SD1/SD2 layout has no class/added embeddings and one block count for every level."""
+def _require_ldm_unet(config) -> None:
+    """The original layout has no class embeddings, added conditioning only as SDXL's, one block count for every
+    level, and a middle block of resnet-attention-resnet or (SSD-1B) one resnet."""
     problems = []
-    if config.class_embed_type is not None or config.addition_embed_type is not None:
-        problems.append("it has class or added-condition embeddings (SDXL-style)")
+    if config.class_embed_type is not None or config.addition_embed_type not in (None, "text_time"):
+        problems.append("it has class or added-condition embeddings other than SDXL's")
     if not isinstance(config.layers_per_block, int):
         problems.append("its levels have different numbers of blocks")
-    if config.mid_block_type != "UNetMidBlock2DCrossAttn":
+    if config.mid_block_type not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
         problems.append(f"its middle block is {config.mid_block_type}")
     if problems:
         raise InputError(
-            "This UNet cannot be written in the original SD1/SD2 layout: " + "; ".join(problems) + "."
+            "This UNet cannot be written in the original SD1/SD2/SDXL layout: " + "; ".join(problems) + "."
         )
