@@ -92,7 +92,13 @@ def _unet_tensors(model, family_name: str, prediction: str):
     from diffusers import UNet2DConditionModel
 
     state = model.model.diffusion_model.state_dict()
-    config = single_file.unet_config({name: tuple(t.shape) for name, t in state.items()}, family_name, prediction, prefix="")
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    pooled = None
+    if FAMILIES[family_name].size_conditioning:  # ComfyUI embeds each size id embedder.dim wide; the rest is pooled text
+        from ..engine.models.sdxl import TIME_IDS
+
+        pooled = shapes["label_emb.0.0.weight"][1] - TIME_IDS * model.model.embedder.dim
+    config = single_file.unet_config(shapes, family_name, prediction, prefix="", pooled_width=pooled)
     unet = _on_meta(lambda: UNet2DConditionModel(**config))
     return unet, single_file.unet_tensors(state, unet.config, prefix="")
 

@@ -233,3 +233,22 @@ def test_what_sdxl_refuses_is_named_before_anything_runs(comfyui, comfyui_checkp
     for graph, message in cases:
         error = failure(comfyui, graph)
         assert message in error, error
+
+
+def test_the_fingerprint_is_the_one_the_engine_gives_the_saved_checkpoint(comfyui, photo):
+    from protobooth.engine.models.loading import load_model
+
+    prefix = "protobooth_tiny_sdxl"
+    graph = {
+        **TINY,
+        "photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
+        "save": {"class_type": "CheckpointSave", "inputs": {"model": MODEL, "clip": CLIP, "vae": VAE,
+                                                            "filename_prefix": f"checkpoints/{prefix}"}},
+        "view": {"class_type": "ProtoBoothTestViewOutputs", "inputs": {
+            "model": MODEL, "clip": CLIP, "vae": VAE, "image": ["photo", 0], "latent": json.dumps(LATENT.tolist()),
+            "prompt": "a photo"}},
+    }
+    seen = comfyui.run(graph, timeout=600)["outputs"]["view"]["outputs"][0]
+    [saved] = [path for path in comfyui.output_files() if path.name.startswith(prefix)]
+    # ComfyUI's own SDXL checkpoint layout, read by the engine as a diffusers model
+    assert load_model(saved).fingerprint == seen["fingerprint"]
