@@ -367,9 +367,23 @@ def _tiny_sdxl_clip(generator):
     return clip
 
 
-def _tiny_sdxl_model(generator):
-    """A MODEL of ComfyUI's SDXL model config and model class over a small SDXL-shaped UNet: two levels (attention
-    on the second), linear projections, the size-conditioned label embedding."""
+# Tiny UNets in the shapes of ComfyUI's SDXL-family model configs: the base model's (mirrored output blocks,
+# attention in the middle), SSD-1B's (output blocks deeper than the input ones, a middle block of one resnet) and
+# KOALA's (one block per level, no middle block). Per input block and per output block (listed from the last, as
+# ComfyUI's detection lists them) the transformer depth; per level the blocks.
+TINY_SDXL_LAYOUTS = {
+    "SDXL": {"num_res_blocks": [1, 1], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+             "transformer_depth_middle": 1},
+    "SSD1B": {"num_res_blocks": [2, 2], "transformer_depth": [0, 0, 1, 1],
+              "transformer_depth_output": [0, 0, 0, 1, 1, 2], "transformer_depth_middle": -1},
+    "KOALA_700M": {"num_res_blocks": [1, 1], "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2],
+                   "transformer_depth_middle": -2},
+}
+
+
+def _tiny_sdxl_model(generator, layout: str):
+    """A MODEL of ComfyUI's SDXL-family model config `layout` and its model class over a small UNet of that shape:
+    two levels (attention on the second), linear projections, the size-conditioned label embedding."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -377,12 +391,11 @@ def _tiny_sdxl_model(generator):
     channels, width_l, width_g = TINY_SDXL["unet_channels"], TINY_SDXL["width_l"], TINY_SDXL["width_g"]
     unet_config = {
         "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": channels,
-        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
-        "transformer_depth_middle": 1, "use_spatial_transformer": True, "use_linear_in_transformer": True,
-        "legacy": False, "context_dim": width_l + width_g, "num_classes": "sequential",
-        "adm_in_channels": width_g + 6 * 256, "use_temporal_resblock": False, "use_temporal_attention": False,
+        "channel_mult": [1, 2], "use_spatial_transformer": True, "use_linear_in_transformer": True, "legacy": False,
+        "context_dim": width_l + width_g, "num_classes": "sequential", "adm_in_channels": width_g + 6 * 256,
+        "use_temporal_resblock": False, "use_temporal_attention": False, **TINY_SDXL_LAYOUTS[layout],
     }  # fmt: skip
-    config = comfy.supported_models.SDXL(unet_config)
+    config = getattr(comfy.supported_models, layout)(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "")
     _init_randomly(model.diffusion_model, generator)
@@ -412,11 +425,12 @@ class ProtoBoothTestTinySDXL:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "layout": (list(TINY_SDXL_LAYOUTS),)}}
 
-    def make(self, seed):
+    def make(self, seed, layout):
         generator = torch.Generator().manual_seed(seed)
-        return _tiny_sdxl_model(generator), _tiny_sdxl_clip(generator), _tiny_vae(generator)
+        return _tiny_sdxl_model(generator, layout), _tiny_sdxl_clip(generator), _tiny_vae(generator)
 
 
 class ProtoBoothTestTokenRows:

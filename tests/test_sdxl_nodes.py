@@ -23,7 +23,7 @@ from test_concept_nodes import (LATENT, digest_node, failure, lora_keys_not_load
                                 training_graph)
 
 PHOTO = "sdxl_photo.png"
-TINY = {"tiny": {"class_type": "ProtoBoothTestTinySDXL", "inputs": {"seed": 0}}}
+TINY = {"tiny": {"class_type": "ProtoBoothTestTinySDXL", "inputs": {"seed": 0, "layout": "SDXL"}}}
 MODEL, CLIP, VAE = ["tiny", 0], ["tiny", 1], ["tiny", 2]
 WIDTH_L, WIDTH_G = 32, 48  # the tiny SDXL's text encoders (comfyui_probe.TINY_SDXL)
 
@@ -68,10 +68,12 @@ def saved_pixels(comfyui, entry, prefix: str) -> np.ndarray:
     return np.asarray(Image.open(comfyui.output_dir / image["subfolder"] / image["filename"]), dtype=np.int16)
 
 
-def test_sdxl_views_compute_what_comfyui_computes(comfyui, photo):
+# SSD-1B's and KOALA's UNets differ from the base model's in ways a mirrored UNet does not show
+@pytest.mark.parametrize("layout", ["SDXL", "SSD1B", "KOALA_700M"])
+def test_sdxl_views_compute_what_comfyui_computes(comfyui, photo, layout):
     prompt = "a photo of a red square"
     graph = {
-        **TINY,
+        "tiny": {"class_type": "ProtoBoothTestTinySDXL", "inputs": {"seed": 0, "layout": layout}},
         "photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
         **prediction_nodes("comfy", MODEL, CLIP, prompt),
         "view": {"class_type": "ProtoBoothTestViewOutputs", "inputs": {
