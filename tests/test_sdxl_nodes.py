@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from comfyui_harness import execution_error
 from comfyui_models import RED_SQUARE, two_shapes_photo
+from conftest import long_run_on_one_build
 from test_concept_nodes import (LATENT, digest_node, failure, lora_keys_not_loaded, prediction, prediction_nodes,
                                 training_graph)
 
@@ -129,6 +130,29 @@ def test_an_sdxl_concept_trains_and_stock_loaders_draw_the_same_picture(comfyui,
     pictures = {kind: saved_pixels(comfyui, entry, f"{kind}_picture") for kind in ("stock", "applied", "plain")}
     assert np.array_equal(pictures["stock"], pictures["applied"])
     assert np.abs(pictures["plain"] - pictures["applied"]).max() > 0
+
+
+# One build: the attribute method's concept is a UNet LoRA, which the object-driven test above loads in both builds.
+@long_run_on_one_build
+def test_the_attribute_method_trains_on_sdxl_and_its_lora_loads_in_stock_comfyui(comfyui, photo):
+    name = "protobooth_test_sdxl_attribute"
+    graph = tiny_training_graph(photo)
+    graph["train"] = {"class_type": "ProtoBoothTrainAttribute", "inputs": {
+        "model": MODEL, "clip": CLIP, "vae": VAE, "image": ["photo", 0], "masks": ["masks", 0], "tokens": "zqglaze",
+        "class_words": "square", "steps": 2, "hyper_learning_rate": 1e-2, "token_learning_rate": 5e-3,
+        "attribute": "appearance", "layers": "auto", "resolution": 64, "seed": 7}}
+    graph["save"] = {"class_type": "ProtoBoothSaveConcept", "inputs": {"concept": ["train", 2], "name": name, "overwrite": True}}
+    comfyui.run(graph, timeout=600)
+    graph.update({
+        "stock": {"class_type": "LoraLoader", "inputs": {"model": MODEL, "clip": CLIP, "lora_name": f"{name}.safetensors",
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+        **prediction_nodes("stock", ["stock", 0], ["stock", 1], f"a photo of embedding:{name} square"),
+        **prediction_nodes("in_graph", ["train", 0], ["train", 1], "a photo of zqglaze square"),
+    })
+    log_start = len(comfyui.log_text())
+    entry = comfyui.run(graph, timeout=600)
+    assert lora_keys_not_loaded(comfyui.log_text()[log_start:]) == []
+    assert np.abs(prediction(entry, "stock") - prediction(entry, "in_graph")).max() <= 1e-5
 
 
 def test_cancel_stops_sdxl_training_and_leaves_the_inputs(comfyui, photo):
