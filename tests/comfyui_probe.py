@@ -222,7 +222,8 @@ class ProtoBoothTestViewOutputs:
         return {"ui": {"outputs": [{"prediction": prediction.flatten().tolist(), "states": states.flatten().tolist(),
                                     "pooled": pooled, "latent_mean": encoded.flatten().tolist(),
                                     "unet_shares_storage": shared, "fingerprint": view.fingerprint,
-                                    "family": view.family, "latent_scaling": view.latent_scaling}]}}
+                                    "family": view.family, "latent_scaling": view.latent_scaling,
+                                    "config_class": type(model.model.model_config).__name__}]}}
 
 
 class ProtoBoothTestAsFamily:
