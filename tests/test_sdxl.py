@@ -76,3 +76,11 @@ def test_an_sdxl_embedding_with_a_half_missing_is_refused(tmp_path):
     save_file({"clip_l": load_file(tmp_path / "emb.safetensors")["clip_l"]}, tmp_path / "half.safetensors", header)
     with pytest.raises(InputError, match="'clip_g'"):
         load_concept(tmp_path / "half.safetensors", tmp_path / "lora.safetensors")
+
+
+def test_a_method_that_cannot_train_sdxl_says_so_and_names_those_that_can(tmp_path):
+    model = tiny.tiny_model(0, family="sdxl")
+    image, cat, _ = scene()
+    settings = TrainSettings.from_values(method="textboost", steps=1)
+    with pytest.raises(InputError, match="TextBoost cannot train SDXL models yet; use object-driven or Attribute"):
+        OneShotTrainer(model, image, [cat], ["zqcat"], ["cat"], settings, prior_cache=tmp_path / "cache")
