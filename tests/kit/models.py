@@ -94,13 +94,15 @@ def comfy_smallest_sdxl_model(seed: int = 0) -> DiffusionModel:
     """A small SDXL-family model that ComfyUI's checkpoint loader detects (as Segmind Vega) with no missing keys.
 
     ComfyUI matches an SDXL-family UNet by 320 model channels, linear projections, 2048 context, 2816 added-condition
-    inputs and the transformer depths of the input blocks alone ([0, 0, 1, 1, 2, 2] is Vega's, the smallest of the
-    family's); channel multipliers, the middle block and the output blocks are not checked, so every level here is 320
-    wide (about 116 M UNet parameters) and the UNet is otherwise SDXL's shape: two blocks per level, the output
-    blocks mirroring the input ones, attention in the middle. ComfyUI builds SDXL's text encoders (CLIP-L, 123 M
-    parameters; OpenCLIP bigG, 695 M) and VAE (84 M) at full size from its own configs whatever the file holds: a
-    tensor left out stays uninitialised memory and one of another shape fails the load, so those are full size
-    here. About 1.02 G parameters: a 2 GB file in fp16.
+    inputs and the transformer depths of the input blocks alone (Vega's are [0, 0, 1, 1, 2, 2]); channel multipliers,
+    the middle block and the output blocks are not checked. Here every level is 320 wide and the UNet is otherwise
+    SDXL's shape (two blocks per level, output blocks mirroring the input ones, attention in the middle): 115.5 M
+    parameters. ComfyUI builds SDXL's text encoders (CLIP-L, 123.1 M parameters; OpenCLIP bigG, 694.7 M) and VAE
+    (83.7 M) at full size from its own configs whatever the file holds: a tensor left out stays uninitialised memory
+    and one of another shape fails the load, so those are full size here and make 89% of the file. 1016.8 M
+    parameters, 2,033,883,774 bytes in fp16. (Both test ComfyUIs also accept a 60.6 M-parameter UNet, KOALA-700M's
+    input depths with one block per level, no attention on the way up and no middle block: a 1.92 GB file, 5% less,
+    but no longer SDXL's shape.)
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
