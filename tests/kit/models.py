@@ -88,8 +88,6 @@ def comfy_tiny_model(seed: int = 0) -> DiffusionModel:
     )
 
 
-
-
 def comfy_smallest_sdxl_model(seed: int = 0) -> DiffusionModel:
     """A small SDXL-family model that ComfyUI's checkpoint loader detects (as Segmind Vega) with no missing keys.
 
