@@ -422,7 +422,7 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
     if concept.family != family:
         made_for, here = FAMILIES[concept.family].label, FAMILIES[family].label
         raise InputError(f"the concept was trained on {made_for} ({concept.family}) but the MODEL is {here} ({family}); "
-                         f"use a {made_for} checkpoint or train the concept again on this one.")
+                         f"use the {made_for} checkpoint it was trained on, or train it again on this one.")
     encoders = text_encoders(clip, family)
     widths = [encoder.transformer.get_input_embeddings().weight.shape[1] for encoder in encoders]
     given = concept.text_widths or (concept.objects[0].vectors.shape[1],)
