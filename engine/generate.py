@@ -48,11 +48,16 @@ def render(pipeline, prompts: list[str], seeds: list[int], steps: int = 25, guid
     return images
 
 
+def check_concept_family(concept: Concept, model_family: str, model: str = "this") -> None:
+    """Refuse a concept of another model family than `model`'s (what the message calls the model)."""
+    if concept.family != model_family:
+        raise InputError(f"the concept was trained on an {concept.family.upper()} model but {model} is an "
+                         f"{model_family.upper()} model; use a base model of the same family.")
+
+
 def check_concept_fits(model, concept: Concept) -> None:
     """Refuse a concept of another model family; warn when it was trained on a different base model."""
-    if concept.family != model.family:
-        raise InputError(f"the concept was trained on an {concept.family.upper()} model but this is an "
-                         f"{model.family.upper()} model; use a base model of the same family.")
+    check_concept_family(concept, model.family)
     widths = model.text_widths
     wrong = [obj.token for obj in concept.objects if obj.vectors.shape[1] != sum(widths)]
     if wrong or (len(widths) > 1 and tuple(concept.text_widths) != widths):

@@ -60,6 +60,35 @@ def test_segment_train_generate(files, capsys):
     assert first.shape == (64, 64, 3) and not np.array_equal(first, second)  # two seeds, two pictures
 
 
+def test_train_and_generate_on_an_sdxl_single_file(files, tmp_path):
+    """An SDXL checkpoint in the original layout trains from the command line; its concept holds each token vector's
+    CLIP-L and bigG halves, and generate draws with it."""
+    from safetensors.torch import load_file
+
+    from kit.checkpoints import write_single_file
+
+    model = tmp_path / "sdxl.safetensors"
+    write_single_file(tiny.tiny_model(0, family="sdxl"), model)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 12:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    assert main(["train", str(files / "photo.png"), "--model", str(model), "--token", "zqcat", "--class", "cat",
+                 "--mask", str(tmp_path / "mask.png"), "--steps", "2", "--prior-weight", "0", "--out", str(out),
+                 "--preview-prompt", "a photo of zqcat cat", "--quiet"]) == 0
+    embedding = out / "embeddings/zqcat.safetensors"
+    concept = load_concept(embedding, out / "loras/zqcat.safetensors")
+    assert concept.family == "sdxl" and concept.lora
+    rows = concept.objects[0].vectors.shape[0]
+    stored = {key: tuple(tensor.shape) for key, tensor in load_file(embedding).items()}
+    assert stored == {"clip_l": (rows, tiny.TEXT_WIDTH), "clip_g": (rows, tiny.BIG_G_WIDTH)}
+
+    images = tmp_path / "images"
+    assert main(["generate", "a photo of zqcat cat", "--model", str(model), "--concept", str(embedding), "--steps", "2",
+                 "--out", str(images), "--quiet"]) == 0
+    assert np.asarray(Image.open(images / "000-seed0.png")).shape == (64, 64, 3)
+
+
 def test_demo_writes_everything(tmp_path):
     assert main(["demo", "--model", "tiny", "--out", str(tmp_path), "--steps", "3", "--quiet"]) == 0
     for name in ("reference.png", "reference-mask-1.png", "loras/demo.safetensors", "embeddings/demo.safetensors",

@@ -28,6 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kit.checkpoints import write_single_file
 from kit.sam import save_sam_checkpoint, tiny_sam
 from protobooth.engine.cli import main
 from protobooth.engine.concept.concept import check_concept_name, load_concept
@@ -82,6 +83,7 @@ def root(tmp_path_factory) -> Path:
     (root / "big.png").write_bytes(png_header(12000, 12000))
     (root / "a_file").write_text("a file, not a folder\n")
     tiny.tiny_model(0).pipeline().save_pretrained(root / "model")
+    write_single_file(tiny.tiny_model(0, family="sdxl"), root / "sdxl.safetensors")
     save_sam_checkpoint(tiny_sam(0), root / "sam.pth")
     torch.save(Payload(root), root / "hostile.ckpt")  # torch's own format, as a published .ckpt is
     (root / "hostile_sam.pth").write_bytes(pickle.dumps(Payload(root)))  # a bare pickle
@@ -254,7 +256,7 @@ CASES = [
     ("resume-other-settings", train("--resume"), 2, r"was made with other settings \(steps\)",
      {CKPT: lambda root: resumable_checkpoint(root, steps=7)}, None),
     ("resume-missing", train("--resume"), 2, r"--resume: there is no checkpoint at", None, None),
-    # generate (7)
+    # generate (9)
     ("generate-steps-zero", [*GENERATE, "--steps", "0"], 2, r"steps 0 must be a whole number from 1 to 1000", None, None),
     ("generate-size-odd", [*GENERATE, "--size", "100"], 2, r"size 100 must be a multiple of 8", None, None),
     ("generate-guidance-nan", [*GENERATE, "--guidance", "nan"], 2, r"guidance nan must be a number", None, None),
@@ -264,8 +266,16 @@ CASES = [
     ("generate-concept-not-safetensors", [*GENERATE, "--concept", "{r}/fake.safetensors"], 2,
      r"embedding .*fake\.safetensors is not a readable safetensors file", None, None),
     ("generate-concept-other-width", [*GENERATE, "--concept", "{c}/wide.safetensors"], 2,
-     r"vectors for 'zqwide' are 48 wide but this model's text encoder takes 32", {"wide.safetensors": lambda root: wide_concept()},
-     None),
+     r"vectors for 'zqwide' are 48 wide but this model's text encoder takes 32",
+     {"wide.safetensors": lambda root: concept_bytes("sd1", (48,), "zqwide")}, None),
+    # A concept of another family is refused from the files' headers, before the model loads.
+    ("generate-sd1-concept-on-sdxl", ["generate", "a photo of a cat", "--model", "{r}/sdxl.safetensors", "--out",
+     "{c}/images", "--concept", "{c}/sd1.safetensors"], 2,
+     r"concept was trained on an SD1 model but --model .*sdxl\.safetensors is an SDXL model",
+     {"sd1.safetensors": lambda root: concept_bytes("sd1", (tiny.TEXT_WIDTH,), "zqcat")}, None),
+    ("generate-sdxl-concept-on-sd1", [*GENERATE, "--concept", "{c}/xl.safetensors"], 2,
+     r"concept was trained on an SDXL model but --model .*model is an SD1 model",
+     {"xl.safetensors": lambda root: concept_bytes("sdxl", (tiny.TEXT_WIDTH, tiny.BIG_G_WIDTH), "zqcat")}, None),
     # demo (2)
     ("demo-steps-zero", ["demo", "--model", "tiny", "--steps", "0", "--out", "{c}/demo"], 2, r"--steps 0 must be at least 1",
      None, None),
@@ -290,12 +300,12 @@ def resumable_checkpoint(root: Path, steps: int) -> bytes:
     return data
 
 
-def wide_concept() -> bytes:
-    import io
-
+def concept_bytes(family: str, widths: tuple[int, ...], token: str) -> bytes:
+    """The embedding file of a made-up `family` concept: one vector for `token`, one part per width (text encoder)."""
     from protobooth.engine.concept.concept import Concept, ConceptObject, save_concept
 
-    concept = Concept([ConceptObject("zqwide", "cat", torch.ones(1, 48))], {}, "sd1", "unknown", {}, "0")
+    concept = Concept([ConceptObject(token, "cat", torch.ones(1, sum(widths)))], {}, family, "unknown", {}, "0",
+                      text_widths=widths if len(widths) > 1 else ())
     folder = Path(os.environ["PROTOBOOTH_TEST_SCRATCH"])
     save_concept(concept, folder / "w_lora.safetensors", folder / "w.safetensors")
     data = (folder / "w.safetensors").read_bytes()

@@ -131,6 +131,14 @@ def test_sdxl_folder_with_the_legacy_end_token_id_pools_at_the_end_token(tmp_pat
         assert torch.allclose(pooled, loaded.encode(ids).pooled, atol=1e-6)
 
 
+def test_sdxl_folder_of_fp16_variant_files_loads(tmp_path):
+    """Some downloads hold only the fp16 variant (*.fp16.safetensors) in every component folder, bigG's included."""
+    original = tiny_model(seed=9, family="sdxl")
+    original.pipeline().save_pretrained(tmp_path / "xl", variant="fp16")
+    assert [p.name for p in (tmp_path / "xl" / "text_encoder_2").glob("*.safetensors")] == ["model.fp16.safetensors"]
+    assert_same_weights(load_model(tmp_path / "xl"), original)
+
+
 def rule_following_model(family: str) -> DiffusionModel:
     """A small model whose hidden settings follow real checkpoints' rules (heads, GroupNorm 32).
 
@@ -347,6 +355,7 @@ SDXL_TEXT = {"conditioner.embedders.0.transformer.text_model.embeddings.position
           "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight": (8,)}, "SDXL refiner model"),
         ({UNET_CONV_IN: (320, 9, 3, 3), LABEL_EMB: (8, 16), **SDXL_TEXT}, "SDXL inpainting model"),
         ({UNET_CONV_IN: (320, 4, 3, 3), **SDXL_TEXT}, "lacks SDXL's size conditioning"),
+        ({UNET_CONV_IN: (320, 4, 3, 3), LABEL_EMB: (8, 16), **SDXL_TEXT, "edm_mean": (1, 4, 1, 1)}, "Playground v2.5"),
         ({UNET_CONV_IN: (320, 4, 3, 3), LABEL_EMB: (8, 16), "cond_stage_model.model.positional_embedding": (77, 8)},
          "class-conditioned"),
         ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "Flux model"),
@@ -401,6 +410,9 @@ CLIP_L = ["transformers", "CLIPTextModel"]
      {"addition_embed_type": "text_time", "in_channels": 4}, "SDXL refiner model"),
     ({"_class_name": "StableDiffusionXLPipeline", "text_encoder": CLIP_L},
      {"addition_embed_type": "text_time", "in_channels": 9}, "SDXL inpainting model"),
+    ({"_class_name": "StableDiffusionXLPipeline", "text_encoder": CLIP_L,
+      "scheduler": ["diffusers", "EDMDPMSolverMultistepScheduler"]},
+     {"addition_embed_type": "text_time", "in_channels": 4}, "Playground v2.5"),
     ({"_class_name": "StableDiffusionXLInpaintPipeline", "text_encoder": CLIP_L},
      {"addition_embed_type": "text_time", "in_channels": 4}, "SDXL inpainting model"),
     ({"_class_name": "StableDiffusionPipeline", "text_encoder": CLIP_L}, {"class_embed_type": "projection"},

@@ -23,8 +23,8 @@ def register_batch(subparsers) -> None:
         "example: protobooth batch products.jsonl --model sd15.safetensors --out ComfyUI/models --ray auto",
     )
     p.add_argument("manifest", help="the .jsonl manifest (paths in it are relative to its folder)")
-    p.add_argument("--model", required=True, help="base model: a diffusers folder, a .safetensors/.ckpt SD1.x/SD2.x "
-                   "file, or 'shapesworld' (the embedded demo model)")
+    p.add_argument("--model", required=True, help="base model: a diffusers folder, a .safetensors/.ckpt SD1.x, SD2.x or "
+                   "SDXL file, or 'shapesworld' (the embedded demo model)")
     p.add_argument("--out", required=True, help="models folder (e.g. ComfyUI/models); on a cluster, one every worker sees")
     p.add_argument("--sam", help="segment-anything checkpoint, for lines that give a box or points")
     p.add_argument("--clip", help="CLIP model folder for the prototype initialisation ('shapesworld': the demo "

@@ -22,7 +22,8 @@ def register_train(subparsers) -> None:
         "example: protobooth train cat.jpg --model sd15.safetensors --token zqcat --class cat --mask cat_mask.png",
     )
     p.add_argument("image", help="the photo (PNG/JPEG/WebP; greyscale, RGBA and 16-bit are converted)")
-    p.add_argument("--model", required=True, help="base model: a diffusers folder or a .safetensors/.ckpt SD1.x/SD2.x file")
+    p.add_argument("--model", required=True,
+                   help="base model: a diffusers folder or a .safetensors/.ckpt SD1.x, SD2.x or SDXL file")
     p.add_argument("--token", action="append", required=True, help="trigger word for an object (made up, e.g. zqcat); repeat per object")
     p.add_argument("--class", dest="class_words", action="append", required=True, help="the object's class word (e.g. cat); repeat per object")
     p.add_argument("--mask", action="append", help="mask image of an object (white = object); repeat per object")
@@ -168,7 +169,8 @@ def register_generate(subparsers) -> None:
         "'a photo of zqcat cat in the snow'",
     )
     p.add_argument("prompts", nargs="+", help="prompts")
-    p.add_argument("--model", required=True, help="base model: a diffusers folder or a .safetensors/.ckpt SD1.x/SD2.x file")
+    p.add_argument("--model", required=True,
+                   help="base model: a diffusers folder or a .safetensors/.ckpt SD1.x, SD2.x or SDXL file")
     p.add_argument("--concept", help="the concept's embedding file (its LoRA is found in ../loras/ by name)")
     p.add_argument("--lora", help="the concept's LoRA file, when not beside the embedding in ../loras/")
     p.add_argument("--lora-scale", type=float, action="append", help="LoRA strength (an attribute concept's intensity "
@@ -188,8 +190,8 @@ def register_generate(subparsers) -> None:
 def run_generate(args) -> int:
     from ..concept.concept import load_concept
     from ..fileio import check_output, save_png
-    from ..generate import check_render_options, generate
-    from ..models.loading import load_model
+    from ..generate import check_concept_family, check_render_options, generate
+    from ..models.loading import detect_family, load_model
     from ..report import image_grid
 
     seeds = args.seed or [0]
@@ -209,6 +211,7 @@ def run_generate(args) -> int:
         if args.lora and not lora.is_file():
             raise InputError(f"--lora {lora} does not exist; give the concept's LoRA file, or leave --lora out.")
         concept = load_concept(embedding, lora if lora.is_file() else None)
+        check_concept_family(concept, detect_family(args.model), f"--model {args.model}")  # before the model loads
     device = device_name(args.device)
     model = load_model(args.model).to(device)
     images, names, labels = [], [], []

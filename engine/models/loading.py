@@ -46,6 +46,8 @@ def _folder_family(folder: Path) -> str:
     size_conditioned = unet.get("addition_embed_type") == "text_time"
     if size_conditioned and not (index.get("text_encoder") or [None])[0]:
         unsupported = unsupported or "SDXL refiner"  # bigG alone, as text_encoder_2
+    elif size_conditioned and "EDM" in str(index.get("scheduler")):
+        unsupported = unsupported or "Playground v2.5 (EDM)"  # SDXL's layout with a continuous noise schedule
     elif not size_conditioned and (unet.get("addition_embed_type") is not None or unet.get("class_embed_type") is not None):
         unsupported = unsupported or "class-conditioned"
     elif unet.get("in_channels", 4) != 4:

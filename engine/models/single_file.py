@@ -115,9 +115,10 @@ def _torch_load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def not_supported(path, kind: str) -> InputError:
+    article = "an" if kind[:1] in "AEIOUaeiou" or kind.startswith("SD") else "a"  # "an SDXL refiner" ("ess-dee")
     return InputError(
-        f"{path} is a {kind} model, which ProtoBooth does not support (it trains Stable Diffusion 1.x, 2.x and SDXL "
-        "base models). Choose an SD1.x, SD2.x or SDXL base model."
+        f"{path} is {article} {kind} model, which ProtoBooth does not support (it trains Stable Diffusion 1.x, 2.x and "
+        "SDXL base models). Choose an SD1.x, SD2.x or SDXL base model."
     )
 
 
@@ -133,6 +134,8 @@ def family_from_shapes(shapes: dict[str, tuple], path) -> str:
         raise not_supported(path, "Flux")
     if any("joint_blocks.0.context_block." in name for name in names):
         raise not_supported(path, "Stable Diffusion 3")
+    if "edm_mean" in shapes:  # SDXL's layout, but a continuous (EDM) noise schedule and its own latent statistics
+        raise not_supported(path, "Playground v2.5 (EDM)")
     found = _sdxl_text_encoders(names, path) if any(name.startswith(SDXL_PREFIX) for name in names) else None
     size_conditioned = UNET_PREFIX + "label_emb.0.0.weight" in shapes
     if size_conditioned and found is None:
