@@ -1,5 +1,9 @@
 """ComfyUI ↔ engine glue: diffusers views of a graph's MODEL/CLIP/VAE, and concepts applied the ComfyUI way.
 
+SD1 and SD2 CLIPs hold one text encoder; SDXL's holds two (CLIP-L and OpenCLIP bigG), which become the engine's
+SDXLTextEncoder: a token vector is both widths side by side, and each of ComfyUI's two word tokenizers reads its
+own half, as `embedding:<name>` reads an SDXL embedding file's `clip_l` and `clip_g`.
+
 A *view* is a diffusers/transformers module whose parameters are ComfyUI's own tensors (the same
 storage, no second copy), built on the meta device and filled with `load_state_dict(assign=True)`.
 ComfyUI creates its weights under `torch.inference_mode()`, and autograd refuses to save inference
@@ -28,8 +32,8 @@ import comfy.sd
 
 from ..engine.errors import InputError
 from ..engine.models import single_file
-from ..engine.models.diffusion_model import DiffusionModel, model_fingerprint
-from ..engine.models.families import FAMILIES, noise_scheduler
+from ..engine.models.diffusion_model import FINGERPRINT_ROWS, DiffusionModel, model_fingerprint
+from ..engine.models.families import FAMILIES, TRAINABLE, noise_scheduler
 from ..engine.models.precision import compute_in
 from ..engine.text.tokenizer import clip_tokenizer
 
@@ -38,6 +42,8 @@ log = logging.getLogger("protobooth")
 # ComfyUI's model-config class → engine family. Subclasses (unCLIP, …) are other models, so names must match.
 COMFY_CONFIGS = {name: record.name for record in FAMILIES.values() if record.trainable
                  for name in record.comfy_model_configs}
+OTHER_MODELS = {name: what for record in FAMILIES.values() for name, what in record.comfy_other_models}
+SUPPORTED = ", ".join(FAMILIES[name].label for name in TRAINABLE)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -47,13 +53,19 @@ COMFY_CONFIGS = {name: record.name for record in FAMILIES.values() if record.tra
 def model_family(model) -> tuple[str, str]:
     """(family, prediction type) of a MODEL, or an InputError saying why it cannot be trained."""
     config = model.model.model_config
-    found = COMFY_CONFIGS.get(type(config).__name__)
+    name = type(config).__name__
+    if name in OTHER_MODELS:
+        raise InputError(f"the MODEL is {OTHER_MODELS[name]} ({name}), which ProtoBooth cannot train; use a plain "
+                         f"{SUPPORTED} checkpoint.")
+    found = COMFY_CONFIGS.get(name)
     if found is None:
-        raise InputError(f"the MODEL is a {type(config).__name__} model; ProtoBooth works with Stable Diffusion 1.x "
-                         "and 2.x checkpoints (SDXL, SD3, Flux and others are not supported yet).")
-    if config.unet_config.get("in_channels") != 4:
-        raise InputError(f"the MODEL takes {config.unet_config.get('in_channels')} input channels (an inpainting or "
-                         "other special checkpoint); use a plain SD1.x/SD2.x checkpoint.")
+        raise InputError(f"the MODEL is a {name} model; ProtoBooth works with {SUPPORTED} checkpoints (SD3, Flux and "
+                         "others are not supported yet).")
+    channels = config.unet_config.get("in_channels")
+    if channels != 4:
+        label = FAMILIES[found].label
+        raise InputError(f"the MODEL takes {channels} input channels (an inpainting or image-edit {label} checkpoint); "
+                         f"use a plain {label} checkpoint.")
     sampling = model.object_patches.get("model_sampling", model.model.model_sampling)
     if isinstance(sampling, comfy.model_sampling.EDM) or not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
         raise InputError("the MODEL uses a continuous (EDM) noise schedule; ProtoBooth trains with SD's discrete schedule.")
@@ -80,27 +92,43 @@ def _unet_tensors(model, family_name: str, prediction: str):
     from diffusers import UNet2DConditionModel
 
     state = model.model.diffusion_model.state_dict()
-    config = single_file.unet_config({name: tuple(t.shape) for name, t in state.items()}, family_name, prediction, prefix="")
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    pooled = None
+    if FAMILIES[family_name].size_conditioning:  # ComfyUI embeds each size id embedder.dim wide; the rest is pooled text
+        from ..engine.models.sdxl import TIME_IDS
+
+        pooled = shapes["label_emb.0.0.weight"][1] - TIME_IDS * model.model.embedder.dim
+    config = single_file.unet_config(shapes, family_name, prediction, prefix="", pooled_width=pooled)
     unet = _on_meta(lambda: UNet2DConditionModel(**config))
     return unet, single_file.unet_tensors(state, unet.config, prefix="")
 
 
-def _text_encoder(clip, family: str):
-    """ComfyUI's text-encoder module (SDClipModel) inside a CLIP, checked against the model family."""
-    name = FAMILIES[family].comfy_text_encoder
-    encoder = getattr(clip.cond_stage_model, name, None)
-    if encoder is None:
-        raise InputError(f"the CLIP has no {name} text encoder, so it does not belong to an {family} MODEL; "
+def clip_family(clip) -> str:
+    """The family whose text encoders a CLIP holds (SD1: CLIP-L; SD2: OpenCLIP-H; SDXL: CLIP-L and bigG)."""
+    held = {name for name, _ in clip.cond_stage_model.named_children()}
+    for name in TRAINABLE:
+        if held == set(FAMILIES[name].comfy_text_encoders):
+            return name
+    raise InputError(f"the CLIP holds the text encoder(s) {', '.join(sorted(held)) or 'none'}, not those of a {SUPPORTED} "
+                     "checkpoint; connect the CLIP of the checkpoint you use.")
+
+
+def text_encoders(clip, family: str) -> list:
+    """ComfyUI's text-encoder modules (SDClipModel) of a CLIP of `family`, in the order of a token vector's parts."""
+    held = clip_family(clip)
+    if held != family:
+        raise InputError(f"the CLIP is {FAMILIES[held].label}'s text encoder but the MODEL is {FAMILIES[family].label}; "
                          "connect the CLIP from the same checkpoint as the MODEL.")
-    return encoder
+    return [getattr(clip.cond_stage_model, name) for name in FAMILIES[family].comfy_text_encoders]
 
 
 def base_fingerprint(model, clip) -> str:
     """The engine's fingerprint of the base model (the same value a diffusers copy of the checkpoint has)."""
     family, prediction = model_family(model)
     _, tensors = _unet_tensors(model, family, prediction)
-    embedding = _text_encoder(clip, family).transformer.get_input_embeddings().weight
-    return model_fingerprint(tensors, embedding)
+    # SDXL's token table is both encoders' side by side: only the rows the fingerprint reads are joined
+    tables = [encoder.transformer.get_input_embeddings().weight[:FINGERPRINT_ROWS] for encoder in text_encoders(clip, family)]
+    return model_fingerprint(tensors, torch.cat([table.to(tables[0].dtype) for table in tables], dim=1))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -173,37 +201,98 @@ def text_encoder_layers(clip, encoder) -> int:
     return used
 
 
-def _stored_layers(state: dict) -> int:
-    """How many transformer layers a text-encoder state dict (ComfyUI's names) holds."""
+def _text_sizes(encoder) -> dict:
+    """The CLIPTextConfig sizes of a ComfyUI text encoder, every stored layer, read from its tensors."""
+    state = encoder.transformer.state_dict()
     prefix = "text_model.encoder.layers."
-    return 1 + max(int(name[len(prefix):].split(".", 1)[0]) for name in state if name.startswith(prefix))
+    vocab_size, width = state["text_model.embeddings.token_embedding.weight"].shape
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": width,
+        "intermediate_size": state[prefix + "0.mlp.fc1.weight"].shape[0],
+        "num_hidden_layers": 1 + max(int(name[len(prefix):].split(".", 1)[0]) for name in state if name.startswith(prefix)),
+        "num_attention_heads": encoder.transformer.text_model.encoder.layers[0].self_attn.heads,
+        "max_position_embeddings": state["text_model.embeddings.position_embedding.weight"].shape[0],
+    }
 
 
-def text_encoder_view(clip, family: str, device: torch.device | None = None, all_layers: bool = False):
-    """A transformers CLIPTextModel over the CLIP's text-encoder weights, giving what CLIPTextEncode gives.
+def _text_view(module, encoder, device: torch.device):
+    """Fill a meta-device transformers text model with a ComfyUI text encoder's tensors (computing in float32, as
+    ComfyUI does whatever dtype it stores them in)."""
+    state = encoder.transformer.state_dict()
+    # transformers 5 leaves "text_model." out of a CLIPTextModel's names; ComfyUI and CLIPTextModelWithProjection keep it.
+    tensors = {name: state[name] if name in state else state["text_model." + name] for name in module.state_dict()}
+    return _view(module, tensors, device, torch.float32)
 
-    It has as many layers as the CLIP uses (CLIPSetLastLayer -2 → all but the last; SD2 → the penultimate),
-    each followed by the final layer norm, as ComfyUI computes it; weights stored in another dtype are cast
-    to float32 on use, as ComfyUI does. With `all_layers` it is the whole tower whatever the CLIP conditions
-    on: CLIP's own text features (the ones it projects into its joint space) come from the last layer.
+
+def text_encoder_view(clip, family: str, device: torch.device | None = None):
+    """A transformers text model over the CLIP's text-encoder weights, giving what CLIPTextEncode gives.
+
+    SD1/SD2: a CLIPTextModel with as many layers as the CLIP uses (CLIPSetLastLayer -2 → all but the last; SD2 → the
+    penultimate), each followed by the final layer norm, as ComfyUI computes it. SDXL: the engine's SDXLTextEncoder
+    over views of both encoders (sdxl_text_encoder_view). Weights stored in another dtype are cast to float32 on
+    use, as ComfyUI does.
     """
     from transformers import CLIPTextModel
 
-    encoder = _text_encoder(clip, family)
-    state = encoder.transformer.state_dict()
-    embedding = state["text_model.embeddings.token_embedding.weight"]
-    config = FAMILIES[family].text_encoder_config(
-        vocab_size=embedding.shape[0],
-        hidden_size=embedding.shape[1],
-        intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_stored_layers(state) if all_layers else text_encoder_layers(clip, encoder),
-        num_attention_heads=encoder.transformer.text_model.encoder.layers[0].self_attn.heads,
-        max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
-    )
-    module = _on_meta(lambda: CLIPTextModel(config))
-    # transformers 5 names have no "text_model." prefix; ComfyUI's do.
-    tensors = {name: state["text_model." + name] for name in module.state_dict()}
-    return _view(module, tensors, device or embedding.device, torch.float32)
+    encoders = text_encoders(clip, family)
+    device = device or encoders[0].transformer.get_input_embeddings().weight.device
+    if len(encoders) > 1:
+        return sdxl_text_encoder_view(clip, encoders, device)
+    sizes = {**_text_sizes(encoders[0]), "num_hidden_layers": text_encoder_layers(clip, encoders[0])}
+    module = _on_meta(lambda: CLIPTextModel(FAMILIES[family].text_encoder_config(**sizes)))
+    return _text_view(module, encoders[0], device)
+
+
+def text_tower_view(clip, family: str, device: torch.device | None = None):
+    """The CLIP text tower whose projected features live in CLIP's joint space with image features (Prototype
+    Init's): the CLIP's first text encoder (SDXL: CLIP-L) as a CLIPTextModel with every layer, whatever layer the
+    CLIP conditions on, since CLIP's own text features come from the last one."""
+    from transformers import CLIPTextModel
+
+    encoder = text_encoders(clip, family)[0]
+    module = _on_meta(lambda: CLIPTextModel(FAMILIES[family].text_encoder_config(**_text_sizes(encoder))))
+    return _text_view(module, encoder, device or encoder.transformer.get_input_embeddings().weight.device)
+
+
+def sdxl_text_encoder_view(clip, encoders, device: torch.device):
+    """SDXL's SDXLTextEncoder over views of ComfyUI's CLIP-L and bigG: every stored layer, since it reads their
+    penultimate states itself, as ComfyUI's SDXL CLIP does; bigG's text projection is ComfyUI's (a Linear weight, the
+    orientation transformers uses: ComfyUI transposes the original checkpoint's matrix when it loads it)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..engine.models.sdxl import SDXLTextEncoder, text_configs
+
+    check_sdxl_layers(clip, encoders)
+    (clip_l, clip_g), (sizes_l, sizes_g) = encoders, [_text_sizes(encoder) for encoder in encoders]
+    config_l, config_g = text_configs(
+        width_l=sizes_l["hidden_size"], width_g=sizes_g["hidden_size"], layers_l=sizes_l["num_hidden_layers"],
+        layers_g=sizes_g["num_hidden_layers"], heads_l=sizes_l["num_attention_heads"],
+        heads_g=sizes_g["num_attention_heads"], projection=clip_g.transformer.text_projection.weight.shape[0],
+        intermediate_l=sizes_l["intermediate_size"], intermediate_g=sizes_g["intermediate_size"],
+        vocab_size=sizes_l["vocab_size"], max_position_embeddings=sizes_l["max_position_embeddings"])
+    view_l = _text_view(_on_meta(lambda: CLIPTextModel(config_l)), clip_l, device)
+    view_g = _text_view(_on_meta(lambda: CLIPTextModelWithProjection(config_g)), clip_g, device)
+    return SDXLTextEncoder(view_l, view_g).eval()
+
+
+def check_sdxl_layers(clip, encoders) -> None:
+    """SDXL's text view reads the layer SDXL conditions on (the penultimate); refuse a CLIP set to another one."""
+    defaults = {encoder.options_default[1] for encoder in encoders}
+    if clip.layer_idx is not None and {clip.layer_idx} != defaults:
+        raise InputError(f"this CLIP conditions on layer {clip.layer_idx} (CLIPSetLastLayer); SDXL reads layer "
+                         f"{'/'.join(map(str, sorted(defaults)))} of both text encoders, the only one ProtoBooth trains "
+                         "through: connect the CLIP without CLIPSetLastLayer.")
+
+
+def check_clip(clip, family: str) -> None:
+    """Refuse, before anything loads, a CLIP that text_encoder_view cannot reproduce: another family's, or one set to
+    a layer it cannot read."""
+    encoders = text_encoders(clip, family)
+    if len(encoders) > 1:
+        check_sdxl_layers(clip, encoders)
+    else:
+        text_encoder_layers(clip, encoders[0])
 
 
 def vae_view(vae, scaling_factor: float, device: torch.device | None = None):
@@ -251,7 +340,7 @@ def diffusion_model_view(model, clip, vae) -> DiffusionModel:
     return DiffusionModel(
         unet=unet_view(model, device),
         vae=vae_view(vae, model.model.latent_format.scale_factor, device),
-        text_encoder=text_encoder_view(clip, family, device),
+        text_encoder=text_encoder_view(clip, family, device),  # SDXL: both encoders as one
         tokenizer=clip_tokenizer(pad_token=FAMILIES[family].pad_token),
         noise_scheduler=noise_scheduler(prediction),
         family=family,
@@ -267,25 +356,28 @@ def diffusion_model_view(model, clip, vae) -> DiffusionModel:
 class ConceptTokenizer:
     """A CLIP tokenizer (one per CLIP clone) that reads trigger words as `embedding:` words with given vectors.
 
-    Each trigger word in a prompt becomes `embedding:<token>`, and the inner tokenizer's embedding lookup
-    answers those names with the concept's vectors before it looks for files. The rest is the stock
-    tokenizer, so weights, `(word:1.2)` syntax and other embeddings work as usual. A second concept
-    applied to the same CLIP joins the first in one wrapper (its vectors win where words clash).
+    Each trigger word in a prompt becomes `embedding:<token>`, and the embedding lookup of each word tokenizer inside
+    (SD1: clip_l; SD2: clip_h; SDXL: clip_l and clip_g) answers those names with its part of the concept's vectors
+    before it looks for files, as it answers `embedding:<name>` with that key of a file. The rest is the stock
+    tokenizer, so weights, `(word:1.2)` syntax and other embeddings work as usual. A second concept applied to the
+    same CLIP joins the first in one wrapper (its vectors win where words clash).
     """
 
-    def __init__(self, tokenizer, vectors: dict[str, torch.Tensor]):
+    def __init__(self, tokenizer, vectors: dict[str, dict[str, torch.Tensor]]):
+        """`vectors`: per word tokenizer (by its attribute name), each trigger word's vectors for that encoder."""
         if isinstance(tokenizer, ConceptTokenizer):  # a chained concept: one wrapper over the stock tokenizer
-            vectors = {**tokenizer._vectors, **vectors}
+            vectors = {part: {**tokenizer._vectors.get(part, {}), **words} for part, words in vectors.items()}
             tokenizer = tokenizer._stock
         self._stock = tokenizer
-        self._vectors = dict(vectors)
+        self._vectors = vectors
         self._tokenizer = copy.copy(tokenizer)
-        words = copy.copy(getattr(tokenizer, tokenizer.clip))
-        words._try_get_embedding = _TriggerLookup(vectors, words._try_get_embedding)
-        if words.embedding_directory is None:  # otherwise the tokenizer never looks embeddings up
-            words.embedding_directory = []
-        setattr(self._tokenizer, tokenizer.clip, words)
-        names = "|".join(re.escape(token) for token in vectors)
+        for part, part_vectors in vectors.items():
+            words = copy.copy(getattr(tokenizer, part))
+            words._try_get_embedding = _TriggerLookup(part_vectors, words._try_get_embedding)
+            if words.embedding_directory is None:  # otherwise the tokenizer never looks embeddings up
+                words.embedding_directory = []
+            setattr(self._tokenizer, part, words)
+        names = "|".join(re.escape(token) for token in sorted({t for words in vectors.values() for t in words}))
         self._triggers = re.compile(rf"(?<![\w<>:-])({names})(?![\w<>-])", re.IGNORECASE)
 
     def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
@@ -328,8 +420,15 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
 
     family, _ = model_family(model)
     if concept.family != family:
-        raise InputError(f"the concept was trained on an {concept.family} model but the MODEL is {family}; "
-                         f"use an {concept.family} checkpoint or train the concept again on this one.")
+        made_for, here = FAMILIES[concept.family].label, FAMILIES[family].label
+        raise InputError(f"the concept was trained on {made_for} ({concept.family}) but the MODEL is {here} ({family}); "
+                         f"use the {made_for} checkpoint it was trained on, or train it again on this one.")
+    encoders = text_encoders(clip, family)
+    widths = [encoder.transformer.get_input_embeddings().weight.shape[1] for encoder in encoders]
+    given = concept.text_widths or (concept.objects[0].vectors.shape[1],)
+    if list(given) != widths:
+        raise InputError(f"the concept's token vectors are {'+'.join(map(str, given))} wide but this CLIP's text "
+                         f"encoder(s) read {'+'.join(map(str, widths))}; use the checkpoint the concept was trained on.")
     fingerprint = base_fingerprint(model, clip)
     if fingerprint != concept.base_fingerprint:
         log.warning("ProtoBooth: concept %s was trained on another base model (fingerprint %s, this one %s); it may look "
@@ -342,13 +441,15 @@ def apply_concept(model, clip, concept, strength_model: float = 1.0, strength_cl
         model, clip = comfy.sd.load_lora_for_models(model, clip, concept.lora, strength_model, strength_clip)
     else:
         model, clip = model.clone(), clip.clone()
-    transformer = _text_encoder(clip, family).transformer
-    vectors = {}
+    parts = FAMILIES[family].comfy_text_encoders
+    vectors = {part: {} for part in parts}
     for obj in concept.objects:
         learned = obj.vectors.float()
-        if strength_clip != 1:
-            start = class_word_vectors(transformer, clip_tokenizer(), obj.class_word, learned.shape[0])
+        if strength_clip != 1:  # from the class word's vectors, each encoder's own half
+            start = torch.cat([class_word_vectors(encoder.transformer, clip_tokenizer(), obj.class_word, learned.shape[0])
+                               for encoder in encoders], dim=1)
             learned = start + strength_clip * (learned - start)
-        vectors[obj.token] = learned
+        for part, half in zip(parts, learned.split(widths, dim=1)):
+            vectors[part][obj.token] = half.contiguous()
     clip.tokenizer = ConceptTokenizer(clip.tokenizer, vectors)
     return model, clip

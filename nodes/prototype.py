@@ -4,8 +4,10 @@ The CLIP text tower is the graph's own text encoder (a transformers view of the 
 its layers, see bridge), so the vectors found are in the embedding space the diffusion model reads. The
 image side is ComfyUI's CLIP_VISION model, whose image features are projected into CLIP's joint space;
 the text features must be projected into the same space. SD2 checkpoints carry OpenCLIP-H's text
-projection; SD1 checkpoints leave CLIP-L's out (ComfyUI holds an identity matrix instead), so the node
-reads it from a CLIP model file the user chooses, for instance the full CLIP file Load CLIP Vision loads.
+projection; SD1 and SDXL checkpoints leave CLIP-L's out (ComfyUI holds an identity or unset matrix instead), so
+the node reads it from a CLIP model file the user chooses, for instance the full CLIP file Load CLIP Vision loads.
+SDXL's token vectors have a second half, for OpenCLIP bigG, whose image tower nobody keeps beside an SDXL
+checkpoint: that half starts from the class word's vectors, as training without Prototype Init starts.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import folder_paths
 from ..engine.errors import InputError
 from ..engine.prototype import ClipTowers, PrototypeSettings, load_text_projection, prototype_embeddings
 from ..engine.text.tokenizer import clip_tokenizer
-from ..engine.models.families import FAMILIES, TRAINABLE
-from .bridge import load_whole, text_encoder_view
+from ..engine.text.vocabulary import class_word_vectors
+from ..engine.models.families import FAMILIES
+from .bridge import clip_family, load_whole, text_tower_view
 from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
@@ -34,16 +37,6 @@ PROJECTION_FOLDERS = ("clip_vision", "clip")  # newer ComfyUI calls "clip" text_
 SAFETENSORS = (".safetensors", ".sft")  # only these are read: no pickles
 
 
-def clip_family(clip) -> str:
-    """"sd1" or "sd2" from the text encoders a CLIP holds (SD1: CLIP-L alone; SD2: OpenCLIP-H alone)."""
-    held = {name for name in TRAINABLE if hasattr(clip.cond_stage_model, FAMILIES[name].comfy_text_encoder)}
-    others = [name for name in ("clip_g", "t5xxl") if hasattr(clip.cond_stage_model, name)]
-    if len(held) != 1 or others:
-        raise InputError(f"{NODE}: this CLIP is not a Stable Diffusion 1.x/2.x text encoder (SDXL and newer models "
-                         "are not supported yet); connect the CLIP of an SD1.x or SD2.x checkpoint.")
-    return held.pop()
-
-
 def vision_width(clip_vision) -> int:
     """Width of the CLIP_VISION model's projected image features; refuses other image encoders."""
     projection = getattr(getattr(clip_vision, "model", None), "visual_projection", None)
@@ -51,7 +44,7 @@ def vision_width(clip_vision) -> int:
     if not callable(getattr(clip_vision, "encode_image", None)) or not isinstance(weight, torch.Tensor):
         raise InputError(f"{NODE}: clip_vision is not a CLIP image encoder with a projection into CLIP's joint "
                          f"space ({type(clip_vision).__name__}); load a CLIP vision file with Load CLIP Vision: "
-                         f"for SD1.x {FAMILIES['sd1'].clip_vision}, for SD2.x {FAMILIES['sd2'].clip_vision}.")
+                         f"for SD1.x and SDXL {FAMILIES['sd1'].clip_vision}, for SD2.x {FAMILIES['sd2'].clip_vision}.")
     return weight.shape[0]
 
 
@@ -85,7 +78,7 @@ def text_projection(encoder, family: str, choice: str) -> torch.nn.Linear:
         weight = encoder.transformer.text_projection.weight.detach().float().cpu()
         # ComfyUI projects the pooled text state only where the model uses it (SD2); newer builds then leave an SD1
         # CLIP's projection unset, older ones hold an identity matrix.
-        projects = encoder.options_default[2]
+        projects = encoder.options_default[2] and FAMILIES[family].checkpoint_text_projection
         if _is_identity(weight) or not projects:
             raise InputError(f"{NODE}: this {family.upper()} checkpoint holds no CLIP text projection ({family.upper()} "
                              "checkpoints can leave it out, and ComfyUI then holds an identity or unset matrix in its "
@@ -130,9 +123,11 @@ class ProtoBoothPrototypeInit:
         "Finds starting vectors for each new token: the text embedding of 'a photo of <token>' is moved towards "
         "what CLIP sees in the photo and the masked object, blended with the class word. Feed the result to "
         "Train Concept's token_init. tokens and class_words: comma-separated, one per mask, in mask order. "
-        "text_projection_file: SD1 checkpoints leave out CLIP's text projection, which puts text and image features "
-        "in one space; choose the full CLIP file (model.safetensors of openai/clip-vit-large-patch14, in "
-        "models/clip_vision; Load CLIP Vision loads the same file). SD2 checkpoints carry theirs."
+        "text_projection_file: SD1 and SDXL checkpoints leave out CLIP's text projection, which puts text and image "
+        "features in one space; choose the full CLIP file (model.safetensors of openai/clip-vit-large-patch14, in "
+        "models/clip_vision; Load CLIP Vision loads the same file). SD2 checkpoints carry theirs. SDXL: that one file "
+        "(CLIP ViT-L/14) is all it needs: the CLIP-L half of each token starts where CLIP sees the object, the bigG "
+        "half from the class word."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("PROTOBOOTH_TOKEN_INIT",)
@@ -144,8 +139,8 @@ class ProtoBoothPrototypeInit:
         return {
             "required": {
                 "clip": ("CLIP", {"tooltip": "the text encoder of the model you will train"}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision (Load CLIP Vision): the picture side "
-                                                "of the prototype"}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision (Load CLIP Vision; SD2: ViT-H/14): the "
+                                                "picture side of the prototype"}),
                 "image": ("IMAGE", {"tooltip": "the one photo of the object(s)"}),
                 "masks": ("MASK", {"tooltip": "one mask per object, in the order of the tokens (Segment Objects)"}),
                 "tokens": ("STRING", {"default": "zqcat", "tooltip": "the new trigger word of each object, "
@@ -161,18 +156,19 @@ class ProtoBoothPrototypeInit:
             "optional": {
                 "text_projection_file": (projection_files(), {
                     "default": FROM_CHECKPOINT,
-                    "tooltip": "where CLIP's text projection comes from: SD1 checkpoints have none, so choose the full "
-                               "CLIP file (the one Load CLIP Vision can load too)"}),
+                    "tooltip": "where CLIP's text projection comes from: SD1 and SDXL checkpoints have none, so choose "
+                               "the full CLIP file (the one Load CLIP Vision can load too)"}),
             },
         }  # fmt: skip
 
     def initialise(self, clip, clip_vision, image, masks, tokens, class_words, vectors, steps, learning_rate,
                    text_projection_file=FROM_CHECKPOINT):
-        family = clip_family(clip)
         with node_errors(NODE):
+            family = clip_family(clip)
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
         image_width = vision_width(clip_vision)
-        encoder = getattr(clip.cond_stage_model, FAMILIES[family].comfy_text_encoder)
+        # the encoder CLIP's image features fit (SDXL: CLIP-L; its bigG half is filled below)
+        encoder, *others = (getattr(clip.cond_stage_model, name) for name in FAMILIES[family].comfy_text_encoders)
         projection = text_projection(encoder, family, text_projection_file)
         if image_width != projection.out_features:
             raise InputError(f"{NODE}: the CLIP vision model gives {image_width}-wide image features but this "
@@ -185,7 +181,7 @@ class ProtoBoothPrototypeInit:
         load_whole([clip.patcher])
         with torch.inference_mode(False), node_errors(NODE):
             # the whole tower: CLIP's joint-space text features come from its last layer, not SD2's penultimate one
-            text_model = text_encoder_view(clip, family, torch.device(clip.patcher.load_device), all_layers=True)
+            text_model = text_tower_view(clip, family, torch.device(clip.patcher.load_device))
             towers = ComfyClipTowers(text_model=text_model, text_projection=projection, vision_model=None,
                                      visual_projection=None, image_size=0, clip_vision=clip_vision)
             projection.to(towers.device)
@@ -193,6 +189,10 @@ class ProtoBoothPrototypeInit:
                 towers, text_model, clip_tokenizer(pad_token=FAMILIES[family].pad_token), picture, masks, tokens,
                 class_words, settings, progress=lambda step, total: progress.update_absolute(step, total),
             )  # fmt: skip
+            for prototype in results:  # SDXL: the other encoders' halves, from the class word
+                prototype.vectors = torch.cat([prototype.vectors, *(
+                    class_word_vectors(other.transformer, clip_tokenizer(), prototype.class_word, prototype.vectors.shape[0])
+                    for other in others)], dim=1)
         return (results,)
 
 

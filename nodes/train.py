@@ -32,7 +32,7 @@ from ..engine.report import live_preview, loss_curve
 from ..engine.train import OneShotTrainer
 from ..engine.train.methods import default_method, registry
 from ..engine.train.options import settings_from_widgets, widget_specs
-from .bridge import apply_concept, base_fingerprint, diffusion_model_view, model_family
+from .bridge import apply_concept, base_fingerprint, check_clip, diffusion_model_view, model_family
 from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
@@ -131,7 +131,9 @@ HELP = (
     "vectors in fp32, and loads the models whole for the run (low-VRAM mode would leave parts unpatched). Memory "
     "for SD1.5 at 512 px with the class prior: training adds about 4.8 GB on a CPU (measured, "
     "benchmarks/training_memory.py; 1.4-2.0 GB at 256 px) on top of the models (2 GB in fp16, 4 GB in fp32); on "
-    "a GPU computing in fp16 or bf16 expect about half, 2.5 GB (an estimate: not yet measured on a GPU)."
+    "a GPU computing in fp16 or bf16 expect about half, 2.5 GB (an estimate: not yet measured on a GPU). SDXL models "
+    "train too (object-driven and Attribute; TextBoost only SD1.x/SD2.x): a trigger word then has a CLIP-L and an "
+    "OpenCLIP bigG half, saved as clip_l and clip_g."
 )
 
 
@@ -170,7 +172,9 @@ class TrainNode:
               **widgets):
         node = self.NODE
         with node_errors(node):
-            model_family(model)
+            family, _ = model_family(model)
+            self.METHOD.check_family(family)
+            check_clip(clip, family)
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
             init_vectors = _initial_vectors(token_init, tokens)
             settings = settings_from_widgets(self.METHOD, widgets)

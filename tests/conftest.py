@@ -123,6 +123,18 @@ def comfyui_checkpoint(comfyui, comfy_tiny) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def comfyui_sdxl_checkpoint(comfyui) -> str:
+    """Name of the smallest SDXL-family checkpoint the server's loader detects (kit.models.comfy_smallest_sdxl_model:
+    2 GB in fp16, random weights), written once a session at test time. Only slow tests use it."""
+    from kit.checkpoints import write_single_file
+    from kit.models import comfy_smallest_sdxl_model
+
+    name = "protobooth-smallest-sdxl.safetensors"
+    write_single_file(comfy_smallest_sdxl_model(seed=0), comfyui.models("checkpoints") / name)
+    return name
+
+
 # Model files for the pack's nodes and the example workflows (tests/comfyui_models.py), written once a session.
 
 

@@ -472,12 +472,17 @@ def test_concept_names_that_cannot_be_files_or_prompt_words_are_refused(comfyui,
     assert "Save Concept:" in error and message in error, error
 
 
-def test_a_model_family_the_engine_does_not_support_is_refused(comfyui, comfyui_checkpoint, photo):
+@pytest.mark.parametrize("config_class, message", [
+    ("Flux", "the MODEL is a Flux model; ProtoBooth works with Stable Diffusion 1.x, Stable Diffusion 2.x, SDXL"),
+    ("SDXLRefiner", "the MODEL is the SDXL refiner"),
+    ("SDXL_instructpix2pix", "the MODEL is an SDXL InstructPix2Pix (image edit) model"),
+])
+def test_a_model_the_engine_does_not_train_is_refused_by_name(comfyui, comfyui_checkpoint, photo, config_class, message):
     graph = training_graph(comfyui_checkpoint, photo)
-    graph["sdxl"] = {"class_type": "ProtoBoothTestAsFamily", "inputs": {"model": ["ckpt", 0], "config_class": "SDXL"}}
-    graph["train"]["inputs"]["model"] = ["sdxl", 0]
+    graph["other"] = {"class_type": "ProtoBoothTestAsFamily", "inputs": {"model": ["ckpt", 0], "config_class": config_class}}
+    graph["train"]["inputs"]["model"] = ["other", 0]
     error = failure(comfyui, graph)
-    assert "Train Concept:" in error and "SDXL" in error and "not supported yet" in error, error
+    assert "Train Concept:" in error and message in error, error
 
 
 def test_apply_concept_checks_the_family_and_warns_about_another_base_model(comfyui, comfyui_checkpoint):
@@ -501,7 +506,8 @@ def test_apply_concept_checks_the_family_and_warns_about_another_base_model(comf
     comfyui.run(graph("protobooth_other_base"), timeout=600)
     assert comfyui.log_text().count("was trained on another base model") == warnings + 1
     error = failure(comfyui, graph("protobooth_sd2_concept"))
-    assert "Apply Concept:" in error and "trained on an sd2 model but the MODEL is sd1" in error, error
+    assert "Apply Concept:" in error and ("trained on Stable Diffusion 2.x (sd2) but the MODEL is Stable Diffusion 1.x "
+                                          "(sd1)") in error, error
 
 
 def test_two_chained_apply_concepts_make_both_trigger_words_work(comfyui, comfyui_checkpoint):

@@ -4,7 +4,8 @@ The converter is checked on small synthetic graphs against the frontend's rules;
 checked against the real server's node definitions; (a), (b) and (c) run end to end in the real ComfyUI
 on tiny model files, as do (e) (TextBoost) and (f) (attribute transfer); (d) needs ComfyUI_IPAdapter_plus, which the test ComfyUI cannot run (it predates the
 ModelPatcher API that extension uses), so it is checked structurally against that extension's node
-definitions.
+definitions. (g), SDXL, runs end to end on the smallest file ComfyUI detects as SDXL (2 GB, written at test time:
+slow).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from workflow_convert import Widget, WorkflowError, to_api_prompt, widgets_of
 
 WORKFLOWS = ROOT / "workflows"
 NAMES = ("one_object", "two_objects", "concept_controlnet", "concept_ipadapter", "textboost_one_object",
-         "attribute_transfer")
+         "attribute_transfer", "sdxl_one_object")
 PHOTO = "workflow_photo.png"
 CONCEPT = "protobooth_test_mug"
 # Combo inputs that list model or input files: their values are the files a user would have, not the server's.
@@ -387,6 +388,52 @@ def test_attribute_workflow_learns_saves_and_draws_three_transfers(comfyui, tiny
     lora, embedding = concept_files(comfyui, name)
     assert embedding.is_file()
     assert all(key.startswith("lora_unet_up_blocks_") for key in safe_open(str(lora), "pt").keys())  # the decoder's
+
+
+def sampled(prefix: str, model, clip, vae, text: str) -> dict:
+    """A 64-px picture of `text` drawn by stock nodes, saved with `prefix`."""
+    return {
+        f"{prefix}_text": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": text}},
+        f"{prefix}_negative": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "blurry"}},
+        f"{prefix}_latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        f"{prefix}_sample": {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": [f"{prefix}_text", 0], "negative": [f"{prefix}_negative", 0],
+            "latent_image": [f"{prefix}_latent", 0], "seed": 42, "steps": 2, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "denoise": 1.0}},
+        f"{prefix}_decode": {"class_type": "VAEDecode", "inputs": {"samples": [f"{prefix}_sample", 0], "vae": vae}},
+        f"{prefix}_save": {"class_type": "SaveImage", "inputs": {"images": [f"{prefix}_decode", 0], "filename_prefix": prefix}},
+    }
+
+
+@pytest.mark.slow  # the SDXL file is 2 GB
+@long_run_on_one_build
+def test_sdxl_workflow_learns_saves_and_draws_and_stock_loaders_draw_the_same(comfyui, tiny_files, comfyui_sdxl_checkpoint):
+    name = f"{CONCEPT}_sdxl"
+    changes = dict(tiny_files, CheckpointLoaderSimple={"ckpt_name": comfyui_sdxl_checkpoint}, ProtoBoothSaveConcept={"name": name},
+                   ProtoBoothSegmentObjects={"prompts": json.dumps([{"box": list(RED_SQUARE)}])})
+    prompt, entry = run_workflow(comfyui, "sdxl_one_object", changes)
+    assert check_saved_images(comfyui, prompt, entry) == 3
+    lora, embedding = concept_files(comfyui, name)
+    assert lora.is_file() and embedding.is_file()
+    with safe_open(str(embedding), "pt") as handle:  # both of SDXL's text encoders' halves
+        assert {key: handle.get_slice(key).get_shape() for key in handle.keys()} == {"clip_l": [1, 768], "clip_g": [1, 1280]}
+
+    # without ProtoBooth: stock Load LoRA and embedding:<name> draw the picture Apply Concept draws
+    ckpt, vae = ["ckpt", 0], ["ckpt", 2]
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfyui_sdxl_checkpoint}},
+        "stock": {"class_type": "LoraLoader", "inputs": {"model": ckpt, "clip": ["ckpt", 1], "lora_name": lora.name,
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+        "load": {"class_type": "ProtoBoothLoadConcept", "inputs": {"concept_name": name}},
+        "apply": {"class_type": "ProtoBoothApplyConcept", "inputs": {"model": ckpt, "clip": ["ckpt", 1], "concept": ["load", 0],
+                                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        **sampled("sdxl_stock", ["stock", 0], ["stock", 1], vae, f"a photo of embedding:{name} mug on a desk"),
+        **sampled("sdxl_applied", ["apply", 0], ["apply", 1], vae, "a photo of zqmug mug on a desk"),
+    }
+    entry = comfyui.run(graph, timeout=900)
+    stock, applied = (np.asarray(Image.open(comfyui.output_dir / image["subfolder"] / image["filename"]))
+                      for image in (entry["outputs"][f"sdxl_{kind}_save"]["images"][0] for kind in ("stock", "applied")))
+    assert np.array_equal(stock, applied)
 
 
 def test_the_current_frontend_lists_every_example_workflow_as_a_template(comfyui):

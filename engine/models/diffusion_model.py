@@ -13,6 +13,7 @@ from .families import family as family_record
 # UNet tensors that identify a base model. They are outside the attention projections, so a LoRA
 # applied upstream (in a ComfyUI graph, say) does not change the fingerprint of its base model.
 _FINGERPRINT_TENSORS = ("conv_in.weight", "time_embedding.linear_1.weight", "conv_out.weight")
+FINGERPRINT_ROWS = 64  # of the token table: enough to tell text encoders apart without hashing 49k rows
 
 
 def model_fingerprint(unet_state: dict[str, torch.Tensor], text_embedding: torch.Tensor) -> str:
@@ -30,8 +31,7 @@ def model_fingerprint(unet_state: dict[str, torch.Tensor], text_embedding: torch
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.numpy().tobytes())
-    # The first rows of the token table tell text encoders apart without hashing 49k rows.
-    rows = text_embedding.detach()[:64].to("cpu", torch.float16).contiguous()
+    rows = text_embedding.detach()[:FINGERPRINT_ROWS].to("cpu", torch.float16).contiguous()
     digest.update(rows.numpy().tobytes())
     return digest.hexdigest()[:16]
 

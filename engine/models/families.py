@@ -22,8 +22,13 @@ class Family:
     # The keys of its vectors in an embedding file (ComfyUI, kohya, diffusers): one per text encoder, in the order
     # their columns stand in a token's vector.
     embedding_keys: tuple[str, ...] = ()
-    comfy_text_encoder: str = ""  # the attribute of ComfyUI's CLIP model that holds its text encoder
+    # The attributes of ComfyUI's CLIP model (cond_stage_model) that hold its text encoders, in the order their
+    # columns stand in a token's vector; its tokenizer keeps each encoder's word tokenizer under the same name.
+    comfy_text_encoders: tuple[str, ...] = ()
     comfy_model_configs: tuple[str, ...] = ()  # ComfyUI's model-config classes of this family
+    # ComfyUI model-config classes of this family's architecture that are other models, with what users call them
+    # (refused by name: their UNets take other inputs).
+    comfy_other_models: tuple[tuple[str, str], ...] = ()
     native_sizes: tuple[tuple[str, int], ...] = ()  # (prediction type, pixels it draws natively)
     unet_heads: int | None = None  # SD1 UNets have a fixed number of heads ...
     unet_head_channels: int | None = None  # ... SD2 UNets heads of a fixed width (the weights do not show it)
@@ -34,6 +39,8 @@ class Family:
     size_conditioning: bool = False
     clip_vision: str = ""  # the CLIP image encoder whose features fit its text encoder (prototype init)
     full_clip: str = ""  # the full CLIP model file (both towers) that holds its text projection
+    # Whether its checkpoints may carry that projection (SDXL's never hold CLIP-L's; ComfyUI leaves it unset there).
+    checkpoint_text_projection: bool = True
 
     def native_size(self, prediction_type: str = "epsilon") -> int:
         sizes = dict(self.native_sizes)
@@ -63,14 +70,17 @@ class Family:
 FAMILIES = {
     "sd1": Family(
         "sd1", "Stable Diffusion 1.x", trainable=True, text_activation="quick_gelu", embedding_keys=("clip_l",),
-        comfy_text_encoder="clip_l", comfy_model_configs=("SD15",), native_sizes=(("epsilon", 512),), unet_heads=8,
+        comfy_text_encoders=("clip_l",), comfy_model_configs=("SD15",),
+        comfy_other_models=(("SD15_instructpix2pix", "an SD 1.5 InstructPix2Pix (image edit) model"),),
+        native_sizes=(("epsilon", 512),), unet_heads=8,
         clip_vision="CLIP ViT-L/14 (768-wide features; e.g. openai/clip-vit-large-patch14 saved as "
                     "clip-vit-large-patch14.safetensors)",
         full_clip="model.safetensors of openai/clip-vit-large-patch14",
     ),
     "sd2": Family(
         "sd2", "Stable Diffusion 2.x", trainable=True, text_activation="gelu", pad_token="!", pad_token_id=0,
-        embedding_keys=("clip_h",), comfy_text_encoder="clip_h", comfy_model_configs=("SD20",),
+        embedding_keys=("clip_h",), comfy_text_encoders=("clip_h",), comfy_model_configs=("SD20",),
+        comfy_other_models=(("SD21UnclipL", "an SD 2.1 unCLIP model"), ("SD21UnclipH", "an SD 2.1 unCLIP model")),
         native_sizes=(("epsilon", 512), ("v_prediction", 768)), unet_head_channels=64,
         clip_vision="CLIP ViT-H/14 (1024-wide features; e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)",
         full_clip="model.safetensors of laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -78,10 +88,17 @@ FAMILIES = {
     "sdxl": Family(
         "sdxl", "SDXL", trainable=True, text_activation="quick_gelu", embedding_keys=("clip_l", "clip_g"),
         text_lora_prefixes=("lora_te1_", "lora_te2_"),
+        comfy_text_encoders=("clip_l", "clip_g"),
+        # The base model and the distilled ones ComfyUI knows by their reduced UNets (SSD-1B, Segmind Vega, KOALA):
+        # the same conditioning, fewer layers.
+        comfy_model_configs=("SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"),
+        comfy_other_models=(("SDXLRefiner", "the SDXL refiner (it conditions on bigG alone)"),
+                            ("SDXL_instructpix2pix", "an SDXL InstructPix2Pix (image edit) model")),
         native_sizes=(("epsilon", 1024),), unet_head_channels=64, latent_scaling=0.13025, size_conditioning=True,
         clip_vision="CLIP ViT-L/14 for the CLIP-L half (e.g. clip-vit-large-patch14.safetensors); the bigG half starts "
                     "from the class word",
         full_clip="model.safetensors of openai/clip-vit-large-patch14",
+        checkpoint_text_projection=False,
     ),
 }
 TRAINABLE = tuple(name for name, record in FAMILIES.items() if record.trainable)

@@ -28,7 +28,7 @@ class TrainSettings:
                                          "several", aliases=("--template",))
     resolution: int | None = setting(None, "training size in pixels (unset: the model's native size)", low=8, high=4096,
                                      widget={"min": 0, "max": 2048, "step": 64, "tooltip": "training size in pixels; 0: "
-                                             "the model's own (512 for SD1.x)"}, from_widget=lambda value: value or None)
+                                             "the model's own (512 for SD1.x, 1024 for SDXL)"}, from_widget=lambda value: value or None)
     flip: bool = setting(True, "also train on the mirrored photo")
     augment_probability: float = setting(0.0, "paired augmentation: the chance a view is changed geometrically, then "
                                          "in colour, with words in its prompt that say so (0: off)", low=0, high=1,

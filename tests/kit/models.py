@@ -1,5 +1,6 @@
 """Test kit: the smallest SD1 checkpoint the real ComfyUI detects as SD1.5 (full-size CLIP-L and VAE, which
-ComfyUI hard-codes), with random weights that keep activations finite."""
+ComfyUI hard-codes), and the smallest SDXL-family one it detects (full-size CLIP-L, OpenCLIP bigG and VAE), with
+random weights that keep activations finite."""
 from __future__ import annotations
 
 import torch
@@ -87,3 +88,52 @@ def comfy_tiny_model(seed: int = 0) -> DiffusionModel:
     )
 
 
+def comfy_smallest_sdxl_model(seed: int = 0) -> DiffusionModel:
+    """A small SDXL-family model that ComfyUI's checkpoint loader detects (as Segmind Vega) with no missing keys.
+
+    ComfyUI matches an SDXL-family UNet by 320 model channels, linear projections, 2048 context, 2816 added-condition
+    inputs and the transformer depths of the input blocks alone (Vega's are [0, 0, 1, 1, 2, 2]); channel multipliers,
+    the middle block and the output blocks are not checked. Here every level is 320 wide and the UNet is otherwise
+    SDXL's shape (two blocks per level, output blocks mirroring the input ones, attention in the middle): 115.5 M
+    parameters. ComfyUI builds SDXL's text encoders (CLIP-L, 123.1 M parameters; OpenCLIP bigG, 694.7 M) and VAE
+    (83.7 M) at full size from its own configs whatever the file holds: a tensor left out stays uninitialised memory
+    and one of another shape fails the load, so those are full size here and make 89% of the file. 1016.8 M
+    parameters, 2,033,883,774 bytes in fp16. (Both test ComfyUIs also accept a 60.6 M-parameter UNet, KOALA-700M's
+    input depths with one block per level, no attention on the way up and no middle block: a 1.92 GB file, 5% less,
+    but no longer SDXL's shape.)
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from protobooth.engine.models.sdxl import SDXLTextEncoder, text_configs
+
+    def build():
+        with torch.device("meta"):  # skip the libraries' own initialisation: ours replaces it
+            unet = UNet2DConditionModel(
+                sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 320, 320),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 1, 2), cross_attention_dim=2048, attention_head_dim=(5, 5, 5),
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+            )
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=family("sdxl").latent_scaling,
+            )
+            config_l, config_g = text_configs(width_l=768, width_g=1280, layers_l=12, layers_g=32, heads_l=12, heads_g=20,
+                                              projection=1280)
+            clip_l, clip_g = CLIPTextModel(config_l), CLIPTextModelWithProjection(config_g)
+        modules = (unet, vae, clip_l, clip_g)
+        for module in modules:
+            module.to_empty(device="cpu")
+            _init_sensibly(module)
+        for module in (clip_l, clip_g):  # the buffer to_empty left unset
+            dict(module.named_buffers())[next(n for n, _ in module.named_buffers() if n.endswith("position_ids"))].copy_(
+                torch.arange(config_l.max_position_embeddings)[None])
+        return unet.eval(), vae.eval(), SDXLTextEncoder(clip_l.eval(), clip_g.eval()).eval()
+
+    unet, vae, text_encoder = seeded(seed, build)
+    return DiffusionModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                          noise_scheduler=noise_scheduler("epsilon"), family="sdxl", name=f"comfy-smallest-sdxl-seed{seed}")
