@@ -173,7 +173,6 @@ class TrainNode:
         node = self.NODE
         with node_errors(node):
             family, _ = model_family(model)
-            self.METHOD.check_family(family)
             check_clip(clip, family)
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
             init_vectors = _initial_vectors(token_init, tokens)

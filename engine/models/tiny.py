@@ -40,43 +40,19 @@ def tiny_text_encoder(seed: int = 0, family: str = "sd1"):
 def tiny_unet(seed: int = 0, family: str = "sd1"):
     from diffusers import UNet2DConditionModel
 
+    shape = dict(sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
+                 block_out_channels=(32, 64), attention_head_dim=(2, 4), norm_num_groups=32)
     if family == "sdxl":  # SDXL's shape: no attention at the first level, linear projections, size conditioning
-        return seeded(
-            seed,
-            lambda: UNet2DConditionModel(
-                sample_size=TINY_RESOLUTION // 8,
-                in_channels=4,
-                out_channels=4,
-                layers_per_block=1,
-                block_out_channels=(32, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                cross_attention_dim=TEXT_WIDTH + BIG_G_WIDTH,
-                attention_head_dim=(2, 4),
-                transformer_layers_per_block=(1, 2),
-                norm_num_groups=32,
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=TIME_EMBED,
-                projection_class_embeddings_input_dim=BIG_G_PROJECTION + 6 * TIME_EMBED,
-            ).eval(),
-        )
-    return seeded(
-        seed,
-        lambda: UNet2DConditionModel(
-            sample_size=TINY_RESOLUTION // 8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TEXT_WIDTH,
-            attention_head_dim=(2, 4),
-            norm_num_groups=32,
-            use_linear_projection=family == "sd2",
-        ).eval(),
-    )
+        shape.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                     cross_attention_dim=TEXT_WIDTH + BIG_G_WIDTH, use_linear_projection=True,
+                     addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
+                     projection_class_embeddings_input_dim=BIG_G_PROJECTION + 6 * TIME_EMBED)
+    else:
+        shape.update(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
+                     use_linear_projection=family == "sd2")
+    return seeded(seed, lambda: UNet2DConditionModel(**shape).eval())
 
 
 def tiny_vae(seed: int = 0, family: str = "sd1"):
