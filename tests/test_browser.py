@@ -198,7 +198,11 @@ def main(argv: list[str]) -> int:
             async with Chromium() as browser:
                 await train_in_the_page(browser, server, workflow, out, previews=8)
 
-        asyncio.run(scenario())
+        try:
+            asyncio.run(scenario())
+        except Exception:
+            print(server.log_tail(30))
+            raise
     print(f"wrote {out}")
     return 0
 
