@@ -5,7 +5,7 @@ with synthetic mouse events, Done is pressed, and the node's `prompts` widget mu
 extension's scripts must load without console errors. A Train Concept queued from the page shows its live preview
 on the node. Skipped, with the reason, where Chromium is absent.
 
-    python tests/test_browser.py docs/live-preview.png   # the README's screenshot: ShapesWorld training in the page
+    python tests/test_browser.py docs/live-preview.png   # the README's screenshot: training in the page
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import WHY_MISSING, Chromium, chromium_binary
+from browser import WHY_MISSING, BrowserError, Chromium, chromium_binary
+from comfyui_harness import execution_error
 from comfyui_models import RED_SQUARE, two_shapes_photo
 from conftest import ROOT
 from workflow_convert import WIDGET_TYPES, to_api_prompt, widgets_of
@@ -137,25 +138,35 @@ PREVIEWS = (f"((window.app.nodePreviewImages || {{}})['{TRAIN_NODE}'] || "
             f"window.app.graph.getNodeById({TRAIN_NODE})?.imgs || []).length")
 
 
-async def train_in_the_page(browser: Chromium, server, workflow: dict, screenshot=None, previews: int = 1) -> int:
+async def train_in_the_page(browser: Chromium, server, workflow: dict, screenshot=None, previews: int = 1,
+                            timeout: float = 600) -> int:
     """Load the workflow into the page, queue it for the page (its API form, with the page's client id), and wait
     until the Train node has shown `previews` preview pictures (the page's count of them is returned); screenshot
     then, when a path is given. Queued over HTTP rather than by the page's Queue button: the current frontend
     cannot build Load Checkpoint's widget in a fresh headless profile (it leaves that node without a class), while
-    the preview, which is what is tested, reaches the node either way."""
+    the preview, which is what is tested, reaches the node either way. A run that fails stops the wait with its
+    error."""
     await open_page(browser, server.url)
     await browser.evaluate(f"window.app.loadGraphData({json.dumps(workflow)})")
     client_id = await browser.evaluate("window.app.api?.clientId || window.comfyAPI?.api?.api?.clientId || "
                                        "sessionStorage.getItem('clientId')")
-    server.queue(to_api_prompt(workflow, server.object_info()), client_id)
-    seen, changes = await browser.wait_for(PREVIEWS, timeout=600), 1
-    while changes < previews:
-        source = await browser.evaluate(f"String(((window.app.nodePreviewImages || {{}})['{TRAIN_NODE}'] || "
-                                        f"window.app.graph.getNodeById({TRAIN_NODE})?.imgs?.map((i) => i.src) || [])[0])")
-        await browser.wait_for(f"String(((window.app.nodePreviewImages || {{}})['{TRAIN_NODE}'] || window.app.graph"
-                               f".getNodeById({TRAIN_NODE})?.imgs?.map((i) => i.src) || [])[0]) !== {json.dumps(source)}",
-                               timeout=600)
-        changes += 1
+    prompt_id = server.queue(to_api_prompt(workflow, server.object_info()), client_id)
+    newest = (f"String(((window.app.nodePreviewImages || {{}})['{TRAIN_NODE}'] || "
+              f"window.app.graph.getNodeById({TRAIN_NODE})?.imgs?.map((i) => i.src) || [])[0])")
+    shown, seen = [], 0
+    for _ in range(int(timeout)):
+        source = await browser.evaluate(newest)
+        if source != "undefined" and source not in shown:
+            shown.append(source)
+            seen = await browser.evaluate(PREVIEWS)
+        if len(shown) >= previews:
+            break
+        entry = server.history(prompt_id)
+        if entry is not None and entry["status"]["status_str"] == "error":
+            raise BrowserError(f"the run failed: {execution_error(entry)}")
+        await asyncio.sleep(0.5)
+    else:
+        raise BrowserError(f"the Train node showed {len(shown)} of {previews} previews within {timeout:.0f} s")
     if screenshot is not None:
         await asyncio.sleep(1)  # the canvas draws the newest picture on its next frame
         await browser.evaluate("window.app.graph.setDirtyCanvas(true, true)")
@@ -179,20 +190,22 @@ def test_train_concept_shows_its_live_preview_on_the_node_in_the_page(comfyui, c
 
 
 def main(argv: list[str]) -> int:
-    """Write the README's screenshot: ShapesWorld learning the red square, the page showing its live preview."""
+    """Write the README's screenshot: the test kit's ComfyUI-sized SD1.5 model (random weights: ComfyUI cannot load
+    ShapesWorld, whose UNet no ComfyUI model config matches) learning the red square, the page showing its live
+    preview."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
     from comfyui_harness import CURRENT, ComfyUIServer
     from kit.checkpoints import write_single_file
-    from protobooth.engine.shapesworld.model import load_shapesworld
+    from kit.models import comfy_tiny_model
 
     out = Path(argv[0]) if argv else ROOT / "docs" / "live-preview.png"
     with ComfyUIServer(CURRENT) as server:
-        write_single_file(load_shapesworld(), server.models("checkpoints") / "shapesworld.safetensors")
+        write_single_file(comfy_tiny_model(seed=0), server.models("checkpoints") / "tiny-sd15.safetensors")
         Image.fromarray(two_shapes_photo()).save(server.input_dir / PHOTO)
-        workflow = training_workflow(server.object_info(), "shapesworld.safetensors", steps=300, preview_every=20,
-                                     resolution=32)
+        workflow = training_workflow(server.object_info(), "tiny-sd15.safetensors", steps=200, preview_every=20,
+                                     resolution=64)
 
         async def scenario():
             async with Chromium() as browser:
