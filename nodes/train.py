@@ -132,8 +132,9 @@ HELP = (
     "for SD1.5 at 512 px with the class prior: training adds about 4.8 GB on a CPU (measured, "
     "benchmarks/training_memory.py; 1.4-2.0 GB at 256 px) on top of the models (2 GB in fp16, 4 GB in fp32); on "
     "a GPU computing in fp16 or bf16 expect about half, 2.5 GB (an estimate: not yet measured on a GPU). SDXL models "
-    "train too (object-driven and Attribute; TextBoost only SD1.x/SD2.x): a trigger word then has a CLIP-L and an "
-    "OpenCLIP bigG half, saved as clip_l and clip_g."
+    "train too, with every method: a trigger word then has a CLIP-L and an OpenCLIP bigG half, saved as clip_l and "
+    "clip_g. At SDXL size and 512 px training adds about 9.8 GB on a CPU, 4.8 GB with gradient checkpointing "
+    "(measured, benchmarks/results/training_memory.md)."
 )
 
 
