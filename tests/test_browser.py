@@ -175,6 +175,9 @@ async def train_in_the_page(browser: Chromium, server, workflow: dict, screensho
     return seen
 
 
+# Slow (about 25 s a build): the preview path itself runs in the default suite over the server's websocket
+# (test_concept_nodes.py); this shows it drawn on the node by each frontend.
+@pytest.mark.slow
 def test_train_concept_shows_its_live_preview_on_the_node_in_the_page(comfyui, comfyui_checkpoint, tmp_path):
     Image.fromarray(two_shapes_photo()).save(comfyui.input_dir / PHOTO)
     workflow = training_workflow(comfyui.object_info(), comfyui_checkpoint, steps=6, preview_every=2, resolution=64)
