@@ -134,7 +134,7 @@ HELP = (
     "a GPU computing in fp16 or bf16 expect about half, 2.5 GB (an estimate: not yet measured on a GPU). SDXL models "
     "train too, with every method: a trigger word then has a CLIP-L and an OpenCLIP bigG half, saved as clip_l and "
     "clip_g. At SDXL size and 512 px training adds about 9.8 GB on a CPU, 4.8 GB with gradient checkpointing "
-    "(measured, benchmarks/results/training_memory.md)."
+    "(measured, benchmarks/results/training_memory.md; the CLI's --gradient-checkpointing, not yet a widget here)."
 )
 
 

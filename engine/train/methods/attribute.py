@@ -116,8 +116,7 @@ class Attribute(Method):
         "'a tiger shaped like zqshape', 'a painting in zqstyle style'."
     )
     settings_class = AttributeSettings
-    widgets = ("steps", "hyper_learning_rate", "token_learning_rate", "attribute", "layers", "resolution", "seed",
-               "gradient_checkpointing")
+    widgets = ("steps", "hyper_learning_rate", "token_learning_rate", "attribute", "layers", "resolution", "seed")
     sensible_strength = 2.0  # λ beyond this overshoots the attribute
 
     def check_model(self) -> None:

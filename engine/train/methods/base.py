@@ -24,7 +24,7 @@ class Method:
     settings_class: ClassVar[type]  # its MethodSettings dataclass
     # Its ComfyUI node's widgets, in the order saved workflows store their values: append, never reorder (an old
     # workflow file then fills the first ones by position and leaves a new one at its default).
-    widgets: ClassVar[tuple[str, ...]] = ("steps", "token_learning_rate", "resolution", "seed", "gradient_checkpointing")
+    widgets: ClassVar[tuple[str, ...]] = ("steps", "token_learning_rate", "resolution", "seed")
     # Shared settings whose default differs for this method (TextBoost: fewer steps, SNR timesteps, augmentation on).
     shared_defaults: ClassVar[dict] = {}
     # The largest LoRA strength that still makes sense for its concepts (a warning beyond it); None: no limit known.

@@ -78,7 +78,7 @@ class ObjectDriven(Method):
     )
     settings_class = ObjectDrivenSettings
     widgets = ("steps", "lora_learning_rate", "token_learning_rate", "lora_rank", "prior_weight", "background_weight",
-               "resolution", "seed", "gradient_checkpointing")
+               "resolution", "seed")
 
     # ----------------------------------------------------------------------------------------------
     # frozen state

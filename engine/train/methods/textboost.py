@@ -79,7 +79,7 @@ class TextBoost(Method):
     settings_class = TextBoostSettings
     trains_text_encoder = True
     widgets = ("steps", "text_lora_learning_rate", "token_learning_rate", "text_lora_rank", "knowledge_weight",
-               "augment_probability", "resolution", "seed", "gradient_checkpointing")
+               "augment_probability", "resolution", "seed")
     shared_defaults = {"steps": 250, "token_learning_rate": 1e-3, "timestep_sampling": "snr", "augment_probability": 0.5,
                        "flip": False}
 
