@@ -32,7 +32,7 @@ import comfy.sd
 
 from ..engine.errors import InputError
 from ..engine.models import single_file
-from ..engine.models.diffusion_model import FINGERPRINT_ROWS, DiffusionModel, model_fingerprint
+from ..engine.models.diffusion_model import DiffusionModel, model_fingerprint
 from ..engine.models.families import FAMILIES, TRAINABLE, noise_scheduler
 from ..engine.models.precision import compute_in
 from ..engine.text.tokenizer import clip_tokenizer
@@ -126,9 +126,8 @@ def base_fingerprint(model, clip) -> str:
     """The engine's fingerprint of the base model (the same value a diffusers copy of the checkpoint has)."""
     family, prediction = model_family(model)
     _, tensors = _unet_tensors(model, family, prediction)
-    # SDXL's token table is both encoders' side by side: only the rows the fingerprint reads are joined
-    tables = [encoder.transformer.get_input_embeddings().weight[:FINGERPRINT_ROWS] for encoder in text_encoders(clip, family)]
-    return model_fingerprint(tensors, torch.cat([table.to(tables[0].dtype) for table in tables], dim=1))
+    return model_fingerprint(tensors, [encoder.transformer.get_input_embeddings().weight
+                                       for encoder in text_encoders(clip, family)])
 
 
 # ------------------------------------------------------------------------------------------------------

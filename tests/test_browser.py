@@ -133,9 +133,10 @@ def training_workflow(object_info: dict, checkpoint: str, steps: int, preview_ev
     return ui_workflow(object_info, nodes, links)
 
 
-# The node's preview pictures as the page holds them: the 2024 frontend's nodePreviewImages, or the node's imgs.
-PREVIEWS = (f"((window.app.nodePreviewImages || {{}})['{TRAIN_NODE}'] || "
-            f"window.app.graph.getNodeById({TRAIN_NODE})?.imgs || []).length")
+# The sources of the node's preview pictures as the page holds them: the 2024 frontend's nodePreviewImages, or the
+# node's imgs.
+PREVIEW_SOURCES = (f"((window.app.nodePreviewImages || {{}})['{TRAIN_NODE}'] || "
+                   f"(window.app.graph.getNodeById({TRAIN_NODE})?.imgs || []).map((i) => i.src))")
 
 
 async def train_in_the_page(browser: Chromium, server, workflow: dict, screenshot=None, previews: int = 1,
@@ -151,14 +152,12 @@ async def train_in_the_page(browser: Chromium, server, workflow: dict, screensho
     client_id = await browser.evaluate("window.app.api?.clientId || window.comfyAPI?.api?.api?.clientId || "
                                        "sessionStorage.getItem('clientId')")
     prompt_id = server.queue(to_api_prompt(workflow, server.object_info()), client_id)
-    newest = (f"String(((window.app.nodePreviewImages || {{}})['{TRAIN_NODE}'] || "
-              f"window.app.graph.getNodeById({TRAIN_NODE})?.imgs?.map((i) => i.src) || [])[0])")
     shown, seen = [], 0
     for _ in range(int(timeout)):
-        source = await browser.evaluate(newest)
+        source = await browser.evaluate(f"String({PREVIEW_SOURCES}[0])")
         if source != "undefined" and source not in shown:
             shown.append(source)
-            seen = await browser.evaluate(PREVIEWS)
+            seen = await browser.evaluate(f"{PREVIEW_SOURCES}.length")
         if len(shown) >= previews:
             break
         entry = server.history(prompt_id)

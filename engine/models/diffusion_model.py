@@ -16,8 +16,9 @@ _FINGERPRINT_TENSORS = ("conv_in.weight", "time_embedding.linear_1.weight", "con
 FINGERPRINT_ROWS = 64  # of the token table: enough to tell text encoders apart without hashing 49k rows
 
 
-def model_fingerprint(unet_state: dict[str, torch.Tensor], text_embedding: torch.Tensor) -> str:
-    """A short, dtype-independent identity of a base model.
+def model_fingerprint(unet_state: dict[str, torch.Tensor], token_tables: list[torch.Tensor]) -> str:
+    """A short, dtype-independent identity of a base model, from its UNet and the token table of each text encoder
+    (SDXL: CLIP-L's, then bigG's; their first rows side by side, never the whole joint table).
 
     Values are hashed after rounding to fp16, so the same checkpoint loaded in fp16 (ComfyUI) or fp32
     (diffusers) gets the same fingerprint.
@@ -31,7 +32,7 @@ def model_fingerprint(unet_state: dict[str, torch.Tensor], text_embedding: torch
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.numpy().tobytes())
-    rows = text_embedding.detach()[:FINGERPRINT_ROWS].to("cpu", torch.float16).contiguous()
+    rows = torch.cat([table.detach()[:FINGERPRINT_ROWS].to("cpu", torch.float16) for table in token_tables], dim=1)
     digest.update(rows.numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -81,8 +82,8 @@ class DiffusionModel:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            embedding = self.text_encoder.get_input_embeddings().weight
-            self._fingerprint = model_fingerprint(self.unet.state_dict(), embedding)
+            tables = [encoder.get_input_embeddings().weight for encoder in self.text_encoders]
+            self._fingerprint = model_fingerprint(self.unet.state_dict(), tables)
         return self._fingerprint
 
     @property
