@@ -96,10 +96,12 @@ def save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None
         try:
             save_file(tensors, str(tmp), metadata=metadata)
         except Exception as error:  # safetensors reports a failed write (a full disk) as its own error type
-            code = re.search(r"os error (\d+)", str(error))
+            # ("... (os error 28)" since 0.5, "IoError(Os { code: 28, ...})" before)
+            code = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(error))
             if code is None:
                 raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+            number = int(code.group(1) or code.group(2))
+            raise OSError(number, os.strerror(number), str(path)) from None
 
 
 def save_png(image, path) -> None:

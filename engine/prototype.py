@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import token_table
 from .errors import InputError
 from .text.templates import check_template
 from .text.tokenizer import END_TOKEN_ID
@@ -226,12 +227,12 @@ def prototype_embeddings(
         log.warning("No CLIP model given: tokens start from their class words' embeddings (no prototype search).")
         return [class_word_prototype(text_encoder, tokenizer, t, c, settings.n_vectors) for t, c in zip(tokens, class_words)]
     width = text_encoder.get_input_embeddings().weight.shape[1]
-    clip_width = towers.text_model.get_input_embeddings().weight.shape[1]
+    clip_width = token_table(towers.text_model).weight.shape[1]
     if clip_width != width:
         raise InputError(
             f"the CLIP model's text tower reads {clip_width}-wide token vectors but the diffusion model's text encoder "
             f"reads {width}-wide ones; use the CLIP model that matches the base model (CLIP ViT-L/14 for SD1.x, "
-            "ViT-H/14 for SD2.x)."
+            "ViT-H/14 for SD2.x; SDXL: ViT-L/14, and OpenCLIP ViT-bigG/14 for its second text encoder)."
         )
     results = []
     total = len(tokens) * settings.steps
@@ -289,8 +290,8 @@ def _search(towers, text_encoder, tokenizer, image, mask, token, class_word, set
     return Prototype(token, class_word, vectors, "prototype", cosine_start, cosine_final, nearest)
 
 
-def load_clip_towers(path: str, device):
-    """ClipTowers from a transformers CLIPModel folder (the --clip option of the CLI)."""
+def load_clip_towers(path: str, device, flag: str = "--clip"):
+    """ClipTowers from a transformers CLIPModel folder (the CLI's --clip or --clip-g)."""
     from transformers import CLIPModel
 
     from .fileio import error_summary
@@ -298,6 +299,6 @@ def load_clip_towers(path: str, device):
     try:
         clip = CLIPModel.from_pretrained(path, local_files_only=True)
     except Exception as error:  # a damaged, foreign or unsafe file in the folder
-        raise InputError(f"--clip {path} could not be loaded as a CLIP model ({error_summary(error)}); give the folder "
+        raise InputError(f"{flag} {path} could not be loaded as a CLIP model ({error_summary(error)}); give the folder "
                          "of a transformers CLIPModel with .safetensors weights.") from None
     return ClipTowers.from_clip_model(clip.to(device).eval())

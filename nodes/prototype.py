@@ -6,8 +6,9 @@ image side is ComfyUI's CLIP_VISION model, whose image features are projected in
 the text features must be projected into the same space. SD2 checkpoints carry OpenCLIP-H's text
 projection; SD1 and SDXL checkpoints leave CLIP-L's out (ComfyUI holds an identity or unset matrix instead), so
 the node reads it from a CLIP model file the user chooses, for instance the full CLIP file Load CLIP Vision loads.
-SDXL's token vectors have a second half, for OpenCLIP bigG, whose image tower nobody keeps beside an SDXL
-checkpoint: that half starts from the class word's vectors, as training without Prototype Init starts.
+SDXL's token vectors have a second half, for OpenCLIP bigG: searched the same way when the optional clip_vision_g
+input has bigG's image tower (the checkpoint carries bigG's text projection), else started from the class word's
+vectors, as training without Prototype Init starts.
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
+from ..engine.compat import token_table
 from ..engine.errors import InputError
 from ..engine.prototype import ClipTowers, PrototypeSettings, load_text_projection, prototype_embeddings
 from ..engine.text.tokenizer import clip_tokenizer
-from ..engine.text.vocabulary import class_word_vectors
 from ..engine.models.families import FAMILIES
-from .bridge import clip_family, load_whole, text_tower_view
+from .bridge import clip_family, load_whole, text_encoder_view, text_tower_view
 from .common import CATEGORY, node_errors, photo_objects
 
 log = logging.getLogger("protobooth")
@@ -97,10 +98,28 @@ def text_projection(encoder, family: str, choice: str) -> torch.nn.Linear:
             raise InputError(f"{NODE}: text_projection_file: the text projection in {name} is an identity matrix, not "
                              f"CLIP's (a text encoder saved without its projection); {fix}")
         log.info("%s: text projection %s read from %s", NODE, list(weight.shape), choice)
+    return _frozen_linear(weight)
+
+
+def _frozen_linear(weight: torch.Tensor) -> torch.nn.Linear:
     with torch.inference_mode(False):  # a normal tensor: the search backpropagates through it
         projection = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        projection.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        projection.weight = torch.nn.Parameter(weight.detach().float().cpu().clone(), requires_grad=False)
     return projection
+
+
+def big_g_towers(text_model, clip_vision_g, device) -> "ComfyClipTowers":
+    """The bigG half's towers: SDXL's bigG text tower with the checkpoint's own projection (SDXL uses it for its pooled
+    text embedding), and ComfyUI's bigG CLIP_VISION."""
+    projection = _frozen_linear(text_model.text_projection.weight).to(device)
+    width = vision_width(clip_vision_g)
+    if width != projection.out_features:
+        raise InputError(f"{NODE}: clip_vision_g gives {width}-wide image features but SDXL's bigG text encoder gives "
+                         f"{projection.out_features}-wide text features; load OpenCLIP ViT-bigG/14 (CLIP-ViT-bigG-14-laion2B-39B-b160k) "
+                         "with Load CLIP Vision, "
+                         "or leave clip_vision_g unconnected (the bigG half then starts from the class word).")
+    return ComfyClipTowers(text_model=text_model, text_projection=projection, vision_model=None, visual_projection=None,
+                           image_size=0, clip_vision=clip_vision_g)
 
 
 @dataclass
@@ -111,7 +130,7 @@ class ComfyClipTowers(ClipTowers):
 
     @property
     def device(self) -> torch.device:
-        return self.text_model.get_input_embeddings().weight.device
+        return token_table(self.text_model).weight.device
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
         embeds = self.clip_vision.encode_image(image.movedim(0, -1)[None].float())["image_embeds"]
@@ -127,7 +146,9 @@ class ProtoBoothPrototypeInit:
         "features in one space; choose the full CLIP file (model.safetensors of openai/clip-vit-large-patch14, in "
         "models/clip_vision; Load CLIP Vision loads the same file). SD2 checkpoints carry theirs. SDXL: that one file "
         "(CLIP ViT-L/14) is all it needs: the CLIP-L half of each token starts where CLIP sees the object, the bigG "
-        "half from the class word."
+        "half from the class word, unless clip_vision_g has OpenCLIP ViT-bigG/14's image tower (the "
+        "CLIP-ViT-bigG-14-laion2B-39B-b160k file, loaded with Load CLIP Vision), which starts that half where bigG sees "
+        "the object."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("PROTOBOOTH_TOKEN_INIT",)
@@ -158,17 +179,23 @@ class ProtoBoothPrototypeInit:
                     "default": FROM_CHECKPOINT,
                     "tooltip": "where CLIP's text projection comes from: SD1 and SDXL checkpoints have none, so choose "
                                "the full CLIP file (the one Load CLIP Vision can load too)"}),
+                "clip_vision_g": ("CLIP_VISION", {"tooltip": "SDXL only: OpenCLIP ViT-bigG/14 vision (Load CLIP Vision "
+                                                  "of CLIP-ViT-bigG-14-laion2B-39B-b160k) to search the bigG half of "
+                                                  "each token too; without it that half starts from the class word"}),
             },
         }  # fmt: skip
 
     def initialise(self, clip, clip_vision, image, masks, tokens, class_words, vectors, steps, learning_rate,
-                   text_projection_file=FROM_CHECKPOINT):
+                   text_projection_file=FROM_CHECKPOINT, clip_vision_g=None):
         with node_errors(NODE):
             family = clip_family(clip)
             picture, masks, tokens, class_words = photo_objects(image, masks, tokens, class_words)
+            if clip_vision_g is not None and family != "sdxl":
+                raise InputError(f"{NODE}: clip_vision_g is for SDXL's bigG text encoder and this is a "
+                                 f"{family.upper()} CLIP; leave clip_vision_g unconnected.")
         image_width = vision_width(clip_vision)
-        # the encoder CLIP's image features fit (SDXL: CLIP-L; its bigG half is filled below)
-        encoder, *others = (getattr(clip.cond_stage_model, name) for name in FAMILIES[family].comfy_text_encoders)
+        # the encoder CLIP's image features fit (SDXL: CLIP-L; bigG has its own towers below)
+        encoder = getattr(clip.cond_stage_model, FAMILIES[family].comfy_text_encoders[0])
         projection = text_projection(encoder, family, text_projection_file)
         if image_width != projection.out_features:
             raise InputError(f"{NODE}: the CLIP vision model gives {image_width}-wide image features but this "
@@ -177,22 +204,30 @@ class ProtoBoothPrototypeInit:
                              f"file that fits it, with the text projection of the same CLIP model: "
                              f"{FAMILIES[family].clip_vision}.")
         settings = PrototypeSettings(n_vectors=vectors, steps=steps, learning_rate=learning_rate)
-        progress = comfy.utils.ProgressBar(len(tokens) * steps)
         load_whole([clip.patcher])
         with torch.inference_mode(False), node_errors(NODE):
-            # the whole tower: CLIP's joint-space text features come from its last layer, not SD2's penultimate one
-            text_model = text_tower_view(clip, family, torch.device(clip.patcher.load_device))
-            towers = ComfyClipTowers(text_model=text_model, text_projection=projection, vision_model=None,
+            device = torch.device(clip.patcher.load_device)
+            if family == "sdxl":  # both towers with every layer (the engine searches each part that has towers)
+                text_model = text_encoder_view(clip, family, device)
+                tower_l = text_model.clip_l
+            else:  # the whole tower: CLIP's joint-space text features come from its last layer, not SD2's penultimate one
+                text_model = tower_l = text_tower_view(clip, family, device)
+            towers = ComfyClipTowers(text_model=tower_l, text_projection=projection.to(device), vision_model=None,
                                      visual_projection=None, image_size=0, clip_vision=clip_vision)
-            projection.to(towers.device)
+            if family == "sdxl":
+                towers = [towers, big_g_towers(text_model.clip_g, clip_vision_g, device) if clip_vision_g else None]
+            bar = comfy.utils.ProgressBar(len(tokens) * steps * (1 + (clip_vision_g is not None)))
+            finished = [0]  # the steps of the parts searched before this one (each part reports from 0)
+
+            def report(step: int, total: int) -> None:
+                bar.update_absolute(finished[0] + step, bar.total)
+                if step == total:
+                    finished[0] += total
+
             results = prototype_embeddings(
                 towers, text_model, clip_tokenizer(pad_token=FAMILIES[family].pad_token), picture, masks, tokens,
-                class_words, settings, progress=lambda step, total: progress.update_absolute(step, total),
+                class_words, settings, progress=report,
             )  # fmt: skip
-            for prototype in results:  # SDXL: the other encoders' halves, from the class word
-                prototype.vectors = torch.cat([prototype.vectors, *(
-                    class_word_vectors(other.transformer, clip_tokenizer(), prototype.class_word, prototype.vectors.shape[0])
-                    for other in others)], dim=1)
         return (results,)
 
 

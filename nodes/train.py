@@ -31,7 +31,7 @@ from ..engine.train.class_prior import cache_dir
 from ..engine.report import live_preview, loss_curve
 from ..engine.train import OneShotTrainer
 from ..engine.train.methods import default_method, registry
-from ..engine.train.options import settings_from_widgets, widget_specs
+from ..engine.train.options import OPTIONAL_WIDGETS, settings_from_widgets, widget_specs
 from .bridge import apply_concept, base_fingerprint, check_clip, diffusion_model_view, model_family
 from .common import CATEGORY, node_errors, photo_objects
 
@@ -166,6 +166,7 @@ class TrainNode:
                 "token_init": ("PROTOBOOTH_TOKEN_INIT", {"tooltip": "starting vectors from Prototype Init (without: each "
                                                                     "class word's)"}),
                 "preview_every": ("INT", {"default": PREVIEW_EVERY, "min": 0, "max": 100000, "tooltip": PREVIEW_HELP}),
+                **widget_specs(cls.METHOD, OPTIONAL_WIDGETS),
             },
         }
 

@@ -76,7 +76,8 @@ class ProtoBoothTestTokenInitReport:
 class ProtoBoothTestFakeVision:
     """A CLIP_VISION that is not the ViT-L/14 an SD1 checkpoint needs: 1024-wide (like ViT-H/14) or without a
     projection into CLIP's joint space (like image encoders of other kinds); or a stand-in for ViT-L/14 without its
-    300 M parameters ("768 wide"), whose features are a fixed random projection of the downscaled picture."""
+    300 M parameters ("768 wide"), or for bigG's image tower in the tiny SDXL's width ("48 wide"), whose features are
+    a fixed random projection of the downscaled picture."""
 
     CATEGORY = "testing"
     RETURN_TYPES = ("CLIP_VISION",)
@@ -84,14 +85,15 @@ class ProtoBoothTestFakeVision:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"kind": (["1024 wide", "no projection", "768 wide"],)}}
+        return {"required": {"kind": (["1024 wide", "no projection", "768 wide", "48 wide"],)}}
 
     def make(self, kind):
-        width = 768 if kind == "768 wide" else 1024
+        stand_in = kind in ("768 wide", "48 wide")
+        width = int(kind.split()[0]) if stand_in else 1024
         features = torch.randn(8 * 8 * 3, width, generator=torch.Generator().manual_seed(0))
 
         def encode_image(image):
-            if kind != "768 wide":
+            if not stand_in:
                 return {"image_embeds": torch.zeros(image.shape[0], width)}
             small = torch.nn.functional.interpolate(image.movedim(-1, 1).float(), size=(8, 8), mode="area")
             return {"image_embeds": small.flatten(1) @ features}

@@ -17,6 +17,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 
 from kit.checkpoints import ldm_state_dict, write_single_file
+from protobooth.engine.compat import text_tensors
 from protobooth.engine.models import tiny
 from protobooth.engine.models.single_file import BIG_G_PREFIX, HINTS_METADATA_KEY
 from protobooth.engine.errors import InputError
@@ -81,7 +82,7 @@ def assert_diffusers_reads_back(model) -> None:
     vae_config = create_vae_diffusers_config_from_ldm(config, checkpoint)
     assert_same_tensors(convert_ldm_vae_checkpoint(checkpoint, vae_config), model.vae.state_dict())
 
-    text = model.text_encoder.state_dict()
+    text = text_tensors(model.text_encoder)
     if model.family == "sd1":
         converted = convert_ldm_clip_checkpoint(checkpoint)
         assert torch.equal(converted.pop("text_model.embeddings.position_ids")[0], torch.arange(77))
@@ -112,7 +113,7 @@ def test_tiny_sdxl_read_back_by_diffusers_converters():
     clip_l = convert_ldm_clip_checkpoint(checkpoint)  # strips conditioner.embedders.0.transformer.
     assert torch.equal(clip_l.pop("text_model.embeddings.position_ids")[0], torch.arange(77))
     assert_same_tensors({name.removeprefix("text_model."): t for name, t in clip_l.items()},
-                        model.text_encoder.clip_l.state_dict())
+                        text_tensors(model.text_encoder.clip_l))
     big_g = model.text_encoder.clip_g
     assert_same_tensors(convert_open_clip_checkpoint(big_g, checkpoint, prefix=BIG_G_PREFIX), big_g.state_dict())
 

@@ -89,6 +89,50 @@ def test_train_and_generate_on_an_sdxl_single_file(files, tmp_path):
     assert np.asarray(Image.open(images / "000-seed0.png")).shape == (64, 64, 3)
 
 
+def test_sdxl_prototype_searches_both_halves_with_clip_and_clip_g(files, tmp_path):
+    """--clip (CLIP ViT-L/14) searches each token's CLIP-L half, --clip-g (OpenCLIP ViT-bigG/14) its bigG half."""
+    from kit.checkpoints import write_single_file
+    from protobooth.engine.images import check_masks, load_image
+    from protobooth.engine.models.loading import load_model
+    from protobooth.engine.prototype import ClipTowers, PrototypeSettings, prototype_embeddings
+    from protobooth.engine.text.vocabulary import class_word_vectors
+    from transformers import CLIPModel
+
+    sdxl = tiny.tiny_model(0, family="sdxl")
+    write_single_file(sdxl, tmp_path / "sdxl.safetensors")
+    for name, encoder in (("clip", sdxl.text_encoder.clip_l), ("clip_g", sdxl.text_encoder.clip_g)):
+        tiny.tiny_clip(encoder).save_pretrained(tmp_path / name)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 12:40] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = tmp_path / "out"
+    assert main(["train", str(files / "photo.png"), "--model", str(tmp_path / "sdxl.safetensors"), "--clip",
+                 str(tmp_path / "clip"), "--clip-g", str(tmp_path / "clip_g"), "--token", "zqcat", "--class", "cat",
+                 "--mask", str(tmp_path / "m.png"), "--steps", "1", "--token-lr", "0", "--prototype-steps", "5",
+                 "--prior-weight", "0", "--out", str(out), "--preview-prompt", "zqcat", "--quiet"]) == 0
+    saved = load_concept(out / "embeddings/zqcat.safetensors", out / "loras/zqcat.safetensors").objects[0].vectors
+
+    model = load_model(tmp_path / "sdxl.safetensors")
+    towers = [ClipTowers.from_clip_model(CLIPModel.from_pretrained(tmp_path / name, local_files_only=True).eval())
+              for name in ("clip", "clip_g")]
+    image = load_image(files / "photo.png")
+    [found] = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, check_masks([tmp_path / "m.png"], image),
+                                   ["zqcat"], ["cat"], PrototypeSettings(steps=5))
+    assert torch.equal(saved, found.vectors)
+    start = class_word_vectors(model.text_encoder, model.tokenizer, "cat", 1)
+    for half in (slice(0, tiny.TEXT_WIDTH), slice(tiny.TEXT_WIDTH, None)):  # both halves were searched
+        assert not torch.allclose(saved[:, half], start[:, half], atol=1e-3)
+
+
+def test_clip_g_on_a_model_without_big_g_is_refused_before_loading(files, tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")  # a folder that passes the first look; the model is SD1
+    code = main(["train", str(files / "photo.png"), "--model", str(files / "model"), "--clip-g", str(tmp_path),
+                 "--token", "zqcat", "--class", "cat", "--mask", str(files / "photo.png"), "--out", str(files / "no"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--clip-g is for SDXL's second text encoder" in err and "leave --clip-g out" in err, err
+
+
 def test_demo_writes_everything(tmp_path):
     assert main(["demo", "--model", "tiny", "--out", str(tmp_path), "--steps", "3", "--quiet"]) == 0
     for name in ("reference.png", "reference-mask-1.png", "loras/demo.safetensors", "embeddings/demo.safetensors",

@@ -111,7 +111,8 @@ def test_nodes_are_registered_with_their_widgets(comfyui):
     for node, inputs in NODES.items():
         assert info[node]["category"] == "ProtoBooth"
         assert list(info[node]["input"]["required"]) == inputs, node
-    assert list(info["ProtoBoothTrainConcept"]["input"]["optional"]) == ["token_init", "preview_every"]
+    assert list(info["ProtoBoothTrainConcept"]["input"]["optional"]) == ["token_init", "preview_every",
+                                                                          "gradient_checkpointing", "offload_frozen"]
     assert info["ProtoBoothTrainConcept"]["output"] == ["MODEL", "CLIP", "PROTOBOOTH_CONCEPT", "IMAGE"]
     assert info["ProtoBoothApplyConcept"]["output"] == ["MODEL", "CLIP"]
     assert info["ProtoBoothSaveConcept"]["output_node"] is True
@@ -172,6 +173,18 @@ def test_training_in_the_graph_leaves_its_inputs_untouched_and_reuses_its_result
     assert comfyui.log_text().count("Train Concept: zqsquare: 3 steps") == trainings
     if comfyui.build.name == "2024-03":  # the current ComfyUI's own cache answers before the node runs
         assert "reusing its result" in comfyui.log_text()
+
+
+def test_the_memory_switches_are_optional_inputs_that_keep_the_result(comfyui, comfyui_checkpoint, photo):
+    """gradient_checkpointing and offload_frozen trade time for memory and nothing else; as optional inputs they leave
+    graphs saved before them valid (every other test here leaves them out)."""
+    predictions = {}
+    for name, switches in (("plain", {}), ("saving", {"gradient_checkpointing": True, "offload_frozen": True})):
+        graph = training_graph(comfyui_checkpoint, photo, train_id=f"train_{name}", **switches)
+        graph.update(prediction_nodes(name, [f"train_{name}", 0], [f"train_{name}", 1], "a photo of zqsquare square"))
+        predictions[name] = prediction(comfyui.run(graph, timeout=600), name)
+    assert "the UNet recomputes its activations" in comfyui.log_text()
+    assert np.abs(predictions["plain"] - predictions["saving"]).max() <= 1e-5
 
 
 def test_saved_files_give_stock_loaders_the_same_result_as_apply_concept(comfyui, comfyui_checkpoint, photo):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from conftest import ROOT, run_python
+from protobooth.engine.compat import text_tensors
 
 COMFYUI_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "nodes", "server",
                    "execution", "latent_preview", "node_helpers"}
@@ -59,6 +60,32 @@ def test_requirements_never_pin_torch():
         assert name not in {"torch", "torchvision", "torchaudio"}, line
 
 
+def _requirements(name: str) -> dict:
+    from packaging.requirements import Requirement
+
+    lines = [line.split("#")[0].strip() for line in (ROOT / name).read_text().splitlines()]
+    return {r.name.lower(): r for r in map(Requirement, (line for line in lines if line and not line.startswith("-r")))}
+
+
+def test_both_pinned_sets_sit_at_the_ends_of_the_supported_ranges():
+    """requirements.txt (= pyproject's dependencies) gives the ranges; requirements-min.txt pins each lower end, which
+    `make test-min` runs the suite on, and requirements-dev.txt pins versions inside them, which `make test` runs on."""
+    supported = _requirements("requirements.txt")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    assert sorted(map(str, supported.values())) == sorted(str(Requirement(line)) for line in project)
+    lowest, newest = _requirements("requirements-min.txt"), _requirements("requirements-dev.txt")
+    for name, requirement in supported.items():
+        floor = [spec.version for spec in requirement.specifier if spec.operator in (">=", "==")]
+        assert floor, f"{name} needs a lowest supported version in requirements.txt"
+        [pinned_low] = [spec.version for spec in lowest[name].specifier]
+        assert Version(pinned_low) == Version(floor[0]), (name, pinned_low, floor)
+        [pinned_new] = [spec.version for spec in newest[name].specifier]
+        assert requirement.specifier.contains(pinned_new), (name, pinned_new, str(requirement))
+
+
 def test_console_script_help_and_version():
     script = Path(sys.executable).parent / "protobooth"
     assert script.exists(), "the `protobooth` console script is missing: run `pip install -e .`"
@@ -97,7 +124,7 @@ def test_tiny_models_are_seeded_and_run():
     assert torch.isfinite(noise).all()
 
     clip = tiny.tiny_clip(a.text_encoder)
-    for key, value in a.text_encoder.state_dict().items():
+    for key, value in text_tensors(a.text_encoder).items():
         assert torch.equal(clip.text_model.state_dict()[key], value)
     with torch.no_grad():
         image_features = clip.get_image_features(pixel_values=torch.zeros(1, 3, 32, 32))

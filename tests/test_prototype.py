@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from protobooth.engine.compat import set_token_table
 from protobooth.engine.models import tiny
 from protobooth.engine.errors import InputError
 from protobooth.engine.fileio import save_safetensors
@@ -64,7 +65,7 @@ def test_without_clip_falls_back_to_class_word_and_says_so(caplog):
 def test_mismatched_clip_is_refused_with_the_fix():
     model = tiny.tiny_model(0)
     clip = tiny.tiny_clip(None)
-    clip.text_model.set_input_embeddings(torch.nn.Embedding(49408, 16))
+    set_token_table(clip.text_model, torch.nn.Embedding(49408, 16))
     image, mask = picture()
     with pytest.raises(InputError, match="ViT-L/14"):
         prototype_embeddings(ClipTowers.from_clip_model(clip), model.text_encoder, model.tokenizer, image, [mask], ["zqcat"], ["cat"])

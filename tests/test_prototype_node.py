@@ -90,7 +90,7 @@ def test_node_is_registered_with_its_widgets(comfyui, projections):
     assert node["display_name"] == "Prototype Init" and node["category"] == "ProtoBooth"
     assert list(node["input"]["required"]) == ["clip", "clip_vision", "image", "masks", "tokens", "class_words",
                                                "vectors", "steps", "learning_rate"]
-    assert list(node["input"]["optional"]) == ["text_projection_file"]
+    assert list(node["input"]["optional"]) == ["text_projection_file", "clip_vision_g"]
     choices = node["input"]["optional"]["text_projection_file"][0]
     assert choices[0] == "(from the checkpoint)" and set(projections.values()) <= set(choices)
     assert not any(choice.endswith(".pt") for choice in choices)  # pickles are never offered

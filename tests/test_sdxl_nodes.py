@@ -218,7 +218,7 @@ def test_cancel_stops_sdxl_training_and_leaves_the_inputs(comfyui, photo):
 
 
 @long_run_on_one_build  # the pack's code over the same ComfyUI modules in both builds
-def test_prototype_init_starts_the_clip_l_half_from_the_photo_and_the_big_g_half_from_the_class_word(comfyui, photo):
+def test_prototype_init_searches_the_clip_l_half_and_the_big_g_half_where_it_has_bigg_vision(comfyui, photo):
     from protobooth.engine.fileio import save_safetensors
 
     projection = "protobooth-tiny-sdxl-projection.safetensors"  # CLIP-L's text projection, for the tiny CLIP-L
@@ -244,6 +244,21 @@ def test_prototype_init_starts_the_clip_l_half_from_the_photo_and_the_big_g_half
     assert np.array_equal(vectors[WIDTH_L:], np.array(rows["clip_g"], dtype=np.float32))
     assert np.abs(vectors[:WIDTH_L] - np.array(rows["clip_l"])).max() > 1e-3  # the search moved it
     assert found["cosine_final"] > found["cosine_start"]
+
+
+    # With bigG's image tower (a stand-in of the tiny bigG's width), its half is searched too, through the checkpoint's
+    # own bigG text projection; the CLIP-L half is the same search as before.
+    graph["vision_g"] = {"class_type": "ProtoBoothTestFakeVision", "inputs": {"kind": f"{WIDTH_G} wide"}}
+    graph["init"]["inputs"]["clip_vision_g"] = ["vision_g", 0]
+    [both] = comfyui.run(graph, timeout=600)["outputs"]["report"]["token_init"]
+    both_vectors = np.array(both["vectors"])
+    assert np.array_equal(both_vectors[:WIDTH_L], vectors[:WIDTH_L])
+    assert np.abs(both_vectors[WIDTH_L:] - np.array(rows["clip_g"])).max() > 1e-3
+
+    graph["vision_g"]["inputs"]["kind"] = "768 wide"  # CLIP-L's vision where bigG's belongs
+    error = failure(comfyui, graph)
+    assert "clip_vision_g gives 768-wide image features but SDXL's bigG text encoder gives 48-wide" in error, error
+    del graph["vision_g"], graph["init"]["inputs"]["clip_vision_g"]
 
     graph["init"]["inputs"]["text_projection_file"] = "(from the checkpoint)"
     error = failure(comfyui, graph)

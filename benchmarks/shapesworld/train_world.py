@@ -36,6 +36,7 @@ import_this_checkout()
 from protobooth.benchmarks.shapesworld import models as sw_models  # noqa: E402
 from protobooth.engine.shapesworld import world  # noqa: E402
 from protobooth.benchmarks.shapesworld.metrics import METRIC_DIR, load_classifier, scene_accuracy  # noqa: E402
+from protobooth.engine.fileio import save_safetensors  # noqa: E402
 from protobooth.engine.models.loading import load_model  # noqa: E402
 from protobooth.engine.models.diffusion_model import DiffusionModel  # noqa: E402
 from protobooth.engine.prototype import CLIP_MEAN, CLIP_STD  # noqa: E402
@@ -625,6 +626,16 @@ def stage_gate(run: Run, args) -> dict:
 
 # ------------------------------------------------------------------------------------------ export
 
+def hub_layout_names(path: Path) -> None:
+    """Name a saved CLIPTextModel's tensors as the hub's SD folders do ("text_model." first): transformers 5 saves
+    them without that level, which transformers 4 cannot read; the hub's names load in both."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    save_safetensors({"text_model." + name.removeprefix("text_model."): t for name, t in tensors.items()}, path,
+                     metadata={"format": "pt"})
+
+
 def stage_export(run: Run, args) -> None:
     """fp16 safetensors in the diffusers SD1 layout into the package, plus the metric models."""
     from diffusers import DDPMScheduler
@@ -638,6 +649,7 @@ def stage_export(run: Run, args) -> None:
     model.unet.to(torch.float16).save_pretrained(tmp / "unet", variant="fp16")
     model.vae.to(torch.float16).save_pretrained(tmp / "vae", variant="fp16")
     model.text_encoder.to(torch.float16).save_pretrained(tmp / "text_encoder", variant="fp16")
+    hub_layout_names(tmp / "text_encoder" / "model.fp16.safetensors")
     DDPMScheduler(**sw_models.noise_scheduler_config()).save_pretrained(tmp / "scheduler")
     for part in ("unet", "vae"):  # diffusers records the work folder it loaded from; it means nothing shipped
         config_file = tmp / part / "config.json"

@@ -32,6 +32,9 @@ def register_train(subparsers) -> None:
     p.add_argument("--sam", help="segment-anything checkpoint (sam_vit_b/l/h .pth) for --box")
     p.add_argument("--clip", help="CLIP model folder (transformers CLIPModel) for the prototype initialisation; "
                    "without it tokens start from their class words")
+    p.add_argument("--clip-g", help="SDXL: OpenCLIP ViT-bigG/14 folder (transformers CLIPModel, e.g. "
+                   "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k) for the bigG half of each token's vectors; without it that "
+                   "half starts from the class word")
     p.add_argument("--out", default="protobooth-out", help="output folder")
     p.add_argument("--name", help="concept name (file names); default: the first token")
     p.add_argument("--overwrite", action="store_true", help="replace existing concept files of the same name")
@@ -86,11 +89,13 @@ def check_train_inputs(args):
     settings = settings_from_args(args)
     prototype = PrototypeSettings(n_vectors=settings.n_vectors, steps=args.prototype_steps)
     settings.check()
-    if args.clip:
-        prototype.check()
-        if not (Path(args.clip) / "config.json").is_file():
-            raise InputError(f"--clip {args.clip} is not a CLIP model folder (it has no config.json); give the folder "
-                             "of a transformers CLIPModel, e.g. openai/clip-vit-large-patch14, or leave --clip out.")
+    for flag, folder, example in (("--clip", args.clip, "openai/clip-vit-large-patch14"),
+                                  ("--clip-g", args.clip_g, "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")):
+        if folder:
+            prototype.check()
+            if not (Path(folder) / "config.json").is_file():
+                raise InputError(f"{flag} {folder} is not a CLIP model folder (it has no config.json); give the folder "
+                                 f"of a transformers CLIPModel, e.g. {example}, or leave {flag} out.")
     check_image_file(args.image, "image")
     for index, mask in enumerate(args.mask or [], 1):
         check_image_file(mask, f"--mask {index}")
@@ -136,7 +141,8 @@ def run_train(args) -> int:
     import torch
 
     from ..images import load_image
-    from ..models.loading import load_model
+    from ..models.families import family
+    from ..models.loading import detect_family, load_model
     from ..models.precision import weights_dtype
     from ..prototype import load_clip_towers
 
@@ -144,10 +150,15 @@ def run_train(args) -> int:
     out = Path(args.out)
     args.cancel_note = lambda: (f"checkpoint kept at {out / f'{name}-checkpoint'} (continue with --resume)"
                                 if (out / f"{name}-checkpoint" / "checkpoint.pt").is_file() else "nothing written")
+    if args.clip_g and detect_family(args.model) != "sdxl":
+        raise InputError(f"--clip-g is for SDXL's second text encoder, and {args.model} is "
+                         f"{family(detect_family(args.model)).label}; leave --clip-g out.")
     image = load_image(args.image)
     masks = _object_masks(args, image)
     model = load_model(args.model, dtype=weights_dtype(settings.mixed_precision, torch.device(device)), device=device)
-    towers = load_clip_towers(args.clip, device) if args.clip else None
+    towers = load_clip_towers(args.clip, device, "--clip") if args.clip else None
+    if args.clip_g:
+        towers = [towers, load_clip_towers(args.clip_g, device, "--clip-g")]  # per text encoder: CLIP-L, bigG
     prompts = args.preview_prompt or default_preview_prompts(args.token, args.class_words)
     learn(model, image, masks, args.token, args.class_words, settings, out, name, prompts,
           towers=towers, prototype=prototype, resume=args.resume)

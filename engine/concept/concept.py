@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -284,23 +285,31 @@ def concept_applied(pipeline, concept: Concept, lora_scale: float = 1.0):
 
     Tokens go in through load_textual_inversion (one call per object, `tok`, `tok_1`, …; for SDXL one per object
     and text encoder, each with its half), the LoRA through load_lora_weights — exactly what a diffusers user
-    without ProtoBooth would do.
+    without ProtoBooth would do. The words go into copies of the tokenizers, and the undo puts the originals and
+    the encoders' own token tables back (diffusers' unload_textual_inversion cannot undo it with transformers 4's
+    fast tokenizers).
     """
-    encoders = [(pipeline.tokenizer, pipeline.text_encoder)]
+    parts = [("tokenizer", pipeline.text_encoder)]
     if getattr(pipeline, "text_encoder_2", None) is not None:
-        encoders.append((pipeline.tokenizer_2, pipeline.text_encoder_2))
-    for obj in concept.objects:
-        for (tokenizer, encoder), half in zip(encoders, concept.embedding_tensors(obj.vectors).values()):
-            pipeline.load_textual_inversion({obj.token: half.to(encoder.dtype)}, token=obj.token, tokenizer=tokenizer,
-                                            text_encoder=encoder)
-    if concept.lora:
-        pipeline.load_lora_weights(dict(concept.lora), adapter_name="protobooth")
-        pipeline.set_adapters(["protobooth"], adapter_weights=[lora_scale])
+        parts.append(("tokenizer_2", pipeline.text_encoder_2))
+    originals = [(name, getattr(pipeline, name), encoder, encoder.get_input_embeddings(), encoder.config.vocab_size)
+                 for name, encoder in parts]
     try:
+        for name, _ in parts:
+            setattr(pipeline, name, copy.deepcopy(getattr(pipeline, name)))
+        for obj in concept.objects:
+            for (name, encoder), half in zip(parts, concept.embedding_tensors(obj.vectors).values()):
+                pipeline.load_textual_inversion({obj.token: half.to(encoder.dtype)}, token=obj.token,
+                                                tokenizer=getattr(pipeline, name), text_encoder=encoder)
+        if concept.lora:
+            pipeline.load_lora_weights(dict(concept.lora), adapter_name="protobooth")
+            pipeline.set_adapters(["protobooth"], adapter_weights=[lora_scale])
         yield pipeline
     finally:
         if concept.lora:
             pipeline.unload_lora_weights()
-        for tokenizer, encoder in encoders:
-            pipeline.unload_textual_inversion(tokenizer=tokenizer, text_encoder=encoder)
+        for name, tokenizer, encoder, table, vocab_size in originals:
+            setattr(pipeline, name, tokenizer)
+            encoder.set_input_embeddings(table)
+            encoder.config.vocab_size = vocab_size
 

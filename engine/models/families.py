@@ -95,8 +95,9 @@ FAMILIES = {
         comfy_other_models=(("SDXLRefiner", "the SDXL refiner (it conditions on bigG alone)"),
                             ("SDXL_instructpix2pix", "an SDXL InstructPix2Pix (image edit) model")),
         native_sizes=(("epsilon", 1024),), unet_head_channels=64, latent_scaling=0.13025, size_conditioning=True,
-        clip_vision="CLIP ViT-L/14 for the CLIP-L half (e.g. clip-vit-large-patch14.safetensors); the bigG half starts "
-                    "from the class word",
+        clip_vision="CLIP ViT-L/14 for the CLIP-L half (e.g. clip-vit-large-patch14.safetensors); the bigG half: "
+                    "OpenCLIP ViT-bigG/14 (1280-wide features; CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors) where "
+                    "given, else the class word",
         full_clip="model.safetensors of openai/clip-vit-large-patch14",
         checkpoint_text_projection=False,
     ),

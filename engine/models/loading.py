@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import pretrained_dtype
 from ..errors import InputError
 from ..fileio import error_summary
 from ..text.tokenizer import END_TOKEN_ID, clip_tokenizer
@@ -129,9 +130,7 @@ def _load_folder(folder: Path, expected, prediction_type, dtype) -> DiffusionMod
             folder, subfolder="unet", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "unet"))
         vae = AutoencoderKL.from_pretrained(
             folder, subfolder="vae", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "vae"))
-        encoders = [_pooling_at_end_token(kind.from_pretrained(
-            folder / part, local_files_only=True, dtype=dtype, variant=_variant(folder / part)).eval())
-            for part, kind in text_parts.items()]
+        encoders = [_pooling_at_end_token(_text_encoder(kind, folder / part, dtype)) for part, kind in text_parts.items()]
         schedule = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
         if (folder / "tokenizer").is_dir():  # SDXL's first tokenizer: CLIP-L's, which the engine feeds both encoders
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
@@ -151,6 +150,17 @@ def _load_folder(folder: Path, expected, prediction_type, dtype) -> DiffusionMod
         [text_encoder] = encoders
     return DiffusionModel(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                           noise_scheduler=DDPMScheduler.from_config(schedule), family=detected, name=folder.name)
+
+
+def _text_encoder(kind, part: Path, dtype):
+    """A text encoder from its folder, refusing one whose weights do not all load: transformers 4 would otherwise
+    start CLIPTextModel at random from a file saved by transformers 5 (no "text_model." level in its names)."""
+    encoder, info = kind.from_pretrained(part, local_files_only=True, **pretrained_dtype(dtype), variant=_variant(part),
+                                         output_loading_info=True)
+    if info["missing_keys"]:
+        raise ValueError(f"{part.name} lacks {len(info['missing_keys'])} of its tensors, e.g. "
+                         f"{sorted(info['missing_keys'])[0]!r} (files saved by transformers 5 need transformers 5)")
+    return encoder.eval()
 
 
 def _pooling_at_end_token(encoder):

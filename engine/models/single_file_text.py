@@ -74,13 +74,15 @@ def text_tensors(checkpoint: CheckpointFile, family_name: str, text_encoder, dty
 
 def _named_as(tensors: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The converted tensors `module` has, under its names: transformers' CLIPTextModel has no "text_model." level (since
-    5.6), CLIPTextModelWithProjection does. Others (position ids, SD2's unused block, logit scale) are left out."""
+    5.6), CLIPTextModelWithProjection does, and converters (by diffusers release and file age) give either. Others
+    (position ids, SD2's unused block, logit scale) are left out."""
     wanted = module.state_dict().keys()
     named = {}
     for name, tensor in tensors.items():
-        candidate = name if name in wanted else name.removeprefix("text_model.")
-        if candidate in wanted:
-            named[candidate] = tensor
+        bare = name.removeprefix("text_model.")
+        for candidate in (bare, "text_model." + bare):
+            if candidate in wanted:
+                named[candidate] = tensor
     return named
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import text_tensors
 from ..text.tokenizer import clip_tokenizer
 from .diffusion_model import DiffusionModel
 from .families import family as family_record
@@ -106,7 +107,8 @@ def tiny_model(seed: int = 0, family: str = "sd1", prediction_type: str = "epsil
 def tiny_clip(text_encoder=None, seed: int = 0, family: str = "sd1"):
     """A tiny CLIPModel (vision + text towers with projections) for the prototype step.
 
-    Its text tower is a copy of `text_encoder` when given, as SD1's text encoder is CLIP-L's text tower.
+    Its text tower is a copy of `text_encoder` when given, as SD1's text encoder is CLIP-L's text tower (and SDXL's
+    second, bigG's).
     """
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
@@ -120,13 +122,14 @@ def tiny_clip(text_encoder=None, seed: int = 0, family: str = "sd1"):
         projection_dim=TEXT_WIDTH,
     )
     config = CLIPConfig(
-        text_config=tiny_text_config(family).to_dict(),
+        text_config=(text_encoder.config if text_encoder is not None else tiny_text_config(family)).to_dict(),
         vision_config=vision.to_dict(),
         projection_dim=TEXT_WIDTH,
     )
     clip = seeded(seed, lambda: CLIPModel(config).eval())
     if text_encoder is not None:
-        clip.text_model.load_state_dict(text_encoder.state_dict())
+        tower = clip.text_model.state_dict()  # (a CLIPTextModelWithProjection's own projection stays out)
+        clip.text_model.load_state_dict({name: t for name, t in text_tensors(text_encoder).items() if name in tower})
     return clip
 
 

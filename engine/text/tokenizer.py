@@ -9,6 +9,9 @@ from __future__ import annotations
 import functools
 import gzip
 from pathlib import Path
+from types import SimpleNamespace
+
+from ..compat import transformers_major
 
 BPE_PATH = Path(__file__).parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
 START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -49,16 +52,21 @@ def clip_tokenizer(pad_token: str = END_TOKEN):
 
     Each family pads as its record says (families.py): SD1 with the end token, SD2 with "!" (id 0).
     """
-    from transformers import CLIPTokenizer
+    import transformers
 
     vocab, merges = clip_vocab_and_merges()
-    # transformers 5 ignores vocab_file=/merges_file=; the in-memory vocab= and merges= are honoured.
-    return CLIPTokenizer(
-        vocab=dict(vocab),
-        merges=list(merges),
-        model_max_length=MAX_LENGTH,
-        bos_token=START_TOKEN,
-        eos_token=END_TOKEN,
-        unk_token=END_TOKEN,
-        pad_token=pad_token,
-    )
+    options = dict(model_max_length=MAX_LENGTH, bos_token=START_TOKEN, eos_token=END_TOKEN,
+                   unk_token=END_TOKEN, pad_token=pad_token)
+    if transformers_major() >= 5:
+        # transformers 5's CLIPTokenizer is the fast one and takes the vocabulary in memory (it ignores files).
+        return transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), **options)
+    # transformers 4's tokenizers read files; its own converter builds the fast one from the tables in memory (it reads
+    # only these fields of the Python tokenizer it normally converts). clean_up_tokenization_spaces only shapes
+    # decoding: False is transformers 5's default, and 4 warns when it is unset.
+    from transformers.convert_slow_tokenizer import CLIPConverter
+
+    tables = SimpleNamespace(encoder=vocab, bpe_ranks=dict.fromkeys(merges), unk_token=END_TOKEN,
+                             bos_token=START_TOKEN, bos_token_id=START_TOKEN_ID, eos_token=END_TOKEN,
+                             eos_token_id=END_TOKEN_ID)
+    return transformers.CLIPTokenizerFast(tokenizer_object=CLIPConverter(tables).converted(),
+                                          clean_up_tokenization_spaces=False, **options)

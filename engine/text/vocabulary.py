@@ -14,6 +14,7 @@ import re
 import torch
 from torch import nn
 
+from ..compat import set_token_table, token_table
 from ..errors import InputError
 
 _TOKEN_CHARS = re.compile(r"^[a-z0-9_<>\-]+$")
@@ -154,12 +155,12 @@ class ConceptVocabulary:
     @contextlib.contextmanager
     def installed(self, text_encoder):
         """Splice the vectors into `text_encoder` for the duration of the block; the table is never touched."""
-        embeddings = text_encoder.get_input_embeddings()
-        text_encoder.set_input_embeddings(_EmbeddingWithNewRows(embeddings, self.offset, self.vectors))
+        embeddings = token_table(text_encoder)
+        set_token_table(text_encoder, _EmbeddingWithNewRows(embeddings, self.offset, self.vectors))
         try:
             yield self
         finally:
-            text_encoder.set_input_embeddings(embeddings)
+            set_token_table(text_encoder, embeddings)
 
     def clamp_norms(self, max_norms: list[float], indices=None) -> None:
         """Keep the vectors of the given objects (default all) at most their bound long (no drift to huge norms)."""

@@ -93,10 +93,14 @@ def _field(method, name: str):
     raise KeyError(f"{method.name} lists widget {name!r}, which is none of its settings")
 
 
-def widget_specs(method) -> dict[str, tuple]:
-    """The method's node widgets: name → (ComfyUI input type, options), in Method.widgets order."""
+# Every Train node's optional inputs (memory switches): optional, so that workflows saved before them still validate.
+OPTIONAL_WIDGETS = ("gradient_checkpointing", "offload_frozen")
+
+
+def widget_specs(method, names=None) -> dict[str, tuple]:
+    """The method's node widgets (or the settings `names`): name → (ComfyUI input type, options), in that order."""
     specs = {}
-    for name in method.widgets:
+    for name in method.widgets if names is None else names:
         item = _field(method, name)
         meta, kind = item.metadata, _value_type(item)
         default = method.shared_defaults.get(name, item.default)

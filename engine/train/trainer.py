@@ -201,6 +201,7 @@ class OneShotTrainer:
         groups = self.method.trainables()
         if settings.gradient_checkpointing and not model.unet.is_gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
+            log.info("gradient_checkpointing: the UNet recomputes its activations in the backward pass")
             self.on_exit(model.unet.disable_gradient_checkpointing)
         return groups
 

@@ -11,6 +11,7 @@ import json
 
 import torch
 
+from protobooth.engine.compat import text_tensors
 from protobooth.engine.errors import InputError
 from protobooth.engine.fileio import save_safetensors
 from protobooth.engine.models.single_file import (BIG_G_PREFIX, CLIP_L_PREFIX, HINTS_METADATA_KEY, OPEN_CLIP_PREFIX,
@@ -215,7 +216,7 @@ def ldm_state_dict(model) -> dict[str, torch.Tensor]:
 
 def _clip_l_state(encoder, prefix: str) -> dict[str, torch.Tensor]:
     """CLIP-L under transformers names, with the position ids real files hold."""
-    state = {prefix + name: tensor for name, tensor in encoder.state_dict().items()}
+    state = {prefix + name: tensor for name, tensor in text_tensors(encoder).items()}
     state[prefix + "embeddings.position_ids"] = torch.arange(encoder.config.max_position_embeddings)[None]
     return state
 
@@ -223,7 +224,7 @@ def _clip_l_state(encoder, prefix: str) -> dict[str, torch.Tensor]:
 def _open_clip_state(encoder, prefix: str, unused_block: bool) -> dict[str, torch.Tensor]:
     """OpenCLIP's text tower: SD2's with an unused identity block after the last (see ldm_state_dict), SDXL's bigG
     with its projection (stored [width, projection]: OpenCLIP multiplies features @ text_projection)."""
-    text = {name.removeprefix("text_model."): tensor for name, tensor in encoder.state_dict().items()}
+    text = text_tensors(encoder)
     layers = encoder.config.num_hidden_layers
     state = {}
     for original, parts in open_clip_names(layers, prefix).items():

@@ -80,3 +80,18 @@ def check_lora_rank(module: torch.nn.Module, targets: list[str], rank: int, wher
     if widths and rank > min(widths):
         raise InputError(f"LoRA rank {rank} is above {min(widths)}, the width of the narrowest layer it adapts in "
                          f"{where}; use at most {min(widths)} (4 to 16 is usual).")
+
+
+def remove_adapter(module: torch.nn.Module, adapter: str, had_peft: bool) -> None:
+    """Take the training's LoRA `adapter` off a UNet or text encoder: its adapter alone where the module had others, else every
+    LoRA layer back to the plain layer it wraps (transformers' delete_adapter leaves the wrappers, which rename the
+    weights) and the module unmarked (diffusers before 0.33 leaves it marked, and a second add_adapter then fails)."""
+    if had_peft:
+        (module.delete_adapters if hasattr(module, "delete_adapters") else module.delete_adapter)(adapter)
+        return
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(module)
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        if attribute in vars(module):
+            delattr(module, attribute)

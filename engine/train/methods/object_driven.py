@@ -29,7 +29,7 @@ from ...text.templates import check_template
 from ..class_prior import ClassImages, cache_entry, class_latents
 from ..losses import masked_mse
 from ..fields import MethodSettings, setting
-from .base import Method, check_lora_rank
+from .base import Method, check_lora_rank, remove_adapter
 
 ADAPTER = "protobooth"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -130,7 +130,7 @@ class ObjectDriven(Method):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(trainer.settings.seed)  # peft draws the LoRA init from the global RNG
                 unet.add_adapter(config, adapter_name=ADAPTER)
-            trainer.on_exit(lambda: unet.delete_adapters(ADAPTER) if had_peft else unet.unload_lora())
+            trainer.on_exit(lambda: remove_adapter(unet, ADAPTER, had_peft))
             unet.set_adapter(ADAPTER)
             named = [(n, p) for n, p in unet.named_parameters() if f".{ADAPTER}." in n]
             # peft puts the LoRA in the dtype of the layer it wraps; over weights stored in half or fp8 that rounds

@@ -22,7 +22,7 @@ from ...concept.concept import peft_to_kohya
 from ...models.families import family
 from ..fields import MethodSettings, setting
 from ..losses import masked_mse
-from .base import Method, check_lora_rank
+from .base import Method, check_lora_rank, remove_adapter
 
 ADAPTER = "protobooth_text"
 # The text encoder's layers the LoRA adapts. The official code's HEAD adapts q, k, v; out_proj is added because
@@ -109,7 +109,7 @@ class TextBoost(Method):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(trainer.settings.seed)
                 encoder.add_adapter(config, adapter_name=ADAPTER)
-            trainer.on_exit(lambda encoder=encoder, had_peft=had_peft: _remove_adapter(encoder, had_peft))
+            trainer.on_exit(lambda encoder=encoder, had_peft=had_peft: remove_adapter(encoder, ADAPTER, had_peft))
             encoder.set_adapter(ADAPTER)
             self.lora_parameters += [p for n, p in encoder.named_parameters() if f".{ADAPTER}." in n]
         for p in self.lora_parameters:
@@ -168,17 +168,3 @@ class TextBoost(Method):
 
         for encoder, saved in zip(self.model.text_encoders, state["lora"]):
             set_peft_model_state_dict(encoder, saved, adapter_name=ADAPTER)
-
-
-def _remove_adapter(encoder, had_peft: bool) -> None:
-    """Take the LoRA off the text encoder: its own adapter alone where it had others, else every LoRA layer back to
-    the plain layer it wraps (transformers' delete_adapter leaves the wrappers, which rename the weights)."""
-    if had_peft:
-        encoder.delete_adapter(ADAPTER)
-        return
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
-    recurse_remove_peft_layers(encoder)
-    for attribute in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(encoder, attribute):
-            delattr(encoder, attribute)
