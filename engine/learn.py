@@ -35,8 +35,9 @@ def progress_bar(description: str, unit: str = "step"):
 def learn(model, image, masks, tokens, class_words, settings, out: Path, name: str, preview_prompts: list[str],
           towers=None, prototype=None, resume: bool = False, preview_seeds=(0,), render_options: dict | None = None,
           report_dir: Path | None = None, checkpoint_dir: Path | None = None, inputs_hash: str | None = None,
-          quiet: bool = False):
-    """Prototype search (when a CLIP model is given) → training → concept files, loss curve, preview grid.
+          quiet: bool = False, init_vectors: list | None = None):
+    """Prototype search (when a CLIP model is given; `init_vectors` instead give each object's start, e.g. an
+    object encoder's) → training → concept files, loss curve, preview grid.
 
     The concept goes to OUT's loras/ and embeddings/; the loss curve and preview to `report_dir` (default OUT);
     checkpoints to `checkpoint_dir` (default OUT/NAME-checkpoint). `inputs_hash` is kept in the concept's
@@ -51,8 +52,8 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
 
     image = load_image(image)
     masks = check_masks(masks, image, tokens)
-    init = None
-    if towers is not None:
+    init = init_vectors
+    if towers is not None and init is None:
         with progress_bar("prototype") as update:
             found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, class_words,
                                          prototype, progress=update)

@@ -4,7 +4,7 @@ One module per node family; each holds its NODE_CLASS_MAPPINGS and NODE_DISPLAY_
 """
 from importlib import import_module
 
-FAMILIES = ("segment", "prototype", "train", "concept")
+FAMILIES = ("segment", "prototype", "train", "concept", "encoder")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -13,6 +13,21 @@ from ..engine.text.vocabulary import check_objects
 CATEGORY = "ProtoBooth"
 
 
+def register_models_folder(name: str, extensions: set[str]) -> None:
+    """Add models/<name> to ComfyUI's folder list `name`, keeping paths registered before (extra_model_paths.yaml,
+    other packs, or ComfyUI itself where a newer one has the entry)."""
+    import os
+
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, name)
+    paths, known = folder_paths.folder_names_and_paths.get(name, ([], set()))
+    if default not in paths:
+        paths = [*paths, default]
+    # a fresh set: an existing entry may share its set object with other folders
+    folder_paths.folder_names_and_paths[name] = (paths, set(known) | extensions)
+
+
 @contextlib.contextmanager
 def node_errors(node: str):
     """Re-raise the engine's input errors with the node's display name in front."""

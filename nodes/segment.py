@@ -6,7 +6,6 @@ visits the compute device only while it segments: ComfyUI's memory manager does 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,25 +16,14 @@ import folder_paths
 
 from ..engine.errors import InputError
 from ..engine.segment import Segmenter, load_sam, overlay_masks, parse_prompts
-from .common import CATEGORY, image_from_batch, node_errors
+from .common import CATEGORY, image_from_batch, node_errors, register_models_folder
 
 SAMS = "sams"
 SAM_EXTENSIONS = {".pth", ".pt", ".safetensors"}
 DEFAULT_PROMPTS = '[{"box": [8, 8, 56, 56]}]'
 
 
-def register_sams_folder() -> None:
-    """Add models/sams to the "sams" folder list, keeping paths registered before (extra_model_paths.yaml,
-    other packs); this 2024 ComfyUI has no "sams" entry of its own, newer ones may."""
-    default = os.path.join(folder_paths.models_dir, SAMS)
-    paths, extensions = folder_paths.folder_names_and_paths.get(SAMS, ([], set()))
-    if default not in paths:
-        paths = [*paths, default]
-    # a fresh set: an existing entry may share its set object with other folders
-    folder_paths.folder_names_and_paths[SAMS] = (paths, set(extensions) | SAM_EXTENSIONS)
-
-
-register_sams_folder()
+register_models_folder(SAMS, SAM_EXTENSIONS)  # the 2024 ComfyUI has no "sams" entry of its own; newer ones may
 
 
 @dataclass

@@ -55,7 +55,7 @@ ARCHIVE_PLACES = (ROOT.parent / "shared" / "comfyui", Path("/work/shared/comfyui
 
 PACK_FOLDER = "protobooth"  # the pack's module name inside ComfyUI is its folder name
 MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "sams", "clip_vision", "controlnet", "vae", "clip",
-                 "unet", "upscale_models")
+                 "unet", "upscale_models", "protobooth_encoders")
 PREPARE_HINT = "run `make comfyui` (or `python tests/comfyui_harness.py prepare`)"
 
 
@@ -429,6 +429,13 @@ class ComfyUIServer:
     def log_tail(self, lines: int = 40) -> str:
         tail = "\n".join(self.log_text().splitlines()[-lines:])
         return f"--- last lines of {self.log_path} ---\n{tail}"
+
+
+def failure(comfyui, graph: dict, timeout: float = 600) -> str:
+    """Run a prompt that must fail; the error it failed with (execution_error)."""
+    entry = comfyui.wait(comfyui.queue(graph), timeout=timeout)
+    assert entry["status"]["status_str"] == "error", "the prompt should have failed"
+    return execution_error(entry)
 
 
 def execution_error(entry: dict) -> str:

@@ -93,10 +93,11 @@ class ProtoBoothTestFakeVision:
         features = torch.randn(8 * 8 * 3, width, generator=torch.Generator().manual_seed(0))
 
         def encode_image(image):
+            hidden = torch.zeros(image.shape[0], 5, width)  # (what an object encoder reads)
             if not stand_in:
-                return {"image_embeds": torch.zeros(image.shape[0], width)}
+                return {"image_embeds": torch.zeros(image.shape[0], width), "last_hidden_state": hidden}
             small = torch.nn.functional.interpolate(image.movedim(-1, 1).float(), size=(8, 8), mode="area")
-            return {"image_embeds": small.flatten(1) @ features}
+            return {"image_embeds": small.flatten(1) @ features, "last_hidden_state": hidden}
 
         projection = torch.nn.Identity() if kind == "no projection" else torch.nn.Linear(width, width, bias=False)
         return (SimpleNamespace(model=SimpleNamespace(visual_projection=projection), encode_image=encode_image),)

@@ -20,7 +20,7 @@ from conftest import ROOT
 
 PACK_NODES = {"ProtoBoothSAMLoader", "ProtoBoothSegmentObjects", "ProtoBoothPrototypeInit", "ProtoBoothTrainConcept",
               "ProtoBoothTrainTextboost", "ProtoBoothTrainAttribute", "ProtoBoothSaveConcept", "ProtoBoothLoadConcept",
-              "ProtoBoothApplyConcept"}
+              "ProtoBoothApplyConcept", "ProtoBoothLoadObjectEncoder", "ProtoBoothEncodeObject"}
 
 
 def _fake_download(monkeypatch, members: dict[str, str], pinned: bool = True) -> None:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from comfyui_harness import execution_error
+from comfyui_harness import execution_error, failure
 from conftest import long_run_on_one_build
 from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
 
@@ -98,12 +98,6 @@ def weights_digest(comfyui, checkpoint: str) -> dict:
 def lora_keys_not_loaded(log: str) -> list[str]:
     """ComfyUI's complaints about LoRA keys it found no weight for (a LoRA that silently does less)."""
     return [line for line in log.splitlines() if "lora key not loaded" in line]
-
-
-def failure(comfyui, graph: dict) -> str:
-    entry = comfyui.wait(comfyui.queue(graph), timeout=600)
-    assert entry["status"]["status_str"] == "error", "the prompt should have failed"
-    return execution_error(entry)
 
 
 def test_nodes_are_registered_with_their_widgets(comfyui):

@@ -54,6 +54,14 @@ def test_version_matches_pyproject():
     assert {"PublisherId", "DisplayName", "Icon"} <= set(project["tool"]["comfy"])
 
 
+def test_every_package_folder_is_in_the_distribution():
+    """A pip install (not editable) ships only the packages pyproject lists: a new folder must be there."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"protobooth." + ".".join(path.parent.relative_to(ROOT).parts) for base in ("engine", "nodes")
+               for path in (ROOT / base).rglob("__init__.py")}
+    assert folders <= listed, sorted(folders - listed)
+
+
 def test_requirements_never_pin_torch():
     for line in (ROOT / "requirements.txt").read_text().splitlines():
         name = line.split("#")[0].strip().split("=")[0].split(">")[0].split("<")[0].strip().lower()

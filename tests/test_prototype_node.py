@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_harness import execution_error
+from comfyui_harness import failure
 from conftest import long_run_on_one_build
 from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
 from protobooth.engine.fileio import save_safetensors
@@ -77,12 +77,6 @@ def init_nodes(suffix: str, projection: str | None, tokens: str, class_words: st
 
 def loaded_vision(name: str) -> dict:
     return {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": name}}
-
-
-def failure(comfyui, graph: dict) -> str:
-    entry = comfyui.wait(comfyui.queue(graph), timeout=600)
-    assert entry["status"]["status_str"] == "error", "the prompt should have failed"
-    return execution_error(entry)
 
 
 def test_node_is_registered_with_its_widgets(comfyui, projections):

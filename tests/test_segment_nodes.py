@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_harness import execution_error
+from comfyui_harness import failure
 from comfyui_models import two_shapes_photo
 
 PHOTO = "two_shapes.png"
@@ -43,12 +43,6 @@ def segment_graph(sam: str, photo: str, prompts, prefix: str, batch: int = 1) ->
 def saved(comfyui, entry: dict, node: str) -> list[np.ndarray]:
     return [np.asarray(Image.open(comfyui.output_dir / image["subfolder"] / image["filename"]).convert("RGB"))
             for image in entry["outputs"][node]["images"]]
-
-
-def failure(comfyui, graph: dict) -> str:
-    entry = comfyui.wait(comfyui.queue(graph), timeout=300)
-    assert entry["status"]["status_str"] == "error", "the prompt should have failed"
-    return execution_error(entry)
 
 
 def test_nodes_are_registered_with_their_widgets(comfyui):

@@ -1,4 +1,4 @@
-"""The `protobooth` command line: one module per subcommand (segment, train and generate, demo), each a register_*
+"""The `protobooth` command line: one module per subcommand (segment, train and generate, encode and pretrain-encoder, batch, demo), each a register_*
 function that adds its parser and the run_* function that executes it."""
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from ..version import __version__
 from .common import HelpFormatter
 from .batch import register_batch
 from .demo import register_demo
+from .encoder import register_encode, register_pretrain_encoder
 from .segment import register_segment
 from .train import register_generate, register_train
 
 log = logging.getLogger("protobooth")
-SUBCOMMANDS = [register_segment, register_train, register_generate, register_batch, register_demo]
+SUBCOMMANDS = [register_segment, register_train, register_generate, register_encode, register_pretrain_encoder,
+               register_batch, register_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

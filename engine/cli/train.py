@@ -35,6 +35,8 @@ def register_train(subparsers) -> None:
     p.add_argument("--clip-g", help="SDXL: OpenCLIP ViT-bigG/14 folder (transformers CLIPModel, e.g. "
                    "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k) for the bigG half of each token's vectors; without it that "
                    "half starts from the class word")
+    p.add_argument("--encoder", help="start each token from a pretrained object encoder's vectors for it (protobooth "
+                   "pretrain-encoder) instead of the prototype search; --clip then names the CLIP vision model it reads")
     p.add_argument("--out", default="protobooth-out", help="output folder")
     p.add_argument("--name", help="concept name (file names); default: the first token")
     p.add_argument("--overwrite", action="store_true", help="replace existing concept files of the same name")
@@ -96,6 +98,9 @@ def check_train_inputs(args):
             if not (Path(folder) / "config.json").is_file():
                 raise InputError(f"{flag} {folder} is not a CLIP model folder (it has no config.json); give the folder "
                                  f"of a transformers CLIPModel, e.g. {example}, or leave {flag} out.")
+    if args.encoder and not (args.clip and Path(args.encoder).is_file()):
+        raise InputError(f"--encoder {args.encoder} needs the encoder file to exist and --clip to name the CLIP vision "
+                         "model it was pretrained with.")
     check_image_file(args.image, "image")
     for index, mask in enumerate(args.mask or [], 1):
         check_image_file(mask, f"--mask {index}")
@@ -156,13 +161,34 @@ def run_train(args) -> int:
     image = load_image(args.image)
     masks = _object_masks(args, image)
     model = load_model(args.model, dtype=weights_dtype(settings.mixed_precision, torch.device(device)), device=device)
-    towers = load_clip_towers(args.clip, device, "--clip") if args.clip else None
-    if args.clip_g:
-        towers = [towers, load_clip_towers(args.clip_g, device, "--clip-g")]  # per text encoder: CLIP-L, bigG
+    towers, init = None, None
+    if args.encoder:
+        init = encoder_start(args.encoder, args.clip, model, image, masks, args.class_words, device)
+    elif args.clip or args.clip_g:
+        towers = load_clip_towers(args.clip, device, "--clip") if args.clip else None
+        if args.clip_g:
+            towers = [towers, load_clip_towers(args.clip_g, device, "--clip-g")]  # per text encoder: CLIP-L, bigG
     prompts = args.preview_prompt or default_preview_prompts(args.token, args.class_words)
     learn(model, image, masks, args.token, args.class_words, settings, out, name, prompts,
-          towers=towers, prototype=prototype, resume=args.resume)
+          towers=towers, prototype=prototype, resume=args.resume, init_vectors=init)
     return 0
+
+
+def encoder_start(encoder_path: str, clip: str, model, image, masks, class_words, device) -> list:
+    """The object encoder's vectors for each object: training's head start."""
+    from ..encoder.encode import check_encoder_fits, object_vectors
+    from ..encoder.model import load_encoder, vision_features
+    from ..images import check_masks, load_image
+    from .encoder import vision_towers
+
+    image = load_image(image)
+    masks = check_masks(masks, image, class_words)
+    encoder, _, _ = load_encoder(encoder_path, device)
+    towers = vision_towers(clip, device)
+    check_encoder_fits(encoder, model.family, sum(model.text_widths), towers.vision_model.config.hidden_size,
+                       f"--encoder {encoder_path}")
+    return object_vectors(encoder, lambda crop: vision_features(towers.vision_model, towers.preprocess(crop)),
+                          model.text_encoder, model.tokenizer, image, masks, class_words)
 
 
 # The attribute method's intensity sweep (research/methods.md §3.3).

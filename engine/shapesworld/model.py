@@ -15,6 +15,9 @@ from ..errors import InputError
 MODEL_DIR = Path(__file__).parents[1] / "data" / "shapesworld"
 GUIDANCE = 3.0  # classifier-free guidance the world model was measured with
 SAMPLER_STEPS = 25
+# Its object encoder, pretrained on the world's pretraining instances (never the benchmark's held-out ones) with
+# `protobooth pretrain-encoder`; what `protobooth encode --model shapesworld` uses unless told otherwise.
+OBJECT_ENCODER_FILE = MODEL_DIR / "object_encoder.safetensors"
 
 
 def _folder() -> Path:

@@ -1,0 +1,166 @@
+"""The zero fine-tuning object encoder: its concept, its file, its pretraining (deterministic, resumable, the same
+on one process as on two), the encode command and the head start it gives training."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from kit.encoder_job import tiny_settings, tiny_setup
+from protobooth.engine.cli import main
+from protobooth.engine.concept.concept import concept_applied, load_concept, save_concept
+from protobooth.engine.encoder.encode import encode_concept, object_vectors
+from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, load_encoder, save_encoder, vision_features
+from protobooth.engine.encoder.pretrain import pretrain
+from protobooth.engine.encoder.sources import ShapesWorldPairs
+from protobooth.engine.errors import InputError
+from protobooth.engine.models import tiny
+from protobooth.engine.shapesworld import world
+from protobooth.engine.text.vocabulary import class_word_vectors, vocabulary_norm
+
+
+def two_objects():
+    """A ShapesWorld photo of two held-out instances and their masks."""
+    scene = world.Scene("gray", (world.Placed(world.HELD_OUT[0], "left"), world.Placed(world.HELD_OUT[1], "right")))
+    images, masks = world.render([scene])
+    return images[0], [(masks[0, i] > 0.5).float() for i in range(2)]
+
+
+def features_of(towers):
+    return lambda crop: vision_features(towers.vision_model, towers.preprocess(crop))
+
+
+def test_an_untrained_encoder_gives_the_class_word_and_its_concept_is_a_stock_embedding(tmp_path):
+    model, towers = tiny_setup()
+    encoder = ObjectEncoder(EncoderShape(vision_width=32, text_width=tiny.TEXT_WIDTH, width=32, layers=1))
+    image, masks = two_objects()
+    concept = encode_concept(encoder, {}, features_of(towers), model, image, masks, ["zqband", "zqcorner"],
+                             ["circle", "square"])
+    for obj in concept.objects:  # the output layer starts at zero: pretraining moves each object away from its class
+        assert torch.equal(obj.vectors, class_word_vectors(model.text_encoder, model.tokenizer, obj.class_word, 4))
+    save_concept(concept, tmp_path / "lora.safetensors", tmp_path / "emb.safetensors")
+    loaded = load_concept(tmp_path / "emb.safetensors")
+    assert loaded.settings["method"]["name"] == "encoder" and loaded.tokens == ["zqband", "zqcorner"]
+    pipeline = model.pipeline()
+    with concept_applied(pipeline, loaded):  # diffusers' own load_textual_inversion reads it
+        ids = pipeline.tokenizer.convert_tokens_to_ids(["zqband", "zqband_1", "zqband_2", "zqband_3"])
+        table = pipeline.text_encoder.get_input_embeddings().weight
+        assert torch.equal(table[ids].detach(), concept.objects[0].vectors)
+
+
+def test_pretraining_is_deterministic_and_resumes_where_it_stopped(tmp_path):
+    model, towers = tiny_setup()
+    settings = tiny_settings(steps=4, checkpoint_every=2)
+    whole = pretrain(model, towers, ShapesWorldPairs(), settings, tmp_path / "whole.safetensors", work=tmp_path / "w1")
+
+    def stop_at_three(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    model, towers = tiny_setup()
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(model, towers, ShapesWorldPairs(), settings, tmp_path / "cut.safetensors", work=tmp_path / "w2",
+                 progress=stop_at_three)
+    assert not (tmp_path / "cut.safetensors").exists()
+    model, towers = tiny_setup()
+    resumed = pretrain(model, towers, ShapesWorldPairs(), settings, tmp_path / "cut.safetensors", work=tmp_path / "w2",
+                       resume=True)
+    assert resumed == whole and all(np.isfinite(whole))
+    first, second = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "cut.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_two_processes_give_the_loss_curve_of_one_process_with_twice_the_batch(tmp_path):
+    """Data-parallel pretraining (gloo, two CPU processes under torch.distributed.run) against one process."""
+    job = str(ROOT / "tests" / "kit" / "encoder_job.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    runs = {"one": [sys.executable, job, "4", str(tmp_path / "one.safetensors")],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(29500 + os.getpid() % 1000), job, "2", str(tmp_path / "two.safetensors")]}
+    for name, command in runs.items():
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+    one, two = (json.loads((tmp_path / f"{name}.safetensors.json").read_text()) for name in runs)
+    assert np.allclose(one, two, rtol=0, atol=1e-5), (one, two)
+    first, second = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    # (Adam divides by the gradients' own size, so the weights keep a little more of the summation order's rounding)
+    assert max(float((first[n] - second[n]).abs().max()) for n in first) < 1e-4
+
+
+def test_a_pretrained_encoder_tells_objects_apart_and_ships_its_unet_lora(tmp_path):
+    model, towers = tiny_setup()
+    pretrain(model, towers, ShapesWorldPairs(), tiny_settings(steps=3, unet_lora_rank=2), tmp_path / "e.safetensors")
+    encoder, lora, notes = load_encoder(tmp_path / "e.safetensors")
+    assert notes["settings"]["unet_lora_rank"] == 2 and lora and all(k.startswith("lora_unet_") for k in lora)
+    model, towers = tiny_setup()
+    image, masks = two_objects()
+    first, second = object_vectors(encoder, features_of(towers), model.text_encoder, model.tokenizer, image, masks,
+                                   ["circle", "circle"])  # the same class word: only the pictures differ
+    assert (first - second).abs().max() > 1e-6
+    bound = max(vocabulary_norm(model.text_encoder),
+                float(class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4).norm(dim=1).max()))
+    assert encoder.shape.max_norm == vocabulary_norm(model.text_encoder)
+    assert float(torch.cat([first, second]).norm(dim=1).max()) <= bound * (1 + 1e-5)  # as long as a word, no longer
+    concept = encode_concept(encoder, lora, features_of(towers), model, image, masks[:1], ["zqband"], ["circle"])
+    assert concept.lora.keys() == lora.keys()
+    pipeline = model.pipeline()
+    with concept_applied(pipeline, concept):  # diffusers' load_lora_weights takes the shipped LoRA
+        assert "protobooth" in pipeline.get_list_adapters().get("unet", [])
+
+
+def test_files_that_are_not_encoders_and_encoders_for_other_models_are_refused(tmp_path):
+    from protobooth.engine.encoder.encode import check_encoder_fits
+
+    (tmp_path / "not.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(InputError, match="could not be read as a safetensors file"):
+        load_encoder(tmp_path / "not.safetensors")
+    save_concept(load_concept_stub(), tmp_path / "l.safetensors", tmp_path / "emb.safetensors")
+    with pytest.raises(InputError, match="is not a ProtoBooth object encoder"):
+        load_encoder(tmp_path / "emb.safetensors")
+    encoder = ObjectEncoder(EncoderShape(vision_width=32, text_width=tiny.TEXT_WIDTH, family="sd2", width=32, layers=1))
+    save_encoder(encoder, tmp_path / "sd2.safetensors")
+    loaded, _, _ = load_encoder(tmp_path / "sd2.safetensors")
+    with pytest.raises(InputError, match="pretrained for SD2"):
+        check_encoder_fits(loaded, "sd1", tiny.TEXT_WIDTH, 32, "the encoder")
+    fitting = ObjectEncoder(EncoderShape(vision_width=64, text_width=tiny.TEXT_WIDTH, width=32, layers=1))
+    with pytest.raises(InputError, match="reads 64-wide CLIP vision features"):
+        check_encoder_fits(fitting, "sd1", tiny.TEXT_WIDTH, 32, "the encoder")
+
+
+def load_concept_stub():
+    from protobooth.engine.concept.concept import Concept, ConceptObject
+
+    return Concept([ConceptObject("zqx", "cat", torch.zeros(1, tiny.TEXT_WIDTH))], {}, "sd1", "0" * 16)
+
+
+def test_encode_command_and_the_encoder_head_start_of_training(tmp_path):
+    model, towers = tiny_setup()
+    model.pipeline().save_pretrained(tmp_path / "model")
+    tiny.tiny_clip(model.text_encoder).save_pretrained(tmp_path / "clip")
+    pretrain(model, towers, ShapesWorldPairs(), tiny_settings(steps=2), tmp_path / "e.safetensors")
+    image, masks = two_objects()
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "photo.png")
+    Image.fromarray((masks[0].numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    common = ["--model", str(tmp_path / "model"), "--clip", str(tmp_path / "clip"), "--token", "zqband", "--class",
+              "circle", "--mask", str(tmp_path / "mask.png"), "--quiet"]
+    assert main(["encode", str(tmp_path / "photo.png"), "--encoder", str(tmp_path / "e.safetensors"), *common,
+                 "--out", str(tmp_path / "encoded")]) == 0
+    encoded = load_concept(tmp_path / "encoded/embeddings/zqband.safetensors").objects[0].vectors
+    # The head start: training from the encoder's vectors, with the token's learning rate 0, keeps them.
+    assert main(["train", str(tmp_path / "photo.png"), "--encoder", str(tmp_path / "e.safetensors"), *common,
+                 "--steps", "1", "--token-lr", "0", "--prior-weight", "0", "--vectors", "4", "--out",
+                 str(tmp_path / "trained"), "--preview-prompt", "zqband"]) == 0
+    trained = load_concept(tmp_path / "trained/embeddings/zqband.safetensors",
+                           tmp_path / "trained/loras/zqband.safetensors").objects[0].vectors
+    assert torch.equal(trained, encoded)
+    start = class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4)
+    assert not torch.equal(encoded, start)
