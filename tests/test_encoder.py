@@ -164,3 +164,18 @@ def test_encode_command_and_the_encoder_head_start_of_training(tmp_path):
     assert torch.equal(trained, encoded)
     start = class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4)
     assert not torch.equal(encoded, start)
+
+
+def test_shapesworld_ships_its_encoder_and_encode_uses_it_by_default(tmp_path):
+    from protobooth.engine.shapesworld import load_shapesworld
+
+    image, masks = two_objects()
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "photo.png")
+    Image.fromarray((masks[0].numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    assert main(["encode", str(tmp_path / "photo.png"), "--token", "zqband", "--class", "circle", "--mask",
+                 str(tmp_path / "mask.png"), "--out", str(tmp_path), "--quiet"]) == 0
+    concept = load_concept(tmp_path / "embeddings/zqband.safetensors")
+    model = load_shapesworld()
+    assert concept.family == "sd1" and concept.base_fingerprint == model.fingerprint
+    start = class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4)
+    assert concept.objects[0].vectors.shape == start.shape and not torch.allclose(concept.objects[0].vectors, start)

@@ -17,6 +17,10 @@ renders of the same scenes with the real instance: the ceiling. Methods:
   loss, class-characterising regularisation; and its ablations without each of the three.
 - object-driven, two objects: two instances learned from one photo, rendered swapped and with a companion;
   also with the cross-attention loss (TrainSettings.attention_weight) that binds each token to its mask.
+- object encoder (no training): the zero fine-tuning encoder's concept of the photo, in one forward pass
+  (engine/encoder; the encoder was pretrained on ShapesWorld's pretraining instances, never the held-out ones:
+  `protobooth pretrain-encoder`, shipped as engine/data/shapesworld/object_encoder.safetensors); and ours started
+  from its vectors instead of the prototype.
 - TextBoost: only the text side learns (a LoRA on the text encoder's attention and the token), with paired
   augmentation, the knowledge-preservation loss and SNR-weighted timesteps, at the paper's settings (not tuned
   here); and its ablations without each of the three.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import tempfile
@@ -48,6 +53,9 @@ import_this_checkout()
 from protobooth.benchmarks.shapesworld import metrics
 from protobooth.engine.shapesworld import world  # noqa: E402
 from protobooth.engine.concept.concept import models_folder_paths, save_concept  # noqa: E402
+from protobooth.engine.encoder.encode import encoder_concept, object_vectors  # noqa: E402
+from protobooth.engine.encoder.model import load_encoder, vision_features  # noqa: E402
+from protobooth.engine.shapesworld.model import OBJECT_ENCODER_FILE as ENCODER_FILE  # noqa: E402
 from protobooth.engine.generate import generate  # noqa: E402
 from protobooth.engine.images import load_image  # noqa: E402
 from protobooth.engine.prototype import PrototypeSettings, prototype_embeddings  # noqa: E402
@@ -68,7 +76,7 @@ RARE_WORD = "sks"  # DreamBooth's identifier
 class Method:
     name: str
     settings: dict = field(default_factory=dict)
-    init: str = "prototype"  # "prototype", "class" (class word), "rare" (frozen rare word)
+    init: str = "prototype"  # "prototype", "class" (class word), "rare" (frozen rare word), "encoder" (object encoder)
     trains: bool = True
     method: str = "object-driven"  # the training method (engine/train/methods) the row trains with
 
@@ -82,6 +90,8 @@ METHODS = [
     Method("ours, no prototype init", init="class"),
     Method("ours, no class regularisation", dict(prior_weight=0.0, text_anchor_weight=0.0)),
     Method("ours, no object mask", dict(use_mask=False)),
+    Method("object encoder (no training)", trains=False, init="encoder"),
+    Method("ours, encoder start", init="encoder"),
     # TextBoost at its own defaults (the paper's; 5e-5 for the text LoRA, 1e-3 for the token), from the class word.
     Method("TextBoost", init="class", method="textboost"),
     Method("TextBoost, no augmentation", dict(augment_probability=0.0), init="class", method="textboost"),
@@ -119,6 +129,9 @@ def reference_photo(instances: list[world.Instance]) -> tuple[torch.Tensor, list
 
 def initial_vectors(model, towers, method: Method, image, masks, tokens, classes):
     """The tokens' starting vectors as the method's row asks (None: the trainer's class-word start)."""
+    if method.init == "encoder":
+        return object_vectors(shipped_encoder()[0], lambda crop: vision_features(towers.vision_model, towers.preprocess(crop)),
+                              model.text_encoder, model.tokenizer, image, masks, classes)
     if method.init == "prototype":
         found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, classes,
                                      PrototypeSettings(steps=100))
@@ -139,6 +152,12 @@ def method_settings(method: Method, steps: int, seed: int, reference_scene: worl
         common.update(lora_rank=4, lora_learning_rate=LORA_LEARNING_RATE, token_learning_rate=TOKEN_LEARNING_RATE,
                       prior_images=4, prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE)
     return {**common, **method.settings, **extra}
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_encoder():
+    """The shipped ShapesWorld object encoder and its UNet LoRA."""
+    return load_encoder(ENCODER_FILE)
 
 
 def train_once(model, towers, method: Method, image, masks, tokens, classes, steps: int, seed: int, cache: Path,
@@ -241,7 +260,15 @@ class Bench:
         sides = [REFERENCE_SIDE] if len(instances) == 1 else ["left", "right"]
         references = list(metrics.embed(self.encoder, image[None].repeat(len(sides), 1, 1, 1), sides))
         tokens = [TOKEN] if len(instances) == 1 else TWO_TOKENS
-        if method.trains:
+        if method.init == "encoder" and not method.trains:
+            started = time.perf_counter()
+            encoder, lora = shipped_encoder()[:2]
+            vectors = initial_vectors(self.model, self.towers, method, image, masks, tokens, [i.shape for i in instances])
+            concept = encoder_concept(encoder, lora, vectors, tokens, [i.shape for i in instances], self.model.family,
+                                      self.model.fingerprint, self.model.text_widths, ENCODER_FILE.name)
+            into.seconds.append(time.perf_counter() - started)
+            learned_words = [f"{t} {i.shape}" for t, i in zip(tokens, instances)]
+        elif method.trains:
             concept, seconds, trainable, size = train_once(self.model, self.towers, method, image, masks, tokens,
                                                            [i.shape for i in instances], self.steps, self.seed, self.cache,
                                                            reference_scene)

@@ -2,6 +2,7 @@
 
     python benchmarks/shapesworld/steps.py            # the curve and the prior study (about 40 min on 2 cores)
     python benchmarks/shapesworld/steps.py --quick    # one instance, two step counts, one prior variant
+    python benchmarks/shapesworld/steps.py --starts   # ours from each start: prototype, class word, object encoder
 
 The curve: each method of the main table trains ONCE per instance up to the last step count; at every count on
 the way its concept is taken as it stands and scored as evaluate.py scores (fidelity and editability over the
@@ -11,6 +12,9 @@ Each method's "enough" is the fewest steps whose harmonic mean reaches 95% of it
 
 The prior study: the object-driven method at its benchmark steps with fewer class images and sampler steps per
 class image than its default (4 × 25), scored with class likeness too, since that is what the prior is for.
+
+The starts (--starts): the object-driven method from the prototype (its default), from the class word and from the
+object encoder's vectors, from step 0 (the start itself, before any training) on; results/steps_starts.md.
 
 Instances: held-out 4-7. The learning rates of evaluate.py were chosen on held-out 0-3 (sweep.py), so these
 rows were not tuned on the instances they report.
@@ -34,6 +38,8 @@ from protobooth.engine.shapesworld import world  # noqa: E402
 from protobooth.engine.train import OneShotTrainer, TrainSettings  # noqa: E402
 
 CURVE_METHODS = ["textual inversion", "DreamBooth-LoRA", "object-driven (ours)", "TextBoost"]
+START_METHODS = ["object-driven (ours)", "ours, no prototype init", "ours, encoder start"]
+START_COUNTS = [0, 25, 50, 100, 200, 300]
 STEP_COUNTS = [25, 50, 100, 200, 300, 400]
 INSTANCES = range(4, 8)
 PRIOR_VARIANTS = {"4 × 25 (default)": (4, 25), "2 × 25": (2, 25), "1 × 25": (1, 25), "4 × 10": (4, 10)}
@@ -58,12 +64,17 @@ def snapshots(bench: evaluate.Bench, method: evaluate.Method, photo, counts: lis
     entered = time.perf_counter()
     with OneShotTrainer(bench.model, image, masks, tokens, classes, settings, init, prior_cache=cache) as trainer:
         set_up = time.perf_counter() - entered
+        def snapshot(step: int) -> None:
+            concept = trainer.concept()  # its LoRA tensors are the live ones: copied before training goes on
+            concept.lora = {k: v.detach().clone() for k, v in concept.lora.items()}
+            taken[step] = (concept, time.perf_counter() - started - set_up)
+
+        if 0 in counts:  # the start itself (its LoRA is still zero)
+            snapshot(0)
 
         def take(report):
             if report.step in counts:
-                concept = trainer.concept()  # its LoRA tensors are the live ones: copied before training goes on
-                concept.lora = {k: v.detach().clone() for k, v in concept.lora.items()}
-                taken[report.step] = (concept, time.perf_counter() - started - set_up)
+                snapshot(report.step)
 
         trainer.train(progress=take)
     return taken, set_up
@@ -147,7 +158,7 @@ def summarise(results: dict, counts: list[int]) -> dict:
 
 
 def write_report(results: dict, args, command: str) -> Path:
-    suffix = "_quick" if args.quick else ""
+    suffix = "_quick" if args.quick else "_starts" if args.starts else ""
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"steps{suffix}.json").write_text(json.dumps(results, indent=1))
     summary = summarise(results, args.counts)
@@ -228,6 +239,8 @@ def plot(summary: dict, path: Path, width: int = 330, height: int = 260) -> None
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one instance, two counts, one method, one prior variant")
+    parser.add_argument("--starts", action="store_true", help="ours from the prototype, the class word and the object "
+                        "encoder, from step 0; no prior study")
     parser.add_argument("--prompts", type=int, default=6, help="new scenes per instance")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
@@ -236,6 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=evaluate.RESULTS, help="folder for the table and picture")
     args = parser.parse_args(argv)
     args.instances, args.counts, args.methods, args.prior = list(INSTANCES), STEP_COUNTS, CURVE_METHODS, list(PRIOR_VARIANTS)
+    if args.starts:
+        args.counts, args.methods, args.prior = START_COUNTS, START_METHODS, []
     if args.quick:
         args.instances, args.counts, args.prompts, args.seeds, args.prior_at = [4], [5, 10], 2, 1, 10
         args.methods, args.prior = ["object-driven (ours)"], ["1 × 25"]
