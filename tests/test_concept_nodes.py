@@ -169,6 +169,7 @@ def test_training_in_the_graph_leaves_its_inputs_untouched_and_reuses_its_result
         assert "reusing its result" in comfyui.log_text()
 
 
+@long_run_on_one_build  # the pack's training code over the same ComfyUI modules in both builds
 def test_the_memory_switches_are_optional_inputs_that_keep_the_result(comfyui, comfyui_checkpoint, photo):
     """gradient_checkpointing and offload_frozen trade time for memory and nothing else; as optional inputs they leave
     graphs saved before them valid (every other test here leaves them out)."""

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from comfyui_harness import failure
+from conftest import long_run_on_one_build
 from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo, vit_l_14_vision_config
 from protobooth.engine.encoder.encode import object_vectors
 from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, save_encoder
@@ -68,6 +69,7 @@ def engine_vectors(encoder, clip_vision_path, text_encoder) -> list[torch.Tensor
                               text_encoder, clip_tokenizer(), picture, masks, ["square", "box"])
 
 
+@long_run_on_one_build  # the pack's code over the same ComfyUI CLIP vision modules in both builds
 def test_encode_object_gives_the_engines_vectors_as_a_stock_concept(comfyui, comfyui_checkpoint, comfyui_clip_vision,
                                                                     comfy_tiny, encoder):
     entry = comfyui.run(encode_graph(comfyui_checkpoint, comfyui_clip_vision), timeout=600)
