@@ -54,10 +54,15 @@ async def pick_objects(browser: Chromium) -> dict:
     await browser.evaluate(f"{SEGMENT_NODE}.widgets.find((w) => w.name === 'prompts').value = '[]'")
     # The node's "pick objects…" button, as a click on it runs it.
     await browser.evaluate(f"{SEGMENT_NODE}.widgets.find((w) => w.name.startsWith('pick objects')).callback()")
-    canvas = await browser.wait_for(
-        "(() => { const c = document.querySelector('.protobooth-picker canvas'); if (!c || !c.width) return null;"
-        " const r = c.getBoundingClientRect(); return {left: r.left, top: r.top, width: c.width}; })()")
-    scale = canvas["width"] / two_shapes_photo().shape[1]
+    where = ("(() => { const c = document.querySelector('.protobooth-picker canvas'); if (!c || !c.width) return null;"
+             " const r = c.getBoundingClientRect(); return r.width ? {left: r.left, top: r.top, width: r.width} : null; })()")
+    canvas, settled = await browser.wait_for(where), None
+    for _ in range(50):  # the dialog may still be laying itself out (a loaded machine): wait until it holds still
+        await asyncio.sleep(0.2)
+        settled, canvas = canvas, await browser.wait_for(where)
+        if canvas == settled:
+            break
+    scale = canvas["width"] / two_shapes_photo().shape[1]  # the canvas as shown, whatever its pixel size
 
     def at(x: float, y: float) -> tuple[float, float]:  # image pixels → page coordinates
         return canvas["left"] + x * scale, canvas["top"] + y * scale
