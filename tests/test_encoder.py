@@ -18,7 +18,7 @@ from kit.encoder_job import tiny_settings, tiny_setup
 from protobooth.engine.cli import main
 from protobooth.engine.concept.concept import concept_applied, load_concept, save_concept
 from protobooth.engine.encoder.encode import encode_concept, object_vectors
-from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, load_encoder, save_encoder, vision_features
+from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, crop_features, load_encoder, save_encoder
 from protobooth.engine.encoder.pretrain import pretrain
 from protobooth.engine.encoder.sources import ShapesWorldPairs
 from protobooth.engine.errors import InputError
@@ -34,15 +34,11 @@ def two_objects():
     return images[0], [(masks[0, i] > 0.5).float() for i in range(2)]
 
 
-def features_of(towers):
-    return lambda crop: vision_features(towers.vision_model, towers.preprocess(crop))
-
-
 def test_an_untrained_encoder_gives_the_class_word_and_its_concept_is_a_stock_embedding(tmp_path):
     model, towers = tiny_setup()
     encoder = ObjectEncoder(EncoderShape(vision_width=32, text_width=tiny.TEXT_WIDTH, width=32, layers=1))
     image, masks = two_objects()
-    concept = encode_concept(encoder, {}, features_of(towers), model, image, masks, ["zqband", "zqcorner"],
+    concept = encode_concept(encoder, {}, crop_features(towers), model, image, masks, ["zqband", "zqcorner"],
                              ["circle", "square"])
     for obj in concept.objects:  # the output layer starts at zero: pretraining moves each object away from its class
         assert torch.equal(obj.vectors, class_word_vectors(model.text_encoder, model.tokenizer, obj.class_word, 4))
@@ -103,14 +99,14 @@ def test_a_pretrained_encoder_tells_objects_apart_and_ships_its_unet_lora(tmp_pa
     assert notes["settings"]["unet_lora_rank"] == 2 and lora and all(k.startswith("lora_unet_") for k in lora)
     model, towers = tiny_setup()
     image, masks = two_objects()
-    first, second = object_vectors(encoder, features_of(towers), model.text_encoder, model.tokenizer, image, masks,
+    first, second = object_vectors(encoder, crop_features(towers), model.text_encoder, model.tokenizer, image, masks,
                                    ["circle", "circle"])  # the same class word: only the pictures differ
     assert (first - second).abs().max() > 1e-6
     bound = max(vocabulary_norm(model.text_encoder),
                 float(class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4).norm(dim=1).max()))
     assert encoder.shape.max_norm == vocabulary_norm(model.text_encoder)
     assert float(torch.cat([first, second]).norm(dim=1).max()) <= bound * (1 + 1e-5)  # as long as a word, no longer
-    concept = encode_concept(encoder, lora, features_of(towers), model, image, masks[:1], ["zqband"], ["circle"])
+    concept = encode_concept(encoder, lora, crop_features(towers), model, image, masks[:1], ["zqband"], ["circle"])
     assert concept.lora.keys() == lora.keys()
     pipeline = model.pipeline()
     with concept_applied(pipeline, concept):  # diffusers' load_lora_weights takes the shipped LoRA

@@ -54,7 +54,7 @@ from protobooth.benchmarks.shapesworld import metrics
 from protobooth.engine.shapesworld import world  # noqa: E402
 from protobooth.engine.concept.concept import models_folder_paths, save_concept  # noqa: E402
 from protobooth.engine.encoder.encode import encoder_concept, object_vectors  # noqa: E402
-from protobooth.engine.encoder.model import load_encoder, vision_features  # noqa: E402
+from protobooth.engine.encoder.model import crop_features, load_encoder  # noqa: E402
 from protobooth.engine.shapesworld.model import OBJECT_ENCODER_FILE as ENCODER_FILE  # noqa: E402
 from protobooth.engine.generate import generate  # noqa: E402
 from protobooth.engine.images import load_image  # noqa: E402
@@ -130,7 +130,7 @@ def reference_photo(instances: list[world.Instance]) -> tuple[torch.Tensor, list
 def initial_vectors(model, towers, method: Method, image, masks, tokens, classes):
     """The tokens' starting vectors as the method's row asks (None: the trainer's class-word start)."""
     if method.init == "encoder":
-        return object_vectors(shipped_encoder()[0], lambda crop: vision_features(towers.vision_model, towers.preprocess(crop)),
+        return object_vectors(shipped_encoder()[0], crop_features(towers),
                               model.text_encoder, model.tokenizer, image, masks, classes)
     if method.init == "prototype":
         found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, classes,

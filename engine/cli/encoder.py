@@ -113,7 +113,7 @@ def run_encode(args) -> int:
 
     from ..concept.concept import check_concept_name, concept_files, models_folder_paths, save_concept
     from ..encoder.encode import check_encoder_fits, encode_concept
-    from ..encoder.model import load_encoder, vision_features
+    from ..encoder.model import crop_features, load_encoder
     from ..images import check_masks, load_image
     from ..text.tokenizer import clip_tokenizer
     from ..text.vocabulary import check_objects
@@ -140,7 +140,7 @@ def run_encode(args) -> int:
                        f"--encoder {args.encoder}")
     started = time.perf_counter()
     with torch.no_grad():
-        concept = encode_concept(encoder, lora, lambda crop: vision_features(towers.vision_model, towers.preprocess(crop)),
+        concept = encode_concept(encoder, lora, crop_features(towers),
                                  model, image, masks, tokens, class_words, source=Path(args.encoder).name)
     seconds = time.perf_counter() - started
     save_concept(concept, lora_path, embedding_path)

@@ -177,7 +177,7 @@ def run_train(args) -> int:
 def encoder_start(encoder_path: str, clip: str, model, image, masks, class_words, device) -> list:
     """The object encoder's vectors for each object: training's head start."""
     from ..encoder.encode import check_encoder_fits, object_vectors
-    from ..encoder.model import load_encoder, vision_features
+    from ..encoder.model import crop_features, load_encoder
     from ..images import check_masks, load_image
     from .encoder import vision_towers
 
@@ -187,7 +187,7 @@ def encoder_start(encoder_path: str, clip: str, model, image, masks, class_words
     towers = vision_towers(clip, device)
     check_encoder_fits(encoder, model.family, sum(model.text_widths), towers.vision_model.config.hidden_size,
                        f"--encoder {encoder_path}")
-    return object_vectors(encoder, lambda crop: vision_features(towers.vision_model, towers.preprocess(crop)),
+    return object_vectors(encoder, crop_features(towers),
                           model.text_encoder, model.tokenizer, image, masks, class_words)
 
 

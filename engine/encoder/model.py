@@ -124,3 +124,8 @@ def load_encoder(path, device="cpu") -> tuple[ObjectEncoder, dict[str, torch.Ten
 def vision_features(vision_model, pixels: torch.Tensor) -> torch.Tensor:
     """The encoder's input: a transformers CLIP vision tower's last hidden state for normalised pixels."""
     return vision_model(pixel_values=pixels).last_hidden_state
+
+
+def crop_features(towers):
+    """`features_of` for object_vectors: one crop [3, h, w] in 0..1 through a ClipTowers' vision side."""
+    return lambda crop: vision_features(towers.vision_model, towers.preprocess(crop))
