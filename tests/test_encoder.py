@@ -3,6 +3,7 @@ on one process as on two), the encode command and the head start it gives traini
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -94,7 +95,11 @@ def test_two_processes_give_the_loss_curve_of_one_process_with_twice_the_batch(t
 
 def test_a_pretrained_encoder_tells_objects_apart_and_ships_its_unet_lora(tmp_path):
     model, towers = tiny_setup()
+    unet_before = {name: p.clone() for name, p in model.unet.state_dict().items()}
     pretrain(model, towers, ShapesWorldPairs(), tiny_settings(steps=3, unet_lora_rank=2), tmp_path / "e.safetensors")
+    # the LoRA ships in the encoder's file; the caller's UNet comes back as it was
+    assert model.unet.state_dict().keys() == unet_before.keys() and not getattr(model.unet, "peft_config", None)
+    assert all(torch.equal(p, unet_before[name]) for name, p in model.unet.state_dict().items())
     encoder, lora, notes = load_encoder(tmp_path / "e.safetensors")
     assert notes["settings"]["unet_lora_rank"] == 2 and lora and all(k.startswith("lora_unet_") for k in lora)
     model, towers = tiny_setup()
@@ -175,3 +180,71 @@ def test_shapesworld_ships_its_encoder_and_encode_uses_it_by_default(tmp_path):
     assert concept.family == "sd1" and concept.base_fingerprint == model.fingerprint
     start = class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4)
     assert concept.objects[0].vectors.shape == start.shape and not torch.allclose(concept.objects[0].vectors, start)
+
+
+def identity_folders(root, general: bool = True):
+    """Two identities (a red disc, a blue bar) in two photos each, on other backgrounds and places, 80x64 pixels."""
+    from PIL import ImageDraw
+
+    for identity, (colour, shape, class_word) in {"disc": ((220, 30, 30), "ellipse", "ball"),
+                                                  "bar": ((30, 30, 220), "rectangle", "box")}.items():
+        folder = root / "objects" / identity
+        folder.mkdir(parents=True)
+        (folder / "class.txt").write_text(class_word + "\n")
+        for index, (background, left) in enumerate([((200, 200, 200), 8), ((40, 120, 40), 40)]):
+            photo, mask = Image.new("RGB", (80, 64), background), Image.new("L", (80, 64), 0)
+            box = (left, 16, left + 28, 44)
+            getattr(ImageDraw.Draw(photo), shape)(box, fill=colour)
+            getattr(ImageDraw.Draw(mask), shape)(box, fill=255)
+            photo.save(folder / f"p{index}.png")
+            mask.save(folder / f"p{index}.mask.png")
+        (folder / "p1.txt").write_text(f"a photo of {{token}} {class_word} on the grass")
+    if general:
+        (root / "general").mkdir()
+        Image.new("RGB", (64, 64), (90, 90, 200)).save(root / "general" / "sky.png")
+        (root / "general" / "sky.txt").write_text("a blue sky")
+
+
+def test_identity_folders_give_pairs_of_one_object_and_pretrain_any_model(tmp_path):
+    from protobooth.engine.encoder.sources import IdentityFolders
+
+    identity_folders(tmp_path / "data")
+    source = IdentityFolders(tmp_path / "data", need_general=True, size=32)
+    for seed in range(6):
+        sample = source.sample(seed, general=False)
+        assert sample.class_word in ("ball", "box") and sample.target.shape == sample.reference.shape == (3, 32, 32)
+        # the same object in both pictures, on two different backgrounds, its mask over it
+        for picture, mask in ((sample.reference, sample.reference_mask), (sample.target, sample.target_mask)):
+            inside = picture[:, mask > 0.5].mean(1)
+            assert (inside[0] > 0.6) == (sample.class_word == "ball") and (inside[2] > 0.6) == (sample.class_word == "box")
+        assert not torch.allclose(sample.reference[:, 0, 0], sample.target[:, 0, 0])
+        assert "{token} " + sample.class_word in sample.caption
+    assert source.sample(0, general=True).caption == "a blue sky"
+
+    model, _ = tiny_setup()
+    model.pipeline().save_pretrained(tmp_path / "model")
+    tiny.tiny_clip(model.text_encoder).save_pretrained(tmp_path / "clip")
+    assert main(["pretrain-encoder", "--model", str(tmp_path / "model"), "--clip", str(tmp_path / "clip"), "--data",
+                 str(tmp_path / "data"), "--steps", "2", "--batch-size", "2", "--width", "32", "--layers", "1",
+                 "--identity-below", "1000", "--out", str(tmp_path / "e.safetensors"), "--quiet"]) == 0
+    encoder, _, notes = load_encoder(tmp_path / "e.safetensors")
+    assert encoder.shape.text_width == tiny.TEXT_WIDTH and notes["settings"]["steps"] == 2
+    assert np.isfinite(notes["final_loss"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: (d / "objects/bar/p1.mask.png").unlink(), r"p1.png has no mask p1.mask.png"),
+    (lambda d: [(d / "objects/bar" / n).unlink() for n in ("p1.png", "p1.mask.png")], r"bar has 1 photo\(s\); an identity needs two"),
+    (lambda d: (d / "objects/bar/p1.txt").write_text("a box on the grass"), r"p1.txt must name the object as \{token\}"),
+    (lambda d: (d / "objects/bar/class.txt").write_text("cardboard box"), r"class.txt must hold the object's class word"),
+    (lambda d: (d / "general/sky.txt").write_text("{token} in the sky"), r"sky.txt is a general picture's caption"),
+    (lambda d: __import__("shutil").rmtree(d / "general"), r"no general/ pictures .* or pass --general-share 0"),
+    (lambda d: __import__("shutil").rmtree(d / "objects"), r"has no objects/ folder"),
+])
+def test_pretraining_data_is_checked_whole_before_the_model_loads(tmp_path, capsys, change, message):
+    identity_folders(tmp_path / "data")
+    change(tmp_path / "data")
+    # a model path that does not exist: the data's error comes first
+    assert main(["pretrain-encoder", "--model", str(tmp_path / "no-model"), "--clip", str(tmp_path / "no-clip"),
+                 "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -22,7 +22,14 @@ def register_pretrain_encoder(subparsers) -> None:
         "model denoises another), with object-embedding dropping and an identity-preservation loss. One process here;\n"
         "several with `torchrun --nproc_per_node N -m protobooth.engine.cli pretrain-encoder ...` (or accelerate launch\n"
         "on GPUs and across machines): each process takes its share of every step, and the result is the same.")
-    p.add_argument("--model", default=WORLD, help="the base model: shapesworld (built in, with its own CLIP and pairs)")
+    p.add_argument("--model", default=WORLD, help="the base model: shapesworld (built in, with its own CLIP and "
+                   "pairs), or a diffusers folder or single file (then --clip and --data)")
+    p.add_argument("--clip", help="the CLIP vision model folder the encoder will read (transformers "
+                   "CLIPVisionModelWithProjection or CLIPModel); not needed for shapesworld")
+    p.add_argument("--data", help="identity folders: DATA/objects/<identity>/ with 2+ photos of one object, their "
+                   "<photo>.mask.png masks, class.txt and optional <photo>.txt captions naming it '{token} <class>'; "
+                   "DATA/general/ pictures with .txt captions (README: pretraining data). shapesworld: its own pairs")
+    p.add_argument("--resolution", type=int, help="training size in pixels (default: the model's native size)")
     p.add_argument("--out", required=True, help="the encoder file to write (.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT's .work folder")
     group = p.add_argument_group("pretraining settings")
@@ -35,21 +42,29 @@ def register_pretrain_encoder(subparsers) -> None:
 
 def run_pretrain_encoder(args) -> int:
     from ..encoder.pretrain import PretrainSettings, pretrain
-    from ..encoder.sources import ShapesWorldPairs
+    from ..encoder.sources import IdentityFolders, ShapesWorldPairs
     from ..learn import progress_bar
-    from ..shapesworld.model import clip_towers, load_shapesworld
+    from ..train.photo import training_size
 
     settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainSettings)})
     settings.check()
-    if args.model != WORLD:
-        raise InputError(f"--model {args.model}: pretraining pairs exist for the built-in {WORLD} model only so far; "
-                         f"use --model {WORLD}.")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out} must end in .safetensors (the encoder's file).")
-    model = load_shapesworld()
+    if args.model != WORLD and not args.data:
+        raise InputError(f"--model {args.model} needs --data: folders of photos of the same objects (pairs exist "
+                         f"built in for {WORLD} only).")
+    if args.data and not Path(args.data).is_dir():
+        raise InputError(f"--data {args.data} is not a folder.")
+    if args.resolution is not None and not args.data:
+        raise InputError(f"--resolution is for --data pictures; {WORLD}'s own pairs are drawn at its native size.")
+    # the data folder is checked whole before the model loads
+    source = IdentityFolders(args.data, need_general=settings.general_share > 0) if args.data else ShapesWorldPairs()
+    model, towers = load_encoder_inputs(args.model, args.clip, "cpu")  # accelerate moves them to its device
+    if args.data:
+        source.size = training_size(model, args.resolution)
     with progress_bar("pretrain") as update:
-        losses = pretrain(model, clip_towers(model.text_encoder), ShapesWorldPairs(), settings, out,
+        losses = pretrain(model, towers, source, settings, out,
                           resume=args.resume, progress=lambda step, total, loss: update(step, total, loss=f"{loss:.4f}"))
     print(f"pretrained {settings.steps} steps; final loss {losses[-1]:.4f}; wrote {out}")
     return 0
