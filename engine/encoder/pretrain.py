@@ -211,8 +211,10 @@ def pretrain(model, towers, source, settings: PretrainSettings, out: Path, work:
     encoder = ObjectEncoder(shape).to(device)
     vocabulary = ConceptVocabulary(model.tokenizer, [TOKEN], [torch.zeros(settings.queries, shape.text_width)])
     groups = [{"params": list(encoder.parameters()), "lr": settings.learning_rate}]
+    remove_lora = None
     if settings.unet_lora_rank:
-        groups.append({"params": _add_unet_lora(model.unet, settings), "lr": settings.unet_lora_learning_rate})
+        named, remove_lora = _add_unet_lora(model.unet, settings)
+        groups.append({"params": [p for _, p in named], "lr": settings.unet_lora_learning_rate})
     objective = _Objective(encoder, model, towers, settings, vocabulary.offset)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     objective, optimizer = accelerator.prepare(objective, optimizer)
@@ -254,27 +256,23 @@ def pretrain(model, towers, source, settings: PretrainSettings, out: Path, work:
         save_encoder(trained.encoder, out, lora=_unet_lora(model.unet, settings),
                      notes={"settings": asdict(settings), "base_fingerprint": model.fingerprint,
                             "processes": accelerator.num_processes, "final_loss": losses[-1]})
+    if remove_lora is not None:  # the model is the caller's again as it came (the LoRA ships in the encoder's file)
+        remove_lora()
     return losses
 
 
 UNET_ADAPTER = "protobooth_encoder"
 
 
-def _add_unet_lora(unet, settings: PretrainSettings) -> list[nn.Parameter]:
+def _add_unet_lora(unet, settings: PretrainSettings):
     from peft import LoraConfig
 
+    from ..train.methods.base import attach_lora
     from ..train.methods.object_driven import LORA_TARGETS
 
     config = LoraConfig(r=settings.unet_lora_rank, lora_alpha=settings.unet_lora_rank, init_lora_weights="gaussian",
                         target_modules=LORA_TARGETS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        unet.add_adapter(config, adapter_name=UNET_ADAPTER)
-    unet.set_adapter(UNET_ADAPTER)
-    parameters = [p for name, p in unet.named_parameters() if f".{UNET_ADAPTER}." in name]
-    for p in parameters:
-        p.requires_grad_(True)
-    return parameters
+    return attach_lora(unet, config, UNET_ADAPTER, settings.seed)
 
 
 def _unet_lora(unet, settings: PretrainSettings) -> dict[str, torch.Tensor]:

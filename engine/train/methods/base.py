@@ -82,6 +82,22 @@ def check_lora_rank(module: torch.nn.Module, targets: list[str], rank: int, wher
                          f"{where}; use at most {min(widths)} (4 to 16 is usual).")
 
 
+def attach_lora(module: torch.nn.Module, config, adapter: str, seed: int):
+    """Add the peft LoRA `adapter` (a LoraConfig) to a UNet or text encoder, its initial values drawn from `seed`, and
+    make it the active one, trainable in fp32. Returns its (name, parameter) pairs and the function that takes it off
+    again (remove_adapter)."""
+    had_peft = bool(getattr(module, "peft_config", None))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # peft draws the LoRA init from the global RNG
+        module.add_adapter(config, adapter_name=adapter)
+    module.set_adapter(adapter)
+    named = [(n, p) for n, p in module.named_parameters() if f".{adapter}." in n]
+    for _, p in named:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return named, lambda: remove_adapter(module, adapter, had_peft)
+
+
 def remove_adapter(module: torch.nn.Module, adapter: str, had_peft: bool) -> None:
     """Take the training's LoRA `adapter` off a UNet or text encoder: its adapter alone where the module had others, else every
     LoRA layer back to the plain layer it wraps (transformers' delete_adapter leaves the wrappers, which rename the

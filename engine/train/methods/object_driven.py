@@ -29,7 +29,7 @@ from ...text.templates import check_template
 from ..class_prior import ClassImages, cache_entry, class_latents
 from ..losses import masked_mse
 from ..fields import MethodSettings, setting
-from .base import Method, check_lora_rank, remove_adapter
+from .base import Method, attach_lora, check_lora_rank
 
 ADAPTER = "protobooth"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -124,25 +124,17 @@ class ObjectDriven(Method):
         settings, trainer, unet = self.settings, self.trainer, self.model.unet
         self.lora_parameters = []
         if settings.train_lora:
-            had_peft = bool(getattr(unet, "peft_config", None))
             config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha or settings.lora_rank,
                                 init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(trainer.settings.seed)  # peft draws the LoRA init from the global RNG
-                unet.add_adapter(config, adapter_name=ADAPTER)
-            trainer.on_exit(lambda: remove_adapter(unet, ADAPTER, had_peft))
-            unet.set_adapter(ADAPTER)
-            named = [(n, p) for n, p in unet.named_parameters() if f".{ADAPTER}." in n]
+            named, remove = attach_lora(unet, config, ADAPTER, trainer.settings.seed)
+            trainer.on_exit(remove)
             # peft puts the LoRA in the dtype of the layer it wraps; over weights stored in half or fp8 that rounds
             # its initial values, so they are drawn again, in fp32, the way peft draws them.
-            rounded = any(m.base_layer.weight.dtype != torch.float32 for m in unet.modules() if hasattr(m, "lora_A"))
-            generator = torch.Generator().manual_seed(trainer.settings.seed)
-            for name, p in named:
-                p.data = p.data.float()
-                if rounded:
+            if any(m.base_layer.weight.dtype != torch.float32 for m in unet.modules() if hasattr(m, "lora_A")):
+                generator = torch.Generator().manual_seed(trainer.settings.seed)
+                for name, p in named:
                     p.data = (torch.randn(p.shape, generator=generator) / settings.lora_rank if ".lora_A." in name
                               else torch.zeros(p.shape)).to(p.device)
-                p.requires_grad_(True)
             self.lora_parameters = [p for _, p in named]
         self._attention_positions, self._attention_maps = None, []
         if settings.attention_weight > 0:

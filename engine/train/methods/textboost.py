@@ -22,7 +22,7 @@ from ...concept.concept import peft_to_kohya
 from ...models.families import family
 from ..fields import MethodSettings, setting
 from ..losses import masked_mse
-from .base import Method, check_lora_rank, remove_adapter
+from .base import Method, attach_lora, check_lora_rank
 
 ADAPTER = "protobooth_text"
 # The text encoder's layers the LoRA adapts. The official code's HEAD adapts q, k, v; out_proj is added because
@@ -105,16 +105,9 @@ class TextBoost(Method):
                             target_modules=TEXT_LORA_LAYERS[settings.text_lora_layers])
         self.lora_parameters = []
         for encoder in self.model.text_encoders:
-            had_peft = bool(getattr(encoder, "peft_config", None))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(trainer.settings.seed)
-                encoder.add_adapter(config, adapter_name=ADAPTER)
-            trainer.on_exit(lambda encoder=encoder, had_peft=had_peft: remove_adapter(encoder, ADAPTER, had_peft))
-            encoder.set_adapter(ADAPTER)
-            self.lora_parameters += [p for n, p in encoder.named_parameters() if f".{ADAPTER}." in n]
-        for p in self.lora_parameters:
-            p.data = p.data.float()
-            p.requires_grad_(True)
+            named, remove = attach_lora(encoder, config, ADAPTER, trainer.settings.seed)
+            trainer.on_exit(remove)
+            self.lora_parameters += [p for _, p in named]
         return [{"params": self.lora_parameters, "lr": settings.text_lora_learning_rate, "weight_decay": 1e-2}]
 
     def loss(self, example, prediction, target):
