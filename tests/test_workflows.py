@@ -2,7 +2,8 @@
 
 The converter is checked on small synthetic graphs against the frontend's rules; every workflow is
 checked against the real server's node definitions; (a), (b) and (c) run end to end in the real ComfyUI
-on tiny model files, as do (e) (TextBoost) and (f) (attribute transfer); (d) needs ComfyUI_IPAdapter_plus, which the test ComfyUI cannot run (it predates the
+on tiny model files, as do (e) (TextBoost), (f) (attribute transfer) and (h) (the zero-shot object encoder, with a
+random encoder file); (d) needs ComfyUI_IPAdapter_plus, which the test ComfyUI cannot run (it predates the
 ModelPatcher API that extension uses), so it is checked structurally against that extension's node
 definitions. (g), SDXL, runs end to end on the smallest file ComfyUI detects as SDXL (2 GB, written at test time:
 slow).
@@ -23,11 +24,12 @@ from workflow_convert import Widget, WorkflowError, to_api_prompt, widgets_of
 
 WORKFLOWS = ROOT / "workflows"
 NAMES = ("one_object", "two_objects", "concept_controlnet", "concept_ipadapter", "textboost_one_object",
-         "attribute_transfer", "sdxl_one_object")
+         "attribute_transfer", "sdxl_one_object", "zero_shot_encoder")
 PHOTO = "workflow_photo.png"
 CONCEPT = "protobooth_test_mug"
 # Combo inputs that list model or input files: their values are the files a user would have, not the server's.
-FILE_INPUTS = {"ckpt_name", "sam_name", "clip_name", "control_net_name", "image", "concept_name", "text_projection_file"}
+FILE_INPUTS = {"ckpt_name", "sam_name", "clip_name", "control_net_name", "image", "concept_name", "text_projection_file",
+               "encoder_name"}
 
 # ComfyUI_IPAdapter_plus @9d076a3 (2025-02-26), IPAdapterPlus.py: the two nodes concept_ipadapter.json uses,
 # as that extension's /object_info entries would show them.
@@ -388,6 +390,29 @@ def test_attribute_workflow_learns_saves_and_draws_three_transfers(comfyui, tiny
     lora, embedding = concept_files(comfyui, name)
     assert embedding.is_file()
     assert all(key.startswith("lora_unet_up_blocks_") for key in safe_open(str(lora), "pt").keys())  # the decoder's
+
+
+@long_run_on_one_build
+def test_zero_shot_encoder_workflow_encodes_saves_a_stock_embedding_and_draws_two_scenes(comfyui, tiny_files):
+    import torch
+
+    from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, save_encoder
+
+    # a random encoder for the test's CLIP ViT-L/14 file and SD1's 768-wide tokens (no SD1.5 encoder is published)
+    torch.manual_seed(0)
+    encoder = ObjectEncoder(EncoderShape(vision_width=1024, text_width=768, width=32, layers=1))
+    torch.nn.init.normal_(encoder.out.weight, std=0.02)
+    save_encoder(encoder, comfyui.models("protobooth_encoders") / "workflow-encoder.safetensors")
+    name = f"{CONCEPT}_encoded"
+    changes = dict(tiny_files, ProtoBoothSegmentObjects={"prompts": json.dumps([{"box": list(RED_SQUARE)}])},
+                   ProtoBoothLoadObjectEncoder={"encoder_name": "workflow-encoder.safetensors"},
+                   ProtoBoothSaveConcept={"name": name})
+    prompt, entry = run_workflow(comfyui, "zero_shot_encoder", changes)
+    assert check_saved_images(comfyui, prompt, entry) == 2
+    lora, embedding = concept_files(comfyui, name)
+    assert not lora.exists()  # this encoder was pretrained without a UNet LoRA
+    with safe_open(str(embedding), "pt") as handle:  # K = 4 vectors, as embedding:<name> reads them
+        assert {key: handle.get_slice(key).get_shape() for key in handle.keys()} == {"clip_l": [4, 768]}
 
 
 def sampled(prefix: str, model, clip, vae, text: str) -> dict:
