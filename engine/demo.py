@@ -7,7 +7,9 @@ seeded model (random weights, noise pictures): the tests use it to check the plu
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,12 +28,13 @@ class DemoJob:
     description: str
     preview_seeds: tuple[int, ...] = (0,)
     render_options: dict = field(default_factory=dict)
+    encoder: Path | None = None  # an object encoder for the model: its zero-shot concept is shown beside the tuned one
 
 
 def shapesworld_demo(steps: int = 300) -> DemoJob:
     from .shapesworld import world
     from .prototype import PrototypeSettings
-    from .shapesworld.model import GUIDANCE, SAMPLER_STEPS, clip_towers, load_shapesworld
+    from .shapesworld.model import GUIDANCE, OBJECT_ENCODER_FILE, SAMPLER_STEPS, clip_towers, load_shapesworld
     from .train import TrainSettings
 
     model = load_shapesworld()
@@ -65,7 +68,26 @@ def shapesworld_demo(steps: int = 300) -> DemoJob:
         "(no trigger word): how far the class drifted towards the instance",
         preview_seeds=(0, 1, 2),
         render_options={"steps": SAMPLER_STEPS, "guidance": GUIDANCE},
+        encoder=OBJECT_ENCODER_FILE,
     )
+
+
+def zero_shot_previews(job: DemoJob) -> tuple[list, float]:
+    """The preview pictures of the concept the job's object encoder makes with no training, and the seconds it took
+    to make (the encoder's forward pass alone)."""
+    from .concept.concept import concept_applied
+    from .encoder.encode import encode_concept
+    from .encoder.model import crop_features, load_encoder
+    from .generate import render
+
+    encoder, lora, _ = load_encoder(job.encoder)
+    started = time.perf_counter()
+    concept = encode_concept(encoder, lora, crop_features(job.towers), job.model, job.image, job.masks, job.tokens,
+                             job.class_words, source=Path(job.encoder).name)
+    seconds = time.perf_counter() - started
+    pipeline = job.model.pipeline()
+    with concept_applied(pipeline, concept):
+        return render(pipeline, job.preview_prompts, list(job.preview_seeds), **job.render_options), seconds
 
 
 def _disc_scene(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
     from .generate import render
     from .images import check_masks, load_image
     from .prototype import prototype_embeddings
-    from .report import image_grid, loss_curve
+    from .report import loss_curve
     from .train import OneShotTrainer
 
     image = load_image(image)
@@ -75,8 +75,7 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
     try:
         save_concept(result.concept, lora_path, embedding_path)
         save_png(loss_curve(result.losses), report_dir / f"{name}-loss.png")
-        save_png(image_grid(previews, [p for p in preview_prompts for _ in preview_seeds], columns=len(preview_seeds),
-                            scale=max(1, 128 // previews[0].width)), report_dir / f"{name}-preview.png")
+        save_png(preview_grid(previews, preview_prompts, preview_seeds), report_dir / f"{name}-preview.png")
     except OSError as error:  # a full disk or a file-size limit, found only now: the result must not be lost
         for path in written:  # no half concept (a LoRA without its embedding) stays behind
             if path.exists() and path.stat().st_mtime_ns != stamps[path]:
@@ -93,6 +92,14 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
             print(f"wrote {path}")
     print("use it with the words: " + ", ".join(f"'{t} {c}'" for t, c in zip(trainer.tokens, trainer.class_words)))
     return result
+
+
+def preview_grid(previews: list, prompts: list[str], seeds):
+    """The preview pictures as a grid: a row per prompt, a column per seed; small models' pictures enlarged."""
+    from .report import image_grid
+
+    return image_grid(previews, [p for p in prompts for _ in seeds], columns=len(seeds),
+                      scale=max(1, 128 // previews[0].width))
 
 
 def subject_words(tokens: list[str], class_words: list[str]) -> str:

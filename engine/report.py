@@ -82,6 +82,20 @@ def image_grid(images: list, captions: list[str] | None = None, columns: int | N
     return grid
 
 
+def side_by_side(pictures: list, titles: list[str], title_height: int = 16, gap: int = 8):
+    """Pictures (PIL) in one row, each under its title, on white."""
+    from PIL import Image, ImageDraw
+
+    width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
+    row = Image.new("RGB", (width, title_height + max(p.height for p in pictures)), "white")
+    draw, x = ImageDraw.Draw(row), 0
+    for picture, title in zip(pictures, titles):
+        draw.text((x + 2, 2), title, fill=(0, 0, 0))
+        row.paste(picture.convert("RGB"), (x, title_height))
+        x += picture.width + gap
+    return row
+
+
 def live_preview(losses: list[float], total_steps: int, sample, height: int = 256):
     """What a training run shows while it runs: the loss curve so far beside a sample drawn with the concept as it
     stands (scaled to the curve's height, nearest neighbour for small models' pictures)."""

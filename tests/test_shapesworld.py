@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,15 @@ def test_the_demo_learns_a_shapesworld_instance_by_default(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "reference.png").size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+    # beside the tuned previews, the shipped object encoder's zero-shot concept draws the same prompts and seeds
+    from protobooth.engine.demo import shapesworld_demo, zero_shot_previews
+    from protobooth.engine.learn import preview_grid
+
+    job = shapesworld_demo()
+    zero_shot = np.asarray(preview_grid(zero_shot_previews(job)[0], job.preview_prompts, job.preview_seeds))
+    tuned = np.asarray(Image.open(tmp_path / "demo-preview.png").convert("RGB"))
+    compare = np.asarray(Image.open(tmp_path / "demo-compare.png"))
+    title = compare.shape[0] - tuned.shape[0]
+    assert np.array_equal(compare[title:, : zero_shot.shape[1]], zero_shot)
+    assert np.array_equal(compare[title:, -tuned.shape[1] :], tuned)
+    assert not np.array_equal(zero_shot, tuned)
