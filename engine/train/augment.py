@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +41,16 @@ class View:
     masks: list[torch.Tensor]
     prefix: tuple[str, ...] = ()
     suffix: tuple[str, ...] = ()
+    sides_swapped: bool = False  # recomposed: the objects stand on the other side, so the prompt's left and right swap
 
     def prompt(self, text: str) -> str:
+        if self.sides_swapped:
+            text = _SIDE_WORD.sub(lambda found: _OTHER_SIDE[found.group(0).lower()], text)
         return " ".join((*self.prefix, text, *self.suffix))
+
+
+_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_OTHER_SIDE = {"left": "right", "right": "left"}
 
 
 def _affine(view: View, scale: float, shift: float) -> View:
@@ -143,3 +151,72 @@ def views(photo: View, names: tuple[str, ...], probability: float, count: int, s
                 view = apply(view, rng.choice(choices), rng)
         drawn.append(view)
     return drawn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recomposition (research/methods.md §2.4's paired idea for position): the objects cut out with their masks and set
+# on the mirrored side, the background filled in where they stood. Not a mirror image: each object keeps its own
+# look (a mirror would move its accents too), and the prompt's left and right swap to stay true.
+
+
+def fill_holes(pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """The picture with `hole` (1 = unknown) filled from the pixels around it: averages pushed down an image pyramid
+    and pulled back up, so a hole takes the colours of its rim, smoothly (exact on a plain background)."""
+    known = (1 - hole).clamp(0, 1)[None, None]
+    levels = [(pixels[None] * known, known)]
+    while min(levels[-1][1].shape[-2:]) > 1:
+        weighted, weight = levels[-1]
+        levels.append((F.avg_pool2d(weighted, 2, ceil_mode=True), F.avg_pool2d(weight, 2, ceil_mode=True)))
+    weighted, weight = levels[-1]
+    filled = weighted / weight.clamp(min=1e-8)
+    for weighted, weight in reversed(levels[:-1]):
+        coarse = F.interpolate(filled, size=weighted.shape[-2:], mode="bilinear", align_corners=False)
+        sure = weight.clamp(max=1)  # a partly known pixel keeps its share of the known colour
+        filled = torch.where(weight > 0, weighted / weight.clamp(min=1e-8), coarse) * sure + coarse * (1 - sure)
+    return torch.where(hole[None] > 0, filled[0], pixels).clamp(0, 1)
+
+
+def _moved(tensor: torch.Tensor, shift: int, scale: float, centre: tuple[float, float]) -> torch.Tensor:
+    """[C, S, S] moved right by `shift` pixels and scaled by `scale` about `centre` (x, y in pixels); zeros come in."""
+    if scale == 1.0:
+        out = torch.zeros_like(tensor)
+        side = tensor.shape[-1]
+        if shift >= 0:
+            out[..., shift:] = tensor[..., : side - shift]
+        else:
+            out[..., :shift] = tensor[..., -shift:]
+        return out
+    side = tensor.shape[-1]
+    cx, cy = (2 * (centre[0] + shift) / side - 1, 2 * centre[1] / side - 1)  # the centre after the move, in -1..1
+    theta = torch.tensor([[[1 / scale, 0.0, cx - cx / scale - 2 * shift / side],
+                           [0.0, 1 / scale, cy - cy / scale]]], dtype=tensor.dtype)
+    grid = F.affine_grid(theta, (1, tensor.shape[0], side, side), align_corners=False)
+    return F.grid_sample(tensor[None], grid, padding_mode="zeros", align_corners=False)[0]
+
+
+def recompose(view: View, rng: random.Random, resize: float = 0.0) -> View:
+    """The view with each object on its mirrored place (keeping its own look; two objects change sides) and, with
+    `resize` > 0, each scaled by a factor within 1 ± resize; the background is filled in where they stood. Its prompt
+    swaps left and right."""
+    side = view.pixels.shape[-1]
+    # Each object's pixels with the rim its soft edge blends into (the rim holds its own background's share).
+    cutouts = [F.max_pool2d((m > 0.01).float()[None, None], 3, stride=1, padding=1)[0, 0] for m in view.masks]
+    hole = F.max_pool2d(torch.stack(cutouts).amax(0)[None, None], 3, stride=1, padding=1)[0, 0]
+    pixels = fill_holes(view.pixels, hole)
+    centres = torch.arange(side, dtype=torch.float32) + 0.5  # pixel centres
+    masks = []
+    for mask, cutout in zip(view.masks, cutouts):
+        total = float(mask.sum())
+        x, y = float((mask.sum(0) * centres).sum()) / total, float((mask.sum(1) * centres).sum()) / total
+        scale = rng.uniform(1 - resize, 1 + resize) if resize > 0 else 1.0
+        moved = _moved(torch.cat([view.pixels, cutout[None], mask[None]]), round(side - 2 * x), scale, (x, y))
+        alpha = moved[3:4].clamp(0, 1)
+        pixels = pixels * (1 - alpha) + moved[:3] * alpha
+        masks.append(moved[4].clamp(0, 1))
+    return View(pixels.clamp(0, 1), masks, view.prefix, view.suffix, not view.sides_swapped)
+
+
+def recomposed_views(photo: View, resize: float, count: int, seed: int) -> list[View]:
+    """The photo's recompositions: one without resizing, else `count` of them (seeded: the same seed, the same views)."""
+    rng = random.Random(seed + 1)  # not the augmentation views' stream
+    return [recompose(photo, rng, resize) for _ in range(count if resize > 0 else 1)]

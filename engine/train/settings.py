@@ -36,6 +36,12 @@ class TrainSettings:
     augmentations: tuple[str, ...] = setting(AUGMENTATIONS, "an augmentation a view may take; repeat for several (of "
                                              + ", ".join(AUGMENTATIONS) + ")", aliases=("--augmentation",))
     augment_views: int = setting(16, "augmented views of the photo prepared for training", low=1, high=256)
+    recompose: float = setting(0.0, "recomposition: the share of steps that see the photo recomposed, its objects cut "
+                               "out by their masks and set on the other side over the background filled in where they "
+                               "stood, with left and right swapped in the prompt (0: off)", low=0, high=1,
+                               widget={"step": 0.05})
+    recompose_resize: float = setting(0.0, "with recomposition: how much a recomposed object's size may change (0.2: from "
+                                      "0.8 to 1.2 times; 0: kept)", low=0, high=0.9, widget={"step": 0.05})
     timestep_sampling: str = setting("uniform", "how training timesteps are drawn: uniform, or snr (noisy steps more "
                                      "often, as TextBoost)", choices=("uniform", "snr"), aliases=("--timesteps",))
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)

@@ -1,7 +1,7 @@
 """The trainer every method shares: one photo, its masks and new words in; a Concept out.
 
 It owns what every method needs (methods/base.py says what a method adds): the photo cropped, resized and encoded
-once (and mirrored, when flip is on); the new tokens, their vectors spliced into the text encoder and trained by
+once (and mirrored, when flip is on; augmented and recomposed, when those are on: augment.py); the new tokens, their vectors spliced into the text encoder and trained by
 AdamW with the method's own parameters; each step's example (a random non-empty subset of the objects named in a
 random template, a view, noise and a timestep, uniform or SNR-weighted); gradient clipping, loss scaling for fp16,
 progress, cancel, resumable checkpoints and seeds (same seed, same result). The model is restored when training
@@ -151,14 +151,10 @@ class OneShotTrainer:
             if settings.augment_probability > 0:
                 views += augment.views(photo, settings.augmentations, settings.augment_probability,
                                        settings.augment_views, settings.seed)[1:]
-            self.instance = []
-            for view in views:
-                dist = model.vae.encode((view.pixels[None] * 2 - 1).to(self.device, model.vae.dtype)).latent_dist
-                latent_size = tuple(dist.mean.shape[-2:])
-                self.instance.append({
-                    "mean": dist.mean.float(), "std": dist.std.float(), "view": view,
-                    "masks": [latent_mask(m, latent_size).to(self.device) for m in view.masks],
-                })
+            recomposed = (augment.recomposed_views(photo, settings.recompose_resize, settings.augment_views, settings.seed)
+                          if settings.recompose > 0 else [])
+            encoded = [self._encoded_view(view) for view in views + recomposed]
+            self.instance, self.recomposed = encoded[: len(views)], encoded[len(views) :]
             self.method.prepare()
         self.snr_weights = (
             snr_timestep_weights(model.noise_scheduler.alphas_cumprod.float()) if settings.timestep_sampling == "snr" else None
@@ -243,6 +239,13 @@ class OneShotTrainer:
                 save_checkpoint(self, Path(checkpoint_dir))
         return TrainResult(self.concept(), list(self.losses), time.perf_counter() - started, self.class_images)
 
+    def _encoded_view(self, view: augment.View) -> dict:
+        """A view as steps use it: its latent distribution and its masks at latent size."""
+        dist = self.model.vae.encode((view.pixels[None] * 2 - 1).to(self.device, self.model.vae.dtype)).latent_dist
+        latent_size = tuple(dist.mean.shape[-2:])
+        return {"mean": dist.mean.float(), "std": dist.std.float(), "view": view,
+                "masks": [latent_mask(m, latent_size).to(self.device) for m in view.masks]}
+
     def _draw(self, shape, like: torch.Tensor) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator).to(like.device, like.dtype)
 
@@ -251,7 +254,8 @@ class OneShotTrainer:
         subset = sorted(rng.sample(range(len(self.tokens)), rng.randint(1, len(self.tokens))))
         phrase = " and ".join(f"{self.tokens[i]} {self.class_words[i]}" for i in subset)
         prompt = rng.choice(self.settings.templates).format(phrase)
-        view = self.instance[rng.randrange(len(self.instance))]
+        pool = self.recomposed if self.recomposed and rng.random() < self.settings.recompose else self.instance
+        view = pool[rng.randrange(len(pool))]
         latents = (view["mean"] + view["std"] * self._draw(view["mean"].shape, view["mean"])) * model.latent_scaling
         words = view["view"].prefix + view["view"].suffix
         named = subset + [len(self.tokens) + self.augment_tokens.index(word) for word in words]
