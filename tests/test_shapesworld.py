@@ -131,12 +131,30 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     table = (tmp_path / "quick.md").read_text()
     for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
                    "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects",
-                   "TextBoost", "TextBoost, no augmentation", "TextBoost, no knowledge preservation",
-                   "TextBoost, uniform timesteps"):
-        assert method in table
-    assert "| class attributes | class likeness | train s | trainable params | file KB |" in table
-    assert "two objects, attention loss" in table
-    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 14
+                   "object encoder (no training)", "ours, encoder start", "ours, encoder start, 25 steps",
+                   "object-driven (ours), 100 steps", "TextBoost", "TextBoost, no augmentation",
+                   "TextBoost, no knowledge preservation", "TextBoost, uniform timesteps"):
+        assert f"| {method} |" in table
+    assert ("| class likeness | class preservation | harmonic mean | harmonic mean (3) | class attributes | train s | "
+            "trainable params | file KB |") in table
+    assert "| method | left, gray | moved and resized |" in table  # per kind of reference photo
+    assert "| method | black, right | pink, left | brown, right |" in table  # per new scene
+    assert "- instance 4 (green-circle-cap-left-purple): left, gray: left, gray; moved and resized: " in table
+    assert "| base model (class words) |" in table and "two objects, attention loss" in table
+    rows = json.loads((tmp_path / "quick.json").read_text())["rows"]
+    assert rows["base model (class words)"]["overall"]["class preservation"] == 1.0
+    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 22
+
+
+@pytest.mark.slow
+def test_evaluate_gives_the_same_tables_from_two_worker_processes(tmp_path):
+    quick_run("evaluate.py", tmp_path / "one")
+    quick_run("evaluate.py", tmp_path / "two", "--workers", "2")
+    one, two = (json.loads((tmp_path / name / "quick.json").read_text())["rows"] for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:  # one thread per worker against two in one process: float noise, no more
+        for field in ("fidelity", "editability", "class likeness"):
+            assert one[name]["overall"][field] == pytest.approx(two[name]["overall"][field], abs=0.02), (name, field)
 
 
 @pytest.mark.slow
