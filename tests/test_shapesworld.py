@@ -94,6 +94,36 @@ def test_fidelity_separates_an_instance_from_its_look_alikes():
     assert separation.same_instance - separation.same_class_other_instance > 0.3, separation
 
 
+def test_the_benchmarks_reference_photos_are_seeded_and_vary_what_their_kind_says():
+    from protobooth.benchmarks.shapesworld import evaluate as ev
+
+    for index, instance in enumerate(world.HELD_OUT):
+        scenes = {kind: ev.reference_scene(instance, index, kind) for kind in ev.PHOTO_KINDS}
+        assert scenes == {kind: ev.reference_scene(instance, index, kind) for kind in ev.PHOTO_KINDS}  # seeded
+        assert scenes["left, gray"] == ev.reference_photo([instance])[2]  # the classic photo, kept
+        assert (scenes["right, gray"].background, scenes["right, gray"].objects[0].position) == ("gray", "right")
+        assert scenes["other background"].background != "gray"
+        moved = scenes["moved and resized"].objects[0]
+        assert abs(moved.scale - 1) > 0.1 and moved.instance == instance  # beyond the pretraining jitter (±0.06)
+    placements = {(p.dx, p.dy, p.scale) for n, i in enumerate(world.HELD_OUT)
+                  for p in ev.reference_scene(i, n, "moved and resized").objects}
+    assert len(placements) == len(world.HELD_OUT)  # each instance moved its own way
+
+
+def test_class_preservation_and_the_three_way_mean():
+    from protobooth.benchmarks.shapesworld import evaluate as ev
+
+    base = ev.Scores(fidelity=[0.1, 0.1], editability=[1.0, 1.0], class_likeness=[0.1, 0.3], scenes=["a", "b"])
+    trained = ev.Scores(fidelity=[0.8, 0.4], editability=[1.0, 0.5], class_likeness=[0.5, 0.5], scenes=["a", "b"])
+    row = trained.row(base)
+    assert row["class preservation"] == pytest.approx(1 - (0.5 - 0.2))
+    assert row["harmonic mean (3)"] == pytest.approx(3 / (1 / 0.6 + 1 / 0.75 + 1 / 0.7))
+    assert row["per scene"] == {"a": 0.8, "b": 0.4}
+    assert base.row(base)["class preservation"] == 1.0 and trained.row()["harmonic mean (3)"] is None
+    merged = ev.Scores.merged([base, trained])
+    assert merged.fidelity == [0.1, 0.1, 0.8, 0.4] and merged.scenes == ["a", "b", "a", "b"]
+
+
 # ---------------------------------------------------------------------------------------------- the scripts
 
 @pytest.mark.slow
