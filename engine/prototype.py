@@ -135,6 +135,9 @@ class PrototypeSettings:
     token_prompt: str = "a photo of a {}"
     class_prompt: str = "a photo of a {}"
     crop_padding: float = 0.1
+    # The plain backgrounds the object crop is set on; the crop's feature is their mean, so that no one background
+    # colour (mid-grey reads as "gray background") goes into the token with the object.
+    crop_fills: tuple = (0.5,)
 
     def check(self) -> None:
         """Refuse settings the search cannot run with, before it starts."""
@@ -149,12 +152,21 @@ class PrototypeSettings:
                              f"masked object, class prompt) (got {self.weights!r}).")
         if not _finite(self.crop_padding) or self.crop_padding < 0:
             raise InputError(f"crop padding must not be negative (got {self.crop_padding!r}).")
+        fills = list(self.crop_fills) if isinstance(self.crop_fills, (list, tuple)) else []
+        if not fills or not all(_fill_ok(fill) for fill in fills):
+            raise InputError(f"crop fills must be one or more grey levels or RGB triples between 0 and 1 (got "
+                             f"{self.crop_fills!r}).")
         check_template(self.token_prompt, "token prompt", "the token")
         check_template(self.class_prompt, "class prompt", "the class word")
 
 
 def _finite(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _fill_ok(fill) -> bool:
+    levels = list(fill) if isinstance(fill, (list, tuple)) else [fill]
+    return len(levels) in (1, 3) and all(_finite(v) and 0 <= v <= 1 for v in levels)
 
 
 @dataclass
@@ -170,9 +182,11 @@ class Prototype:
     nearest: list[str] = field(default_factory=list)
 
 
-def masked_object_crop(image: torch.Tensor, mask: torch.Tensor, padding: float = 0.1) -> torch.Tensor:
-    """The object on mid-grey, cropped to a square around the mask's bounding box plus padding."""
-    isolated = image * mask + 0.5 * (1 - mask)
+def masked_object_crop(image: torch.Tensor, mask: torch.Tensor, padding: float = 0.1, fill=0.5) -> torch.Tensor:
+    """The object on a plain background (`fill`: a grey level or an RGB triple; mid-grey by default), cropped to a
+    square around the mask's bounding box plus padding."""
+    fill = torch.as_tensor(fill, dtype=image.dtype).reshape(-1, 1, 1)
+    isolated = image * mask + fill * (1 - mask)
     rows = torch.nonzero(mask.amax(dim=1) > 0.5).flatten()
     cols = torch.nonzero(mask.amax(dim=0) > 0.5).flatten()
     if rows.numel() == 0:
@@ -252,9 +266,11 @@ def _search(towers, text_encoder, tokenizer, image, mask, token, class_word, set
     bare_ids = vocabulary.input_ids([token])
     with torch.no_grad():
         class_ids = vocabulary.input_ids([settings.class_prompt.format(class_word)])
+        crops = [towers.image_features(masked_object_crop(image, mask, settings.crop_padding, fill))
+                 for fill in settings.crop_fills]
         features = [
             towers.image_features(image),
-            towers.image_features(masked_object_crop(image, mask, settings.crop_padding)),
+            crops[0] if len(crops) == 1 else F.normalize(torch.stack(crops).mean(0), dim=0),
             towers.text_features(class_ids)[0],
         ]
         weights = torch.tensor(settings.weights, dtype=torch.float32)

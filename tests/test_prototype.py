@@ -128,6 +128,9 @@ def test_files_without_a_fitting_text_projection_are_refused_with_the_fix(tmp_pa
         (dict(weights=(1.0, -1.0, 1.0)), "none negative"),
         (dict(weights=(1.0, 1.0)), "three numbers"),
         (dict(token_prompt="a photo"), "token prompt"),
+        (dict(crop_fills=()), "crop fills must be one or more grey levels or RGB triples"),
+        (dict(crop_fills=(1.5,)), "crop fills"),
+        (dict(crop_fills=((0.0, 0.5),)), "crop fills"),
     ],
 )
 def test_impossible_settings_are_refused_with_or_without_a_clip_model(change, message):
@@ -138,3 +141,35 @@ def test_impossible_settings_are_refused_with_or_without_a_clip_model(change, me
         with pytest.raises(InputError, match=message):
             prototype_embeddings(clip, model.text_encoder, model.tokenizer, image, [mask], ["zqcat"], ["cat"],
                                  PrototypeSettings(**change))
+
+
+def test_the_crop_can_sit_on_any_plain_background():
+    image, mask = picture()
+    crop = masked_object_crop(image, mask, padding=0.1, fill=(0.0, 1.0, 0.0))
+    outside = crop[:, 0, 0]  # the padding around the object is the fill
+    assert torch.equal(outside, torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(masked_object_crop(image, mask, 0.1, fill=0.5), masked_object_crop(image, mask, 0.1))
+
+
+def test_an_object_only_prototype_over_several_fills_does_not_take_the_photos_background():
+    """On ShapesWorld, whose CLIP reads backgrounds: the full θm's token follows the photo's background (the whole
+    image is a third of it); the object alone, its crop set on each of the world's backgrounds in turn, does not."""
+    from protobooth.engine.shapesworld import clip_towers, load_shapesworld, world
+
+    model, towers = load_shapesworld(), clip_towers()
+    instance = world.HELD_OUT[0]
+    fills = tuple(tuple(world.BACKGROUNDS[b]) for b in world.BACKGROUNDS_LIST)
+
+    def token(background: str, settings: PrototypeSettings) -> torch.Tensor:
+        images, masks = world.render([world.Scene(background, (world.Placed(instance, "left"),))])
+        [found] = prototype_embeddings(towers, model.text_encoder, model.tokenizer, images[0], [masks[0, 0]], ["zqobj"],
+                                       [instance.shape], settings)
+        return found.vectors[0]
+
+    def spread(settings: PrototypeSettings) -> float:
+        """How far apart the tokens from the same object on a gray and on a pink photo are (1 − cosine)."""
+        return 1 - float(torch.cosine_similarity(token("gray", settings), token("pink", settings), dim=0))
+
+    whole = spread(PrototypeSettings(steps=60))
+    object_only = spread(PrototypeSettings(steps=60, weights=(0.0, 1.0, 1.0), crop_fills=fills))
+    assert object_only < 0.25 * whole, (object_only, whole)
