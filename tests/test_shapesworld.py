@@ -162,7 +162,8 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
                    "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects",
                    "object encoder (no training)", "ours, encoder start", "ours, encoder start, 25 steps",
-                   "object-driven (ours), 100 steps", "TextBoost", "TextBoost, no augmentation",
+                   "object-driven (ours), 100 steps", "ours, recomposition", "ours, recomposition, object-only prototype",
+                   "TextBoost", "TextBoost, no augmentation",
                    "TextBoost, no knowledge preservation", "TextBoost, uniform timesteps"):
         assert f"| {method} |" in table
     assert ("| class likeness | class preservation | harmonic mean | harmonic mean (3) | class attributes | train s | "
@@ -173,7 +174,7 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     assert "| base model (class words) |" in table and "two objects, attention loss" in table
     rows = json.loads((tmp_path / "quick.json").read_text())["rows"]
     assert rows["base model (class words)"]["overall"]["class preservation"] == 1.0
-    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 22
+    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 24
 
 
 @pytest.mark.slow

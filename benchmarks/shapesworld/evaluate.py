@@ -20,7 +20,9 @@ fidelity per new scene. Methods:
 - textual inversion: only a new token (class-word start), plain diffusion loss, no regularisation.
 - DreamBooth-LoRA: UNet LoRA under a frozen rare identifier, plain loss, class-image prior.
 - object-driven (ours): ProtoBooth's default: prototype-initialised token + UNet LoRA, object-masked
-  loss, class-characterising regularisation; and its ablations without each of the three.
+  loss, class-characterising regularisation; and its ablations without each of the three; and with
+  recomposition (half the steps on the photo recomposed: the object on its mirrored place), also with the
+  prototype of the object alone (the demo's settings).
 - object-driven, two objects: two instances learned from one photo, rendered swapped and with a companion;
   also with the cross-attention loss (TrainSettings.attention_weight) that binds each token to its mask.
 - object encoder (no training): the zero fine-tuning encoder's concept of the photo, in one forward pass
@@ -80,6 +82,8 @@ RARE_WORD = "sks"  # DreamBooth's identifier
 
 
 SHORT_STEPS = (25, 50, 100)  # the head-start rows' own step counts
+RECOMPOSE = 0.5  # the share of steps on the recomposed photo (only this value was tried: results/sweep.md)
+OBJECT_ONLY_PROTOTYPE = {"weights": (0.0, 1.0, 1.0), "crop_fills": (0.0, 0.5, 1.0)}
 
 
 @dataclass
@@ -92,8 +96,9 @@ class Method:
     prototype: dict = field(default_factory=dict)  # PrototypeSettings changes for the prototype search
 
 
+BASE_ROW = "base model (class words)"
 METHODS = [
-    Method("base model (class words)", trains=False),
+    Method(BASE_ROW, trains=False),
     Method("textual inversion", dict(train_lora=False, use_mask=False, prior_weight=0.0, text_anchor_weight=0.0,
                                      token_learning_rate=5e-3), init="class"),
     Method("DreamBooth-LoRA", dict(train_tokens=False, use_mask=False, prior_weight=1.0, text_anchor_weight=0.0), init="rare"),
@@ -101,6 +106,10 @@ METHODS = [
     Method("ours, no prototype init", init="class"),
     Method("ours, no class regularisation", dict(prior_weight=0.0, text_anchor_weight=0.0)),
     Method("ours, no object mask", dict(use_mask=False)),
+    # Recomposition (TrainSettings.recompose), alone and with the prototype of the object alone (its crop over black,
+    # grey and white; no whole-photo term): the demo's settings. Both chosen on instances 0-3 (results/photos_probe.md).
+    Method("ours, recomposition", dict(recompose=RECOMPOSE)),
+    Method("ours, recomposition, object-only prototype", dict(recompose=RECOMPOSE), prototype=OBJECT_ONLY_PROTOTYPE),
     Method("object encoder (no training)", trains=False, init="encoder"),
     Method("ours, encoder start", init="encoder"),
     # A few dozen steps from the encoder's vectors against the same from the prototype (steps.py --starts: the curve).
@@ -365,8 +374,14 @@ class Bench:
         return f, e
 
 
-def photo_job(bench: Bench, index: int, kind: str, prompts: int, progress) -> dict:
-    """Every METHODS row, and the ground-truth ceiling, learned from instance `index`'s reference photo of a kind."""
+def chosen_rows(args) -> list[Method]:
+    """The METHODS rows this run measures: all, or those --rows names (the base model always: class preservation
+    is measured against it)."""
+    return [m for m in METHODS if not args.rows or m.name in args.rows or m.name == BASE_ROW]
+
+
+def photo_job(bench: Bench, index: int, kind: str, prompts: int, progress, rows: list[Method]) -> dict:
+    """The rows, and the ground-truth ceiling, learned from instance `index`'s reference photo of a kind."""
     instance = world.HELD_OUT[index]
     scenes = [(s, [k]) for s, k in recontextualisations(instance, index)][:prompts]
     per_picture = [s for s, _ in scenes for _ in bench.seeds]
@@ -379,13 +394,13 @@ def photo_job(bench: Bench, index: int, kind: str, prompts: int, progress) -> di
                      scenes=[scene_label(s, w[0]) for s, w in scenes for _ in bench.seeds],
                      grid_rows=[torch.cat([photo[0][None], truth[:: len(bench.seeds)]])])
     scores = {"ground truth": ceiling}
-    for method in METHODS:
+    for method in rows:
         f, e = bench.measure(method, [instance], scenes, scores.setdefault(method.name, Scores()), photo)
         progress(f"{instance.key}, {kind}: {method.name}", f, e)
     return {"scores": scores, "photo": photo_words(photo[2])}
 
 
-def pair_job(bench: Bench, pair: int, prompts: int, progress) -> dict:
+def pair_job(bench: Bench, pair: int, prompts: int, progress, args_rows: list[str]) -> dict:
     """The TWO_OBJECTS rows on the pair's classic photo (two held-out instances, left and right of gray)."""
     first, second = world.HELD_OUT[(2 * pair) % len(world.HELD_OUT)], world.HELD_OUT[(2 * pair + 3) % len(world.HELD_OUT)]
     companion = [i for i in world.all_instances() if i.accent == "none" and i.shape not in (first.shape, second.shape)][pair]
@@ -396,7 +411,7 @@ def pair_job(bench: Bench, pair: int, prompts: int, progress) -> dict:
         (world.Scene("black", (world.Placed(first, "left"), world.Placed(companion, "right"))), [0, -1]),
     ][: max(2, prompts - 2)]
     scores = {}
-    for method in TWO_OBJECTS:
+    for method in [m for m in TWO_OBJECTS if not args_rows or m.name in args_rows]:
         f, e = bench.measure(method, [first, second], scenes, scores.setdefault(method.name, Scores()))
         progress(f"pair {pair}: {method.name}", f, e)
     return {"scores": scores}
@@ -410,8 +425,8 @@ def run_jobs(args, jobs: list[tuple], threads: int, started: float) -> list[dict
     def progress(label: str, f: torch.Tensor, e: torch.Tensor) -> None:
         print(f"[{time.time() - started:5.0f} s] {label}: fidelity {f.mean():.3f}, editability {e.mean():.3f}", flush=True)
 
-    return [photo_job(bench, job[1], job[2], args.prompts, progress) if job[0] == "photo"
-            else pair_job(bench, job[1], args.prompts, progress) for job in jobs]
+    return [photo_job(bench, job[1], job[2], args.prompts, progress, chosen_rows(args)) if job[0] == "photo"
+            else pair_job(bench, job[1], args.prompts, progress, args.rows) for job in jobs]
 
 
 def run(args) -> dict:
@@ -431,8 +446,8 @@ def run(args) -> dict:
                                   [max(1, args.threads // args.workers)] * args.workers, [started] * args.workers))
         by_job = {job: result for share, part in zip(shares, parts) for job, result in zip(share, part)}
         done = [by_job[job] for job in jobs]
-    table = {m.name: {kind: [] for kind in args.kinds} for m in [Method("ground truth"), *METHODS]}
-    pairs = {m.name: [] for m in TWO_OBJECTS}
+    table = {m.name: {kind: [] for kind in args.kinds} for m in [Method("ground truth"), *chosen_rows(args)]}
+    pairs = {m.name: [] for m in TWO_OBJECTS if not args.rows or m.name in args.rows}
     photos: dict[str, dict[str, str]] = {}
     for job, result in zip(jobs, done):
         for name, scores in result["scores"].items():
@@ -442,7 +457,7 @@ def run(args) -> dict:
     table = {name: {kind: Scores.merged(parts) for kind, parts in per_kind.items()} for name, per_kind in table.items()}
     pairs = {name: Scores.merged(parts) for name, parts in pairs.items()}
 
-    base = table["base model (class words)"]
+    base = table[BASE_ROW]
 
     def base_of(name: str, kinds: list[str]) -> Scores | None:
         """The base model's scores of the same pictures (class preservation's yardstick); none for the ceiling."""
@@ -468,7 +483,7 @@ def write_report(results: dict, args, command: str) -> Path:
     name = "quick" if args.quick else "full"
     rows = {method: row["overall"] for method, row in results["rows"].items()}
     truth = rows["ground truth"]["fidelity"]
-    base_edit = rows["base model (class words)"]["editability"]
+    base_edit = rows[BASE_ROW]["editability"]
     shown = lambda value, form=".3f": "—" if value is None else format(value, form)  # noqa: E731
     tuned = sorted(set(args.instances) & set(range(4)))
     lines = [f"# ShapesWorld one-shot benchmark ({name})", "",
@@ -559,7 +574,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes the photos are spread over (2 on two cores: "
                         "one thread each)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the table, grids and numbers")
+    parser.add_argument("--rows", nargs="+", default=[], metavar="ROW",
+                        help="measure only these rows (method names as in the table; the base model always): a partial "
+                        "run, not the benchmark")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.rows) - {m.name for m in [*METHODS, *TWO_OBJECTS]})
+    if unknown:
+        parser.error(f"--rows: no row is called {unknown[0]!r}; the rows: " + "; ".join(m.name for m in [*METHODS, *TWO_OBJECTS]))
     if args.quick:
         args.instances, args.kinds, args.prompts, args.seeds, args.pairs, args.steps = [4], ["left, gray", "moved and resized"], 3, 1, 1, 60
     command = "python benchmarks/shapesworld/evaluate.py" + (" --quick" if args.quick else "") + "".join(
