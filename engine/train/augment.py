@@ -207,6 +207,9 @@ def recompose(view: View, rng: random.Random, resize: float = 0.0) -> View:
     masks = []
     for mask, cutout in zip(view.masks, cutouts):
         total = float(mask.sum())
+        if total == 0:  # an object too small to survive the resize: nothing to move
+            masks.append(mask)
+            continue
         x, y = float((mask.sum(0) * centres).sum()) / total, float((mask.sum(1) * centres).sum()) / total
         scale = rng.uniform(1 - resize, 1 + resize) if resize > 0 else 1.0
         moved = _moved(torch.cat([view.pixels, cutout[None], mask[None]]), round(side - 2 * x), scale, (x, y))

@@ -1,11 +1,11 @@
 """The trainer every method shares: one photo, its masks and new words in; a Concept out.
 
 It owns what every method needs (methods/base.py says what a method adds): the photo cropped, resized and encoded
-once (and mirrored, when flip is on; augmented and recomposed, when those are on: augment.py); the new tokens, their vectors spliced into the text encoder and trained by
-AdamW with the method's own parameters; each step's example (a random non-empty subset of the objects named in a
-random template, a view, noise and a timestep, uniform or SNR-weighted); gradient clipping, loss scaling for fp16,
-progress, cancel, resumable checkpoints and seeds (same seed, same result). The model is restored when training
-ends, however it ends.
+once (and mirrored, augmented or recomposed when those are on: augment.py); the new tokens, their vectors spliced
+into the text encoder and trained by AdamW with the method's own parameters; each step's example (a random non-empty
+subset of the objects named in a random template, a view, noise and a timestep, uniform or SNR-weighted); gradient
+clipping, loss scaling for fp16, progress, cancel, resumable checkpoints and seeds (same seed, same result). The
+model is restored when training ends, however it ends.
 """
 from __future__ import annotations
 
