@@ -160,7 +160,7 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     quick_run("evaluate.py", tmp_path)
     table = (tmp_path / "quick.md").read_text()
     for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
-                   "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "two objects",
+                   "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "object-driven, two objects",
                    "object encoder (no training)", "ours, encoder start", "ours, encoder start, 25 steps",
                    "object-driven (ours), 100 steps", "ours, recomposition", "ours, recomposition, object-only prototype",
                    "TextBoost", "TextBoost, no augmentation",
