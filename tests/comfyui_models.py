@@ -47,6 +47,18 @@ def vit_l_14_vision_config():
     )  # fmt: skip
 
 
+def write_random_encoder(path: Path):
+    """A random object encoder for the ViT-L/14 vision tower and SD1's 768-wide tokens, saved at `path` (its output
+    layer random too, so its vectors are not the class word's; no SD1.5 encoder is published)."""
+    from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, save_encoder
+
+    torch.manual_seed(0)
+    encoder = ObjectEncoder(EncoderShape(vision_width=1024, text_width=768, width=32, layers=1)).eval()
+    torch.nn.init.normal_(encoder.out.weight, std=0.02)
+    save_encoder(encoder, path)
+    return encoder
+
+
 def write_clip(path: Path, text_encoder, seed: int = 0) -> Path:
     """A full CLIP ViT-L/14 file (about 427 M parameters, 815 MiB in fp16) whose text tower is `text_encoder`.
 

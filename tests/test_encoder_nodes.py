@@ -10,9 +10,9 @@ from PIL import Image
 
 from comfyui_harness import failure
 from conftest import long_run_on_one_build
-from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo, vit_l_14_vision_config
+from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo, vit_l_14_vision_config, write_random_encoder
 from protobooth.engine.encoder.encode import object_vectors
-from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, save_encoder
+from protobooth.engine.encoder.model import ObjectEncoder
 from protobooth.engine.prototype import ClipTowers
 from protobooth.engine.text.tokenizer import clip_tokenizer
 
@@ -22,12 +22,8 @@ ENCODER = "protobooth-random-encoder.safetensors"
 
 @pytest.fixture(scope="module")
 def encoder(comfyui) -> ObjectEncoder:
-    """A random encoder for the CLIP ViT-L/14 file and SD1's 768-wide tokens (its output layer too: not the class
-    word)."""
-    torch.manual_seed(0)
-    encoder = ObjectEncoder(EncoderShape(vision_width=1024, text_width=768, width=32, layers=1)).eval()
-    torch.nn.init.normal_(encoder.out.weight, std=0.02)
-    save_encoder(encoder, comfyui.models("protobooth_encoders") / ENCODER)
+    """A random encoder for the CLIP ViT-L/14 file, and the photo."""
+    encoder = write_random_encoder(comfyui.models("protobooth_encoders") / ENCODER)
     Image.fromarray(two_shapes_photo()).save(comfyui.input_dir / PHOTO)
     return encoder
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo
+from comfyui_models import BLUE_RECTANGLE, RED_SQUARE, two_shapes_photo, write_random_encoder
 from conftest import ROOT, long_run_on_one_build
 from workflow_convert import Widget, WorkflowError, to_api_prompt, widgets_of
 
@@ -394,15 +394,7 @@ def test_attribute_workflow_learns_saves_and_draws_three_transfers(comfyui, tiny
 
 @long_run_on_one_build
 def test_zero_shot_encoder_workflow_encodes_saves_a_stock_embedding_and_draws_two_scenes(comfyui, tiny_files):
-    import torch
-
-    from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, save_encoder
-
-    # a random encoder for the test's CLIP ViT-L/14 file and SD1's 768-wide tokens (no SD1.5 encoder is published)
-    torch.manual_seed(0)
-    encoder = ObjectEncoder(EncoderShape(vision_width=1024, text_width=768, width=32, layers=1))
-    torch.nn.init.normal_(encoder.out.weight, std=0.02)
-    save_encoder(encoder, comfyui.models("protobooth_encoders") / "workflow-encoder.safetensors")
+    write_random_encoder(comfyui.models("protobooth_encoders") / "workflow-encoder.safetensors")  # for its ViT-L/14
     name = f"{CONCEPT}_encoded"
     changes = dict(tiny_files, ProtoBoothSegmentObjects={"prompts": json.dumps([{"box": list(RED_SQUARE)}])},
                    ProtoBoothLoadObjectEncoder={"encoder_name": "workflow-encoder.safetensors"},

@@ -152,7 +152,7 @@ def reference_scene(instance: world.Instance, index: int, kind: str) -> world.Sc
     """The scene of `instance`'s reference photo of a kind (PHOTO_KINDS), seeded by the kind and the instance's index."""
     rng = random.Random(f"{kind} {index}")
     if kind == "left, gray":
-        return world.Scene(REFERENCE_BACKGROUND, (world.Placed(instance, REFERENCE_SIDE),))
+        return classic_scene([instance])
     if kind == "right, gray":
         return world.Scene(REFERENCE_BACKGROUND, (world.Placed(instance, "right"),))
     if kind == "other background":
@@ -165,13 +165,16 @@ def reference_scene(instance: world.Instance, index: int, kind: str) -> world.Sc
     raise ValueError(f"unknown kind of photo {kind!r}")
 
 
+def classic_scene(instances: list[world.Instance]) -> world.Scene:
+    """The classic reference scene: the instance on the left of gray, or two instances left and right."""
+    sides = [REFERENCE_SIDE] if len(instances) == 1 else ["left", "right"]
+    return world.Scene(REFERENCE_BACKGROUND, tuple(world.Placed(i, s) for i, s in zip(instances, sides)))
+
+
 def reference_photo(instances: list[world.Instance], scene: world.Scene | None = None
                     ) -> tuple[torch.Tensor, list[torch.Tensor], world.Scene]:
-    """The reference photo (a scene's render), its objects' masks and the scene; by default the classic one: the
-    instance on the left of gray, or two instances left and right."""
-    if scene is None:
-        sides = [REFERENCE_SIDE] if len(instances) == 1 else ["left", "right"]
-        scene = world.Scene(REFERENCE_BACKGROUND, tuple(world.Placed(i, s) for i, s in zip(instances, sides)))
+    """The reference photo (a scene's render), its objects' masks and the scene; by default the classic one."""
+    scene = scene or classic_scene(instances)
     images, masks = world.render([scene])
     return images[0], [(masks[0, k] > 0.5).float() for k in range(len(instances))], scene
 

@@ -59,6 +59,7 @@ class IdentityFolders:
         from ..images import check_image_file
 
         self.root, self.size = Path(root), size
+        self.captions: dict[Path, str] = {}  # every photo's caption, read and checked once
         objects = self.root / "objects"
         if not objects.is_dir():
             raise InputError(f"--data {root} has no objects/ folder; it needs objects/<identity>/ folders of two or more "
@@ -78,7 +79,7 @@ class IdentityFolders:
                 mask = photo.with_name(photo.stem + MASK_SUFFIX)
                 if not mask.is_file():
                     raise InputError(f"{photo} has no mask {mask.name} beside it (white = the object).")
-                _caption(photo, f"a photo of {{token}} {class_word}", needs_token=True)
+                self.captions[photo] = _caption(photo, f"a photo of {{token}} {class_word}", needs_token=True)
             self.identities.append((class_word, photos))
         if not self.identities:
             raise InputError(f"--data {root}: objects/ holds no identity folders.")
@@ -86,7 +87,7 @@ class IdentityFolders:
         self.general = _photos(general) if general.is_dir() else []
         for picture in self.general:
             check_image_file(picture)
-            _caption(picture, None, needs_token=False)
+            self.captions[picture] = _caption(picture, None, needs_token=False)
         if need_general and not self.general:
             raise InputError(f"--data {root} has no general/ pictures (with .txt captions) for the general share of "
                              "samples; add some, or pass --general-share 0.")
@@ -101,7 +102,7 @@ class IdentityFolders:
             side = min(image.shape[-2:])
             top, left = (image.shape[1] - side) // 2, (image.shape[2] - side) // 2
             return Sample(target=_resized(image[:, top : top + side, left : left + side], self.size),
-                          caption=_caption(picture, None, needs_token=False))
+                          caption=self.captions[picture])
         class_word, photos = rng.choice(self.identities)
         reference, target = rng.sample(photos, 2)
         cut = []
@@ -114,7 +115,7 @@ class IdentityFolders:
             image, (mask,) = square_crop(image, [(mask > 0.5).float()])
             cut.append((_resized(image, self.size), (_resized(mask[None], self.size)[0] > 0.5).float()))
         (reference_image, reference_mask), (target_image, target_mask) = cut
-        return Sample(target=target_image, caption=_caption(target, f"a photo of {{token}} {class_word}", needs_token=True),
+        return Sample(target=target_image, caption=self.captions[target],
                       class_word=class_word, reference=reference_image, reference_mask=reference_mask,
                       target_mask=target_mask)
 

@@ -178,15 +178,14 @@ def fill_holes(pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
 
 def _moved(tensor: torch.Tensor, shift: int, scale: float, centre: tuple[float, float]) -> torch.Tensor:
     """[C, S, S] moved right by `shift` pixels and scaled by `scale` about `centre` (x, y in pixels); zeros come in."""
+    side = tensor.shape[-1]
     if scale == 1.0:
         out = torch.zeros_like(tensor)
-        side = tensor.shape[-1]
         if shift >= 0:
             out[..., shift:] = tensor[..., : side - shift]
         else:
             out[..., :shift] = tensor[..., -shift:]
         return out
-    side = tensor.shape[-1]
     cx, cy = (2 * (centre[0] + shift) / side - 1, 2 * centre[1] / side - 1)  # the centre after the move, in -1..1
     theta = torch.tensor([[[1 / scale, 0.0, cx - cx / scale - 2 * shift / side],
                            [0.0, 1 / scale, cy - cy / scale]]], dtype=tensor.dtype)
