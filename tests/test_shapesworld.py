@@ -161,8 +161,8 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     table = (tmp_path / "quick.md").read_text()
     for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
                    "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "object-driven, two objects",
-                   "object encoder (no training)", "ours, encoder start", "ours, encoder start, 25 steps",
-                   "object-driven (ours), 100 steps", "ours, recomposition", "ours, recomposition, object-only prototype",
+                   "object encoder (no training)", "ours, encoder start", "ours, recomposition",
+                   "ours, recomposition, object-only prototype",
                    "TextBoost", "TextBoost, no augmentation",
                    "TextBoost, no knowledge preservation", "TextBoost, uniform timesteps"):
         assert f"| {method} |" in table
@@ -174,12 +174,13 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     assert "| base model (class words) |" in table and "two objects, attention loss" in table
     rows = json.loads((tmp_path / "quick.json").read_text())["rows"]
     assert rows["base model (class words)"]["overall"]["class preservation"] == 1.0
-    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 24
+    assert "ours, encoder start, 25 steps" not in table  # the head-start rows need more than a quick run's 60 steps
+    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 18
 
 
 @pytest.mark.slow
 def test_evaluate_gives_the_same_tables_from_two_worker_processes(tmp_path):
-    quick_run("evaluate.py", tmp_path / "one")
+    quick_run("evaluate.py", tmp_path / "one", "--workers", "1")
     quick_run("evaluate.py", tmp_path / "two", "--workers", "2")
     one, two = (json.loads((tmp_path / name / "quick.json").read_text())["rows"] for name in ("one", "two"))
     assert one.keys() == two.keys()
