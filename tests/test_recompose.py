@@ -30,8 +30,8 @@ def test_a_recomposed_photo_its_masks_and_its_prompt_are_the_scene_on_the_other_
     view = augment.recompose(augment.View(photo, masks), random.Random(0))
     assert torch.allclose(view.pixels, truth, atol=1e-5)  # the object moved, not mirrored; the background filled
     assert torch.allclose(view.masks[0], true_masks[0], atol=1e-5)
-    assert view.prompt(TEMPLATE.format("zqobj circle")) == "a photo of a zqobj circle on the right, gray background"
-    assert view.prompt("a photo of zqobj circle") == "a photo of zqobj circle"  # nothing said, nothing to swap
+    assert view.prompt(TEMPLATE, "zqobj circle") == "a photo of a zqobj circle on the right, gray background"
+    assert view.prompt("a photo of {}", "zqobj circle") == "a photo of zqobj circle"  # nothing said, nothing to swap
 
 
 def test_two_objects_change_places_and_so_do_their_words():
@@ -41,7 +41,40 @@ def test_two_objects_change_places_and_so_do_their_words():
     view = augment.recompose(augment.View(photo, masks), random.Random(0))
     assert torch.allclose(view.pixels, truth, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(view.masks, true_masks))
-    assert view.prompt("zqa circle on the Left and zqb square on the right") == "zqa circle on the right and zqb square on the left"
+    assert view.prompt("{} on the Left and zqb square on the right", "zqa circle") == "zqa circle on the right and zqb square on the left"
+
+
+@pytest.mark.parametrize("side", world.POSITIONS)
+@pytest.mark.parametrize("instance", world.HELD_OUT[:4], ids=lambda i: f"{i.colour}-{i.shape}")
+def test_beside_a_copy_the_photo_mask_and_prompt_are_the_scene_of_the_object_twice(instance, side):
+    photo, masks = scene("pink", [world.Placed(instance, side)])
+    truth, true_masks = scene("pink", [world.Placed(instance, "left"), world.Placed(instance, "right")])
+    view = augment.beside_a_copy(augment.View(photo, masks), random.Random(0))
+    assert torch.allclose(view.pixels, truth, atol=1e-5)  # where it stood, and its copy on the other side
+    assert torch.allclose(view.masks[0], torch.maximum(*true_masks), atol=1e-5)  # one mask: the same words name both
+    assert view.prompt(TEMPLATE, "zqobj circle") == "a photo of a zqobj circle on the left and a zqobj circle on the right, gray background"
+    assert view.prompt("a photo of {}", "zqobj circle") == "a photo of zqobj circle and a zqobj circle"
+
+
+def test_beside_a_copy_a_centred_or_wide_object_is_pushed_apart_and_shrunk_to_fit():
+    side = 64
+    photo = torch.full((3, side, side), 0.5)
+    mask = torch.zeros(side, side)
+    mask[24:40, 20:44] = 1  # 24 px wide, in the middle: its mirror image is itself
+    photo = photo * (1 - mask) + mask * torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    view = augment.beside_a_copy(augment.View(photo, [mask]), random.Random(0))
+    columns = view.masks[0].amax(0) > 0.5
+    assert columns[8:56].all() and not columns[:8].any() and not columns[56:].any()  # two, touching in the middle
+    assert float(view.masks[0].sum()) == 2 * float(mask.sum())  # whole, not overlapping
+    assert torch.equal(view.pixels[:, 24:40, 8:56], photo[:, 24:40, 20:44].repeat(1, 1, 2))
+    wide = torch.zeros(side, side)
+    wide[24:40, 4:60] = 1  # wider than half the picture: both copies shrink to fit
+    view = augment.beside_a_copy(augment.View(photo * (1 - wide) + wide, [wide]), random.Random(0))
+    halves = view.masks[0][:, :32].sum(), view.masks[0][:, 32:].sum()
+    expected = float(wide.sum()) * (32 / 56) ** 2  # each copy's area at the scale that fits it in its half
+    assert all(abs(float(h) - expected) < 0.1 * expected for h in halves) and float(view.masks[0].max()) <= 1
+    with pytest.raises(ValueError, match="one object"):
+        augment.beside_a_copy(augment.View(photo, [mask, mask]), random.Random(0))
 
 
 def test_the_filled_background_follows_its_surroundings_and_resizing_scales_the_object():
@@ -77,9 +110,30 @@ def test_training_draws_the_recomposed_photo_for_its_share_of_steps_with_the_swa
     assert float(mask[..., mask.shape[-1] // 2 :].sum()) > 0.9 * float(mask.sum())
 
 
+def test_training_draws_the_photo_beside_a_copy_for_its_share_of_the_recomposed_steps():
+    photo, masks = scene("gray", [world.Placed(world.HELD_OUT[0], "left")])
+    model = tiny.tiny_model(0)
+    settings = TrainSettings.from_values(steps=1, prior_weight=0.0, flip=False, recompose=0.5, recompose_copies=0.5,
+                                         templates=(TEMPLATE,))
+    with OneShotTrainer(model, photo, [m > 0.5 for m in masks], ["zqobj"], ["circle"], settings) as trainer:
+        examples = [trainer._example() for _ in range(400)]
+    twice = [e for e in examples if e.view["view"].twice]
+    assert 60 < len(twice) < 140  # half of the recomposed half
+    assert {e.prompt for e in twice} == {"a photo of a zqobj circle on the left and a zqobj circle on the right, gray background"}
+    mask = twice[0].view["masks"][0]  # the latent mask covers both halves
+    half = mask.shape[-1] // 2
+    assert float(mask[..., :half].sum()) > 0.4 * float(mask.sum()) and float(mask[..., half:].sum()) > 0.4 * float(mask.sum())
+    # two objects already stand beside each other: no copies
+    two, two_masks = scene("gray", [world.Placed(world.HELD_OUT[0], "left"), world.Placed(world.HELD_OUT[1], "right")])
+    with OneShotTrainer(model, two, [m > 0.5 for m in two_masks], ["zqa", "zqb"], ["circle", "square"], settings) as trainer:
+        assert not any(trainer._example().view["view"].twice for _ in range(100))
+
+
 def test_recomposition_settings_are_checked_and_reach_the_command_line(tmp_path, capsys):
     with pytest.raises(InputError, match="recompose"):
         TrainSettings.from_values(recompose=1.5).check()
+    with pytest.raises(InputError, match="set recompose above 0"):
+        TrainSettings.from_values(recompose_copies=0.5).check()
     assert main(["train", "photo.png", "--model", "tiny", "--token", "zqobj", "--class", "circle", "--mask", "m.png",
                  "--recompose", "-0.1"]) == 2
     assert "recompose must not be negative (got -0.1)" in capsys.readouterr().err
@@ -87,3 +141,4 @@ def test_recomposition_settings_are_checked_and_reach_the_command_line(tmp_path,
         main(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "--recompose RECOMPOSE recomposition: the share of steps" in shown and "--recompose-resize" in shown
+    assert "--recompose-copies RECOMPOSE_COPIES with recomposition, one object" in shown

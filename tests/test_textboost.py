@@ -92,7 +92,7 @@ def test_views_are_seeded_and_their_prompts_carry_their_words():
     assert all(torch.equal(a.pixels, b.pixels) and a.prefix + a.suffix == b.prefix + b.suffix for a, b in zip(first, again))
     assert any(view.prefix or view.suffix for view in first[1:])
     for view in first:
-        assert view.prompt("a photo of zq circle").split() == [*view.prefix, "a", "photo", "of", "zq", "circle", *view.suffix]
+        assert view.prompt("a photo of {}", "zq circle").split() == [*view.prefix, "a", "photo", "of", "zq", "circle", *view.suffix]
     always = augment.views(photo, ("rotate",), 1.0, 5, seed=0)
     assert all(view.prefix == ("<rotated>",) for view in always[1:])
     assert all(not (view.prefix or view.suffix) for view in augment.views(photo, augment.AUGMENTATIONS, 0.0, 5, seed=0))

@@ -42,8 +42,18 @@ class View:
     prefix: tuple[str, ...] = ()
     suffix: tuple[str, ...] = ()
     sides_swapped: bool = False  # recomposed: the objects stand on the other side, so the prompt's left and right swap
+    twice: bool = False  # recomposed beside a copy: the object stands on the left and on the right
 
-    def prompt(self, text: str) -> str:
+    def prompt(self, template: str, phrase: str) -> str:
+        """The training prompt: `template` (one {}) naming the objects by `phrase`, true to what the view shows."""
+        if self.twice:
+            # "a {} on the left, ..." → "a {} on the left and a {} on the right, ..."; without sides: "a {} and a {}"
+            said = _SIDE_AFTER_OBJECTS.search(template)
+            template = (_SIDE_AFTER_OBJECTS.sub("{} on the left and a {} on the right", template, count=1) if said
+                        else template.replace("{}", "{} and a {}", 1))
+            text = template.format(phrase, phrase)
+        else:
+            text = template.format(phrase)
         if self.sides_swapped:
             text = _SIDE_WORD.sub(lambda found: _OTHER_SIDE[found.group(0).lower()], text)
         return " ".join((*self.prefix, text, *self.suffix))
@@ -51,6 +61,7 @@ class View:
 
 _SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 _OTHER_SIDE = {"left": "right", "right": "left"}
+_SIDE_AFTER_OBJECTS = re.compile(r"\{\} on the (left|right)\b", re.IGNORECASE)
 
 
 def _affine(view: View, scale: float, shift: float) -> View:
@@ -218,7 +229,46 @@ def recompose(view: View, rng: random.Random, resize: float = 0.0) -> View:
     return View(pixels.clamp(0, 1), masks, view.prefix, view.suffix, not view.sides_swapped)
 
 
+def beside_a_copy(view: View, rng: random.Random, resize: float = 0.0) -> View:
+    """A one-object view recomposed with the object twice, side by side: where it stood and on the mirrored place,
+    both pushed apart (and shrunk if need be) when they would overlap, each scaled within 1 ± resize; the background
+    filled in where it stood. Its mask covers both (the same words name both), its prompt says "on the left and on
+    the right" (prompt()). What a single photo never shows: the object beside another object."""
+    if len(view.masks) != 1:
+        raise ValueError("a view beside a copy needs exactly one object")
+    side = view.pixels.shape[-1]
+    mask = view.masks[0]
+    cutout = F.max_pool2d((mask > 0.01).float()[None, None], 3, stride=1, padding=1)[0, 0]
+    pixels = fill_holes(view.pixels, F.max_pool2d(cutout[None, None], 3, stride=1, padding=1)[0, 0])
+    total = float(mask.sum())
+    if total == 0:
+        return View(pixels, [mask], view.prefix, view.suffix, twice=True)
+    centres = torch.arange(side, dtype=torch.float32) + 0.5
+    x, y = float((mask.sum(0) * centres).sum()) / total, float((mask.sum(1) * centres).sum()) / total
+    columns = torch.nonzero(mask.amax(0) > 0.5, as_tuple=True)[0]
+    width = float(columns[-1] - columns[0] + 1) if len(columns) else 1.0
+    scale = rng.uniform(1 - resize, 1 + resize) if resize > 0 else 1.0
+    scale = min(scale, side / 2 / width)  # two must fit across the picture
+    left, right = min(x, side - x), max(x, side - x)
+    if right - left < width * scale:  # they would overlap: touching, about the middle
+        left, right = (side - width * scale) / 2, (side + width * scale) / 2
+    masks = torch.zeros_like(mask)
+    for centre in (left, right):
+        moved = _moved(torch.cat([view.pixels, cutout[None], mask[None]]), round(centre - x), scale, (x, y))
+        # The cut-out's rim holds background: over the first copy's edge only the object itself goes.
+        alpha = torch.where(masks > 0, moved[4], moved[3]).clamp(0, 1)[None]
+        pixels = pixels * (1 - alpha) + moved[:3] * alpha
+        masks = torch.maximum(masks, moved[4].clamp(0, 1))
+    return View(pixels.clamp(0, 1), [masks], view.prefix, view.suffix, twice=True)
+
+
 def recomposed_views(photo: View, resize: float, count: int, seed: int) -> list[View]:
     """The photo's recompositions: one without resizing, else `count` of them (seeded: the same seed, the same views)."""
     rng = random.Random(seed + 1)  # not the augmentation views' stream
     return [recompose(photo, rng, resize) for _ in range(count if resize > 0 else 1)]
+
+
+def views_beside_a_copy(photo: View, resize: float, count: int, seed: int) -> list[View]:
+    """The one-object photo beside a copy of its object: one view without resizing, else `count` (seeded)."""
+    rng = random.Random(seed + 2)  # nor the recompositions'
+    return [beside_a_copy(photo, rng, resize) for _ in range(count if resize > 0 else 1)]

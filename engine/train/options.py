@@ -94,7 +94,8 @@ def _field(method, name: str):
 
 
 # Every Train node's optional inputs (memory switches): optional, so that workflows saved before them still validate.
-OPTIONAL_WIDGETS = ("gradient_checkpointing", "offload_frozen", "recompose", "recompose_resize")
+OPTIONAL_WIDGETS = ("gradient_checkpointing", "offload_frozen", "recompose", "recompose_resize",
+                    "recompose_copies")
 
 
 def widget_specs(method, names=None) -> dict[str, tuple]:

@@ -42,6 +42,9 @@ class TrainSettings:
                                widget={"step": 0.05})
     recompose_resize: float = setting(0.0, "with recomposition: how much a recomposed object's size may change (0.2: from "
                                       "0.8 to 1.2 times; 0: kept)", low=0, high=0.9, widget={"step": 0.05})
+    recompose_copies: float = setting(0.0, "with recomposition, one object: the share of recomposed steps whose photo "
+                                      "shows the object twice, side by side, the prompt naming it on the left and on "
+                                      "the right (0: none)", low=0, high=1, widget={"step": 0.05})
     timestep_sampling: str = setting("uniform", "how training timesteps are drawn: uniform, or snr (noisy steps more "
                                      "often, as TextBoost)", choices=("uniform", "snr"), aliases=("--timesteps",))
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
@@ -83,6 +86,9 @@ class TrainSettings:
             raise InputError(f"augmentation {unknown[0]!r} does not exist; choose from {', '.join(AUGMENTATIONS)}.")
         for template in self.templates:
             check_template(template, "prompt template", "the objects")
+        if self.recompose_copies > 0 and self.recompose == 0:
+            raise InputError(f"recompose_copies {self.recompose_copies:g} is a share of the recomposed steps, and "
+                             "recomposition is off; set recompose above 0 too (e.g. 0.5), or recompose_copies to 0.")
         self.method.check(self)
 
     def replace(self, **changes) -> TrainSettings:

@@ -153,8 +153,16 @@ class OneShotTrainer:
                                        settings.augment_views, settings.seed)[1:]
             recomposed = (augment.recomposed_views(photo, settings.recompose_resize, settings.augment_views, settings.seed)
                           if settings.recompose > 0 else [])
-            encoded = [self._encoded_view(view) for view in views + recomposed]
-            self.instance, self.recomposed = encoded[: len(views)], encoded[len(views) :]
+            if settings.recompose_copies > 0 and len(masks) > 1:
+                log.info("recompose_copies: the photo's %d objects already stand beside each other; no copies made",
+                         len(masks))
+            beside_a_copy = (augment.views_beside_a_copy(photo, settings.recompose_resize, settings.augment_views,
+                                                         settings.seed)
+                             if settings.recompose > 0 and settings.recompose_copies > 0 and len(masks) == 1 else [])
+            encoded = [self._encoded_view(view) for view in views + recomposed + beside_a_copy]
+            self.instance = encoded[: len(views)]
+            self.recomposed = encoded[len(views) : len(views) + len(recomposed)]
+            self.beside_a_copy = encoded[len(views) + len(recomposed) :]
             self.method.prepare()
         self.snr_weights = (
             snr_timestep_weights(model.noise_scheduler.alphas_cumprod.float()) if settings.timestep_sampling == "snr" else None
@@ -253,13 +261,17 @@ class OneShotTrainer:
         rng, model = self.rng, self.model
         subset = sorted(rng.sample(range(len(self.tokens)), rng.randint(1, len(self.tokens))))
         phrase = " and ".join(f"{self.tokens[i]} {self.class_words[i]}" for i in subset)
-        prompt = rng.choice(self.settings.templates).format(phrase)
-        pool = self.recomposed if self.recomposed and rng.random() < self.settings.recompose else self.instance
+        template = rng.choice(self.settings.templates)
+        pool = self.instance
+        if self.recomposed and rng.random() < self.settings.recompose:
+            pool = self.recomposed
+            if self.beside_a_copy and rng.random() < self.settings.recompose_copies:
+                pool = self.beside_a_copy
         view = pool[rng.randrange(len(pool))]
         latents = (view["mean"] + view["std"] * self._draw(view["mean"].shape, view["mean"])) * model.latent_scaling
         words = view["view"].prefix + view["view"].suffix
         named = subset + [len(self.tokens) + self.augment_tokens.index(word) for word in words]
-        return Example(subset, view["view"].prompt(prompt), view, latents, named)
+        return Example(subset, view["view"].prompt(template, phrase), view, latents, named)
 
     def _train_step(self) -> float:
         model, settings = self.model, self.settings
