@@ -107,7 +107,7 @@ def test_nodes_are_registered_with_their_widgets(comfyui):
         assert list(info[node]["input"]["required"]) == inputs, node
     assert list(info["ProtoBoothTrainConcept"]["input"]["optional"]) == [
         "token_init", "preview_every", "gradient_checkpointing", "offload_frozen", "recompose", "recompose_resize",
-        "recompose_copies"]
+        "recompose_copies", "recompose_companions"]
     recompose = info["ProtoBoothTrainConcept"]["input"]["optional"]["recompose"]
     assert recompose[0] == "FLOAT" and (recompose[1]["default"], recompose[1]["min"], recompose[1]["max"]) == (0.0, 0, 1)
     assert info["ProtoBoothTrainConcept"]["output"] == ["MODEL", "CLIP", "PROTOBOOTH_CONCEPT", "IMAGE"]

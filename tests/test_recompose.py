@@ -77,6 +77,52 @@ def test_beside_a_copy_a_centred_or_wide_object_is_pushed_apart_and_shrunk_to_fi
         augment.beside_a_copy(augment.View(photo, [mask, mask]), random.Random(0))
 
 
+def test_beside_another_the_photo_mask_and_prompt_are_the_scene_with_the_other_object_where_it_stood():
+    learned, other = world.HELD_OUT[0], world.Instance("circle", "green")
+    photo, masks = scene("gray", [world.Placed(learned, "left")])
+    picture, picture_masks = scene("pink", [world.Placed(other, "right")])  # a class picture: its own place, background
+    companion_mask = augment.object_by_background(picture)
+    cover = picture_masks[0]  # the plain background cut away: all of the object but its faintest edge, nothing else
+    assert bool((companion_mask[cover > 0.5] == 1).all()) and bool((companion_mask[cover == 0] == 0).all())
+    truth, true_masks = scene("gray", [world.Placed(other, "left"), world.Placed(learned, "right")])
+    view = augment.beside_another(augment.View(photo, masks), augment.View(picture, [companion_mask]), "green circle",
+                                  random.Random(0))
+    inside = true_masks[0] > 0.99  # the cut is hard-edged: its rim pixels keep some pink, so compare inside only
+    assert torch.allclose(view.pixels[:, inside], truth[:, inside], atol=1e-4)
+    assert torch.allclose(view.masks[0], true_masks[1], atol=1e-5)
+    assert bool((view.companion_mask[true_masks[0] > 0.5] == 1).all()) and bool((view.companion_mask[true_masks[0] == 0] == 0).all())
+    assert view.prompt(TEMPLATE, "zqobj circle") == "a photo of a zqobj circle on the right and a green circle on the left, gray background"
+    assert view.prompt("a photo of {}", "zqobj circle") == "a photo of zqobj circle and a green circle"
+    busy = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert augment.object_by_background(busy) is None  # no plain background: no clean cut
+    assert augment.object_by_background(torch.full((3, 32, 32), 0.5)) is None  # nothing stands out
+
+
+def test_training_beside_objects_cut_from_the_class_images_covers_them_by_the_loss(tmp_path):
+    from protobooth.engine.shapesworld import load_shapesworld
+
+    learned = world.HELD_OUT[0]
+    photo, masks = scene("gray", [world.Placed(learned, "left")])
+    settings = TrainSettings.from_values(steps=1, flip=False, recompose=0.5, recompose_companions=0.5, prior_images=4,
+                                         prior_steps=10, templates=(TEMPLATE,))
+    with OneShotTrainer(load_shapesworld(), photo, [m > 0.5 for m in masks], ["zqobj"], [learned.words], settings,
+                        prior_cache=tmp_path) as trainer:
+        assert trainer.beside_another  # the world model's red circles stand on plain backgrounds: most cut cleanly
+        examples = [trainer._example() for _ in range(400)]
+    beside = [e for e in examples if e.view["view"].companion]
+    assert 60 < len(beside) < 140  # half of the recomposed half
+    assert {e.prompt for e in beside} == {f"a photo of a zqobj {learned.words} on the right and a {learned.words} on the "
+                                          "left, gray background"}
+    example = beside[0]
+    companion, own = example.view["companion_mask"], example.view["masks"][0]
+    half = companion.shape[-1] // 2
+    assert float(companion[..., :half].sum()) > 0.9 * float(companion.sum()) > 0  # where the object stood
+    assert torch.equal(example.loss_mask(True), torch.maximum(own, companion))  # the loss covers both
+    assert torch.equal(example.loss_mask(False), torch.ones_like(own))
+    alone = next(e for e in examples if not e.view["view"].companion)
+    assert torch.equal(alone.loss_mask(True), alone.view["masks"][0])
+
+
 def test_the_filled_background_follows_its_surroundings_and_resizing_scales_the_object():
     # a left-to-right colour ramp with a square object: the hole takes the ramp's colours, not one flat colour
     side = 64
@@ -134,6 +180,14 @@ def test_recomposition_settings_are_checked_and_reach_the_command_line(tmp_path,
         TrainSettings.from_values(recompose=1.5).check()
     with pytest.raises(InputError, match="set recompose above 0"):
         TrainSettings.from_values(recompose_copies=0.5).check()
+    with pytest.raises(InputError, match="recompose_companions 0.5 is a share of the recomposed steps"):
+        TrainSettings.from_values(recompose_companions=0.5).check()
+    with pytest.raises(InputError, match="add up to more than 1"):
+        TrainSettings.from_values(recompose=0.5, recompose_copies=0.6, recompose_companions=0.6).check()
+    with pytest.raises(InputError, match="set prior_weight above 0"):
+        TrainSettings.from_values(recompose=0.5, recompose_companions=0.5, prior_weight=0.0).check()
+    with pytest.raises(InputError, match="textboost settings draw none"):
+        TrainSettings.from_values("textboost", recompose=0.5, recompose_companions=0.5).check()
     assert main(["train", "photo.png", "--model", "tiny", "--token", "zqobj", "--class", "circle", "--mask", "m.png",
                  "--recompose", "-0.1"]) == 2
     assert "recompose must not be negative (got -0.1)" in capsys.readouterr().err
@@ -142,3 +196,4 @@ def test_recomposition_settings_are_checked_and_reach_the_command_line(tmp_path,
     shown = " ".join(capsys.readouterr().out.split())
     assert "--recompose RECOMPOSE recomposition: the share of steps" in shown and "--recompose-resize" in shown
     assert "--recompose-copies RECOMPOSE_COPIES with recomposition, one object" in shown
+    assert "--recompose-companions RECOMPOSE_COMPANIONS with recomposition, one object and a class prior" in shown

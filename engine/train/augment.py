@@ -43,15 +43,18 @@ class View:
     suffix: tuple[str, ...] = ()
     sides_swapped: bool = False  # recomposed: the objects stand on the other side, so the prompt's left and right swap
     twice: bool = False  # recomposed beside a copy: the object stands on the left and on the right
+    companion: str = ""  # recomposed beside another object: the words that name it (it stands where the object stood)
+    companion_mask: torch.Tensor | None = None  # that object's pixels, which the loss covers too
 
     def prompt(self, template: str, phrase: str) -> str:
         """The training prompt: `template` (one {}) naming the objects by `phrase`, true to what the view shows."""
-        if self.twice:
+        second = phrase if self.twice else self.companion
+        if second:
             # "a {} on the left, ..." → "a {} on the left and a {} on the right, ..."; without sides: "a {} and a {}"
-            said = _SIDE_AFTER_OBJECTS.search(template)
-            template = (_SIDE_AFTER_OBJECTS.sub("{} on the left and a {} on the right", template, count=1) if said
-                        else template.replace("{}", "{} and a {}", 1))
-            text = template.format(phrase, phrase)
+            template = (_SIDE_AFTER_OBJECTS.sub(lambda found: f"{{}} on the {found.group(1).lower()} and a {{}} on the "
+                                                f"{_OTHER_SIDE[found.group(1).lower()]}", template, count=1)
+                        if _SIDE_AFTER_OBJECTS.search(template) else template.replace("{}", "{} and a {}", 1))
+            text = template.format(phrase, second)
         else:
             text = template.format(phrase)
         if self.sides_swapped:
@@ -187,6 +190,30 @@ def fill_holes(pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     return torch.where(hole[None] > 0, filled[0], pixels).clamp(0, 1)
 
 
+def _centre(mask: torch.Tensor) -> tuple[float, float] | None:
+    """The mask's centre of mass (x, y in pixels), None for an empty mask."""
+    total = float(mask.sum())
+    if total == 0:
+        return None
+    centres = torch.arange(mask.shape[-1], dtype=torch.float32) + 0.5  # pixel centres
+    return float((mask.sum(0) * centres).sum()) / total, float((mask.sum(1) * centres).sum()) / total
+
+
+def _extent(mask: torch.Tensor, dim: int) -> float:
+    """How many pixels the mask spans across `dim` (0: rows, its height; 1: columns, its width)."""
+    found = torch.nonzero(mask.amax(1 - dim) > 0.5, as_tuple=True)[0]
+    return float(found[-1] - found[0] + 1) if len(found) else 1.0
+
+
+def _placed(tensor: torch.Tensor, centre: tuple[float, float], to: tuple[float, float], scale: float) -> torch.Tensor:
+    """[C, S, S] with the point `centre` moved to `to` (x, y in pixels) and scaled by `scale` about it; zeros come in."""
+    side = tensor.shape[-1]
+    (fx, fy), (tx, ty) = [(2 * x / side - 1, 2 * y / side - 1) for x, y in (centre, to)]  # in -1..1
+    theta = torch.tensor([[[1 / scale, 0.0, fx - tx / scale], [0.0, 1 / scale, fy - ty / scale]]], dtype=tensor.dtype)
+    grid = F.affine_grid(theta, (1, tensor.shape[0], side, side), align_corners=False)
+    return F.grid_sample(tensor[None], grid, padding_mode="zeros", align_corners=False)[0]
+
+
 def _moved(tensor: torch.Tensor, shift: int, scale: float, centre: tuple[float, float]) -> torch.Tensor:
     """[C, S, S] moved right by `shift` pixels and scaled by `scale` about `centre` (x, y in pixels); zeros come in."""
     side = tensor.shape[-1]
@@ -197,11 +224,7 @@ def _moved(tensor: torch.Tensor, shift: int, scale: float, centre: tuple[float, 
         else:
             out[..., :shift] = tensor[..., -shift:]
         return out
-    cx, cy = (2 * (centre[0] + shift) / side - 1, 2 * centre[1] / side - 1)  # the centre after the move, in -1..1
-    theta = torch.tensor([[[1 / scale, 0.0, cx - cx / scale - 2 * shift / side],
-                           [0.0, 1 / scale, cy - cy / scale]]], dtype=tensor.dtype)
-    grid = F.affine_grid(theta, (1, tensor.shape[0], side, side), align_corners=False)
-    return F.grid_sample(tensor[None], grid, padding_mode="zeros", align_corners=False)[0]
+    return _placed(tensor, centre, (centre[0] + shift, centre[1]), scale)
 
 
 def recompose(view: View, rng: random.Random, resize: float = 0.0) -> View:
@@ -213,14 +236,12 @@ def recompose(view: View, rng: random.Random, resize: float = 0.0) -> View:
     cutouts = [F.max_pool2d((m > 0.01).float()[None, None], 3, stride=1, padding=1)[0, 0] for m in view.masks]
     hole = F.max_pool2d(torch.stack(cutouts).amax(0)[None, None], 3, stride=1, padding=1)[0, 0]
     pixels = fill_holes(view.pixels, hole)
-    centres = torch.arange(side, dtype=torch.float32) + 0.5  # pixel centres
     masks = []
     for mask, cutout in zip(view.masks, cutouts):
-        total = float(mask.sum())
-        if total == 0:  # an object too small to survive the resize: nothing to move
+        if _centre(mask) is None:  # an object too small to survive the resize: nothing to move
             masks.append(mask)
             continue
-        x, y = float((mask.sum(0) * centres).sum()) / total, float((mask.sum(1) * centres).sum()) / total
+        x, y = _centre(mask)
         scale = rng.uniform(1 - resize, 1 + resize) if resize > 0 else 1.0
         moved = _moved(torch.cat([view.pixels, cutout[None], mask[None]]), round(side - 2 * x), scale, (x, y))
         alpha = moved[3:4].clamp(0, 1)
@@ -240,13 +261,10 @@ def beside_a_copy(view: View, rng: random.Random, resize: float = 0.0) -> View:
     mask = view.masks[0]
     cutout = F.max_pool2d((mask > 0.01).float()[None, None], 3, stride=1, padding=1)[0, 0]
     pixels = fill_holes(view.pixels, F.max_pool2d(cutout[None, None], 3, stride=1, padding=1)[0, 0])
-    total = float(mask.sum())
-    if total == 0:
+    if _centre(mask) is None:
         return View(pixels, [mask], view.prefix, view.suffix, twice=True)
-    centres = torch.arange(side, dtype=torch.float32) + 0.5
-    x, y = float((mask.sum(0) * centres).sum()) / total, float((mask.sum(1) * centres).sum()) / total
-    columns = torch.nonzero(mask.amax(0) > 0.5, as_tuple=True)[0]
-    width = float(columns[-1] - columns[0] + 1) if len(columns) else 1.0
+    x, y = _centre(mask)
+    width = _extent(mask, 1)
     scale = rng.uniform(1 - resize, 1 + resize) if resize > 0 else 1.0
     scale = min(scale, side / 2 / width)  # two must fit across the picture
     left, right = min(x, side - x), max(x, side - x)
@@ -262,6 +280,40 @@ def beside_a_copy(view: View, rng: random.Random, resize: float = 0.0) -> View:
     return View(pixels.clamp(0, 1), [masks], view.prefix, view.suffix, twice=True)
 
 
+def beside_another(view: View, companion: View, words: str, rng: random.Random, resize: float = 0.0) -> View:
+    """A one-object view recomposed (recompose(): the object on its mirrored place) with another object where it stood:
+    `companion`'s object, cut out by its mask and scaled to the object's height, named by `words` in the prompt.
+    Its mask (companion_mask) joins the loss, so the words keep their own look beside the object's: what the
+    object's likeness must not leak into."""
+    if len(view.masks) != 1:
+        raise ValueError("a view beside another object needs exactly one object")
+    moved = recompose(view, rng, resize)
+    side = view.pixels.shape[-1]
+    here, there = _centre(view.masks[0]), _centre(companion.masks[0])
+    if here is None or there is None:
+        return moved
+    other = companion.masks[0]
+    scale = min(_extent(view.masks[0], 0) / _extent(other, 0), side / 2 / _extent(other, 1))
+    placed = _placed(torch.cat([companion.pixels, other[None]]), there, here, scale)
+    alpha = (placed[3] * (1 - moved.masks[0])).clamp(0, 1)  # behind the object where they meet
+    pixels = moved.pixels * (1 - alpha) + placed[:3] * alpha
+    return View(pixels.clamp(0, 1), moved.masks, view.prefix, view.suffix, sides_swapped=True, companion=words,
+                companion_mask=alpha)
+
+
+def object_by_background(picture: torch.Tensor, tolerance: float = 0.12) -> torch.Tensor | None:
+    """A mask [S, S] of what stands out from a plain background: the pixels further than `tolerance` (in any channel)
+    from the median colour of the picture's 2-px border. None when that border is not plain (a fifth of it off that
+    colour) or what stands out covers under 1% or over half of the picture: no clean cut."""
+    frame = torch.cat([picture[:, :2].flatten(1), picture[:, -2:].flatten(1),
+                       picture[:, :, :2].flatten(1), picture[:, :, -2:].flatten(1)], 1)
+    colour = frame.median(1).values
+    if float(((frame - colour[:, None]).abs().amax(0) > tolerance).float().mean()) > 0.2:
+        return None
+    mask = ((picture - colour[:, None, None]).abs().amax(0) > tolerance).float()
+    return mask if 0.01 <= float(mask.mean()) <= 0.5 else None
+
+
 def recomposed_views(photo: View, resize: float, count: int, seed: int) -> list[View]:
     """The photo's recompositions: one without resizing, else `count` of them (seeded: the same seed, the same views)."""
     rng = random.Random(seed + 1)  # not the augmentation views' stream
@@ -272,3 +324,12 @@ def views_beside_a_copy(photo: View, resize: float, count: int, seed: int) -> li
     """The one-object photo beside a copy of its object: one view without resizing, else `count` (seeded)."""
     rng = random.Random(seed + 2)  # nor the recompositions'
     return [beside_a_copy(photo, rng, resize) for _ in range(count if resize > 0 else 1)]
+
+
+def views_beside_another(photo: View, companions: list[View], words: str, resize: float, count: int, seed: int
+                         ) -> list[View]:
+    """The one-object photo beside each companion (their objects cut out by their masks), or with `resize` > 0 `count`
+    views beside companions drawn in turn (seeded)."""
+    rng = random.Random(seed + 3)  # nor the copies'
+    total = count if resize > 0 else len(companions)
+    return [beside_another(photo, companions[k % len(companions)], words, rng, resize) for k in range(total)]

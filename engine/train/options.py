@@ -95,7 +95,7 @@ def _field(method, name: str):
 
 # Every Train node's optional inputs (memory switches): optional, so that workflows saved before them still validate.
 OPTIONAL_WIDGETS = ("gradient_checkpointing", "offload_frozen", "recompose", "recompose_resize",
-                    "recompose_copies")
+                    "recompose_copies", "recompose_companions")
 
 
 def widget_specs(method, names=None) -> dict[str, tuple]:

@@ -45,6 +45,11 @@ class TrainSettings:
     recompose_copies: float = setting(0.0, "with recomposition, one object: the share of recomposed steps whose photo "
                                       "shows the object twice, side by side, the prompt naming it on the left and on "
                                       "the right (0: none)", low=0, high=1, widget={"step": 0.05})
+    recompose_companions: float = setting(0.0, "with recomposition, one object and a class prior: the share of "
+                                          "recomposed steps whose photo shows another object of the class where the "
+                                          "object stood, cut out of a class image with a plain background, named by "
+                                          "the class word and covered by the loss so that it keeps its own look (0: "
+                                          "none)", low=0, high=1, widget={"step": 0.05})
     timestep_sampling: str = setting("uniform", "how training timesteps are drawn: uniform, or snr (noisy steps more "
                                      "often, as TextBoost)", choices=("uniform", "snr"), aliases=("--timesteps",))
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
@@ -86,9 +91,18 @@ class TrainSettings:
             raise InputError(f"augmentation {unknown[0]!r} does not exist; choose from {', '.join(AUGMENTATIONS)}.")
         for template in self.templates:
             check_template(template, "prompt template", "the objects")
-        if self.recompose_copies > 0 and self.recompose == 0:
-            raise InputError(f"recompose_copies {self.recompose_copies:g} is a share of the recomposed steps, and "
-                             "recomposition is off; set recompose above 0 too (e.g. 0.5), or recompose_copies to 0.")
+        for name in ("recompose_copies", "recompose_companions"):
+            if getattr(self, name) > 0 and self.recompose == 0:
+                raise InputError(f"{name} {getattr(self, name):g} is a share of the recomposed steps, and "
+                                 f"recomposition is off; set recompose above 0 too (e.g. 0.5), or {name} to 0.")
+        if self.recompose_copies + self.recompose_companions > 1:
+            raise InputError(f"recompose_copies {self.recompose_copies:g} and recompose_companions "
+                             f"{self.recompose_companions:g} are shares of the same recomposed steps and add up to "
+                             "more than 1; lower one of them.")
+        if self.recompose_companions > 0 and not getattr(self.method, "prior_weight", 0):
+            raise InputError(f"recompose_companions cuts its companions out of the class prior's images, and the "
+                             f"{self.method_name} settings draw none; set prior_weight above 0 (object-driven), or "
+                             "recompose_companions to 0.")
         self.method.check(self)
 
     def replace(self, **changes) -> TrainSettings:

@@ -56,6 +56,15 @@ class Example:
     latents: torch.Tensor
     named: list[int]  # the vocabulary's tokens in the prompt: the objects', then augmentation tokens (they alone move)
 
+    def loss_mask(self, use_mask: bool) -> torch.Tensor:
+        """What a masked loss covers: the named objects, and a companion (recomposition beside another object: it
+        must keep its own look); everything when use_mask is off."""
+        masks = self.view["masks"]
+        if not use_mask:
+            return torch.ones_like(masks[0])
+        companion = [] if self.view["companion_mask"] is None else [self.view["companion_mask"]]
+        return torch.stack([masks[i] for i in self.subset] + companion).amax(0)
+
 
 class OneShotTrainer:
     """Use as a context manager: the model is restored on exit (method's trainables removed, embeddings untouched).
@@ -164,6 +173,7 @@ class OneShotTrainer:
             self.recomposed = encoded[len(views) : len(views) + len(recomposed)]
             self.beside_a_copy = encoded[len(views) + len(recomposed) :]
             self.method.prepare()
+            self.beside_another = [self._encoded_view(view) for view in self._views_beside_another(photo)]
         self.snr_weights = (
             snr_timestep_weights(model.noise_scheduler.alphas_cumprod.float()) if settings.timestep_sampling == "snr" else None
         )
@@ -177,6 +187,24 @@ class OneShotTrainer:
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler(self.device.type) if torch.float16 in (self.autocast, self.compute_dtype) else None
         self._prepared = True
+
+    def _views_beside_another(self, photo: augment.View) -> list[augment.View]:
+        """recompose_companions: the photo recomposed beside objects cut out of the method's class images."""
+        settings = self.settings
+        if not (settings.recompose > 0 and settings.recompose_companions > 0 and len(photo.masks) == 1):
+            return []
+        latents = self.method.class_pictures()[self.class_words[0]]
+        vae = self.model.vae
+        pictures = [(vae.decode((lat[None] / self.model.latent_scaling).to(vae.device, vae.dtype)).sample[0].float().cpu()
+                     + 1) / 2 for lat in latents]
+        companions = [augment.View(p.clamp(0, 1), [mask]) for p in pictures
+                      if (mask := augment.object_by_background(p.clamp(0, 1))) is not None]
+        log.info("recompose_companions: %d of %d class images have a plain background to cut a companion from",
+                 len(companions), len(pictures))
+        if not companions:
+            return []
+        return augment.views_beside_another(photo, companions, self.class_words[0], settings.recompose_resize,
+                                            settings.augment_views, settings.seed)
 
     def text_is_frozen(self) -> bool:
         """Nothing in the text path trains: a prompt's conditioning is fixed and can be cached."""
@@ -252,7 +280,9 @@ class OneShotTrainer:
         dist = self.model.vae.encode((view.pixels[None] * 2 - 1).to(self.device, self.model.vae.dtype)).latent_dist
         latent_size = tuple(dist.mean.shape[-2:])
         return {"mean": dist.mean.float(), "std": dist.std.float(), "view": view,
-                "masks": [latent_mask(m, latent_size).to(self.device) for m in view.masks]}
+                "masks": [latent_mask(m, latent_size).to(self.device) for m in view.masks],
+                "companion_mask": None if view.companion_mask is None else latent_mask(view.companion_mask,
+                                                                                       latent_size).to(self.device)}
 
     def _draw(self, shape, like: torch.Tensor) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator).to(like.device, like.dtype)
@@ -265,8 +295,12 @@ class OneShotTrainer:
         pool = self.instance
         if self.recomposed and rng.random() < self.settings.recompose:
             pool = self.recomposed
-            if self.beside_a_copy and rng.random() < self.settings.recompose_copies:
-                pool = self.beside_a_copy
+            if self.beside_a_copy or self.beside_another:
+                share = rng.random()
+                if share < self.settings.recompose_copies:
+                    pool = self.beside_a_copy or pool
+                elif share < self.settings.recompose_copies + self.settings.recompose_companions:
+                    pool = self.beside_another or pool
         view = pool[rng.randrange(len(pool))]
         latents = (view["mean"] + view["std"] * self._draw(view["mean"].shape, view["mean"])) * model.latent_scaling
         words = view["view"].prefix + view["view"].suffix

@@ -157,9 +157,7 @@ class Attribute(Method):
             self._factors = None
 
     def loss(self, example, prediction, target):
-        masks = example.view["masks"]
-        mask = torch.stack([masks[i] for i in example.subset]).amax(0) if self.settings.use_mask else torch.ones_like(masks[0])
-        return masked_mse(prediction[:1], target[:1], mask, 0.0)
+        return masked_mse(prediction[:1], target[:1], example.loss_mask(self.settings.use_mask), 0.0)
 
     def lora(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():

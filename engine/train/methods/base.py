@@ -42,6 +42,11 @@ class Method:
     def prepare(self) -> None:
         """Compute what stays fixed, once, while the model is still the base model (no gradients)."""
 
+    def class_pictures(self) -> dict[str, torch.Tensor]:
+        """The class images it drew in prepare(), per class word, as latents (recompose_companions cuts its
+        companions out of them); none for a method without a class prior."""
+        return {}
+
     def trainables(self) -> list[dict]:
         """Attach what this method trains to the model and return it as AdamW parameter groups (LoRA and the like;
         the tokens' vectors are the trainer's). Undo every change through self.trainer.on_exit(callback)."""

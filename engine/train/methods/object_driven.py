@@ -89,6 +89,9 @@ class ObjectDriven(Method):
         anchored = settings.text_anchor_weight > 0 and trainer.settings.train_tokens
         self.anchor_targets = list(self._pooled_class_prompts(trainer.class_words)) if anchored else None
 
+    def class_pictures(self) -> dict[str, torch.Tensor]:
+        return {} if self.prior is None else {word: latents for word, (latents, _) in self.prior.items()}
+
     def _prior_latents(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per class word: cached class latents and the frozen encoding of its class prompt."""
         settings, trainer, prior = self.settings, self.trainer, {}
@@ -168,9 +171,7 @@ class ObjectDriven(Method):
 
     def loss(self, example, prediction, target):
         settings = self.settings
-        masks = example.view["masks"]
-        mask = torch.stack([masks[i] for i in example.subset]).amax(0) if settings.use_mask else torch.ones_like(masks[0])
-        loss = masked_mse(prediction[:1], target[:1], mask, settings.background_weight)
+        loss = masked_mse(prediction[:1], target[:1], example.loss_mask(settings.use_mask), settings.background_weight)
         if settings.attention_weight > 0:
             loss = loss + settings.attention_weight * self._attention_loss(example.view, example.subset)
         if self.prior is not None:

@@ -111,9 +111,8 @@ class TextBoost(Method):
         return [{"params": self.lora_parameters, "lr": settings.text_lora_learning_rate, "weight_decay": 1e-2}]
 
     def loss(self, example, prediction, target):
-        settings, masks = self.settings, example.view["masks"]
-        mask = torch.stack([masks[i] for i in example.subset]).amax(0) if settings.use_mask else torch.ones_like(masks[0])
-        loss = masked_mse(prediction[:1], target[:1], mask, 0.0)
+        settings = self.settings
+        loss = masked_mse(prediction[:1], target[:1], example.loss_mask(settings.use_mask), 0.0)
         if settings.knowledge_weight > 0:
             loss = loss + settings.knowledge_weight * self._knowledge_loss()
         return loss
