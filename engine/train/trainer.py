@@ -162,9 +162,9 @@ class OneShotTrainer:
                                        settings.augment_views, settings.seed)[1:]
             recomposed = (augment.recomposed_views(photo, settings.recompose_resize, settings.augment_views, settings.seed)
                           if settings.recompose > 0 else [])
-            if settings.recompose_copies > 0 and len(masks) > 1:
-                log.info("recompose_copies: the photo's %d objects already stand beside each other; no copies made",
-                         len(masks))
+            if settings.recompose_copies + settings.recompose_companions > 0 and len(masks) > 1:
+                log.info("recompose_copies, recompose_companions: the photo's %d objects already stand beside each "
+                         "other; no views beside a copy or another object are made", len(masks))
             beside_a_copy = (augment.views_beside_a_copy(photo, settings.recompose_resize, settings.augment_views,
                                                          settings.seed)
                              if settings.recompose > 0 and settings.recompose_copies > 0 and len(masks) == 1 else [])
