@@ -93,6 +93,24 @@ def test_beside_another_the_photo_mask_and_prompt_are_the_scene_with_the_other_o
     assert bool((view.companion_mask[true_masks[0] > 0.5] == 1).all()) and bool((view.companion_mask[true_masks[0] == 0] == 0).all())
     assert view.prompt(TEMPLATE, "zqobj circle") == "a photo of a zqobj circle on the right and a green circle on the left, gray background"
     assert view.prompt("a photo of {}", "zqobj circle") == "a photo of zqobj circle and a green circle"
+    # kept in place, the other object on the mirrored place: the photo's own side is not "alone" either
+    kept = augment.beside_another(augment.View(photo, masks), augment.View(picture, [companion_mask]), "green circle",
+                                  random.Random(0), move=False)
+    truth, true_masks = scene("gray", [world.Placed(learned, "left"), world.Placed(other, "right")])
+    inside = true_masks[1] > 0.99
+    assert torch.allclose(kept.pixels[:, inside], truth[:, inside], atol=1e-4) and torch.equal(kept.masks[0], masks[0])
+    assert kept.prompt(TEMPLATE, "zqobj circle") == "a photo of a zqobj circle on the left and a green circle on the right, gray background"
+    # a centred object leaves no mirrored place free: the other object stands clear of it, whole
+    square = torch.zeros(64, 64)
+    square[24:40, 20:44] = 1
+    other_picture = torch.full((3, 64, 64), 0.3)
+    other_picture[:, 8:24, 40:56] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]
+    other_mask = augment.object_by_background(other_picture)
+    for move in (True, False):
+        centred = augment.beside_another(augment.View(torch.full((3, 64, 64), 0.5) * (1 - square) + square, [square]),
+                                         augment.View(other_picture, [other_mask]), "blue square", random.Random(0),
+                                         move=move)
+        assert abs(float(centred.companion_mask.sum()) - 256) < 1e-3 and float((centred.companion_mask * centred.masks[0]).sum()) == 0
     busy = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert augment.object_by_background(busy) is None  # no plain background: no clean cut
     assert augment.object_by_background(torch.full((3, 32, 32), 0.5)) is None  # nothing stands out
@@ -111,9 +129,13 @@ def test_training_beside_objects_cut_from_the_class_images_covers_them_by_the_lo
         examples = [trainer._example() for _ in range(400)]
     beside = [e for e in examples if e.view["view"].companion]
     assert 60 < len(beside) < 140  # half of the recomposed half
-    assert {e.prompt for e in beside} == {f"a photo of a zqobj {learned.words} on the right and a {learned.words} on the "
-                                          "left, gray background"}
-    example = beside[0]
+    moved = [e for e in beside if e.view["view"].sides_swapped]
+    assert 0.3 < len(moved) / len(beside) < 0.7  # half with the object moved, half with it where it stands
+    assert {e.prompt for e in moved} == {f"a photo of a zqobj {learned.words} on the right and a {learned.words} on the "
+                                         "left, gray background"}
+    assert {e.prompt for e in beside if not e.view["view"].sides_swapped} == {
+        f"a photo of a zqobj {learned.words} on the left and a {learned.words} on the right, gray background"}
+    example = moved[0]
     companion, own = example.view["companion_mask"], example.view["masks"][0]
     half = companion.shape[-1] // 2
     assert float(companion[..., :half].sum()) > 0.9 * float(companion.sum()) > 0  # where the object stood

@@ -280,24 +280,31 @@ def beside_a_copy(view: View, rng: random.Random, resize: float = 0.0) -> View:
     return View(pixels.clamp(0, 1), [masks], view.prefix, view.suffix, twice=True)
 
 
-def beside_another(view: View, companion: View, words: str, rng: random.Random, resize: float = 0.0) -> View:
-    """A one-object view recomposed (recompose(): the object on its mirrored place) with another object where it stood:
-    `companion`'s object, cut out by its mask and scaled to the object's height, named by `words` in the prompt.
-    Its mask (companion_mask) joins the loss, so the words keep their own look beside the object's: what the
-    object's likeness must not leak into."""
+def beside_another(view: View, companion: View, words: str, rng: random.Random, resize: float = 0.0,
+                   move: bool = True) -> View:
+    """A one-object view with another object beside it, on the side the object leaves free: with `move`, the object
+    recomposed (recompose(): on its mirrored place) and the other where it stood; else the object kept and the other
+    on the mirrored place (both, so that neither side of the object comes to mean "with company"). The other is
+    `companion`'s object, cut out by its mask, scaled to the object's height and moved clear of it, named by `words`
+    in the prompt. Its mask (companion_mask) joins the loss, so the words keep their own look beside the object's:
+    what the object's likeness must not leak into."""
     if len(view.masks) != 1:
         raise ValueError("a view beside another object needs exactly one object")
-    moved = recompose(view, rng, resize)
+    placed_view = recompose(view, rng, resize) if move else view
     side = view.pixels.shape[-1]
-    here, there = _centre(view.masks[0]), _centre(companion.masks[0])
+    own, other = placed_view.masks[0], companion.masks[0]
+    here, there = _centre(own), _centre(other)
     if here is None or there is None:
-        return moved
-    other = companion.masks[0]
-    scale = min(_extent(view.masks[0], 0) / _extent(other, 0), side / 2 / _extent(other, 1))
-    placed = _placed(torch.cat([companion.pixels, other[None]]), there, here, scale)
-    alpha = (placed[3] * (1 - moved.masks[0])).clamp(0, 1)  # behind the object where they meet
-    pixels = moved.pixels * (1 - alpha) + placed[:3] * alpha
-    return View(pixels.clamp(0, 1), moved.masks, view.prefix, view.suffix, sides_swapped=True, companion=words,
+        return placed_view
+    scale = min(_extent(own, 0) / _extent(other, 0), side / 2 / _extent(other, 1))
+    target = side - here[0]  # the mirrored place of where the object stands now
+    clear = (_extent(own, 1) + _extent(other, 1) * scale) / 2  # centre to centre, touching
+    if abs(target - here[0]) < clear:
+        target = here[0] + clear if here[0] <= side / 2 else here[0] - clear
+    placed = _placed(torch.cat([companion.pixels, other[None]]), there, (target, here[1]), scale)
+    alpha = (placed[3] * (1 - own)).clamp(0, 1)  # behind the object where they meet
+    pixels = placed_view.pixels * (1 - alpha) + placed[:3] * alpha
+    return View(pixels.clamp(0, 1), placed_view.masks, view.prefix, view.suffix, sides_swapped=move, companion=words,
                 companion_mask=alpha)
 
 
@@ -328,8 +335,9 @@ def views_beside_a_copy(photo: View, resize: float, count: int, seed: int) -> li
 
 def views_beside_another(photo: View, companions: list[View], words: str, resize: float, count: int, seed: int
                          ) -> list[View]:
-    """The one-object photo beside each companion (their objects cut out by their masks), or with `resize` > 0 `count`
-    views beside companions drawn in turn (seeded)."""
+    """The one-object photo beside each companion (their objects cut out by their masks), once moved and once where it
+    stands, or with `resize` > 0 `count` views beside companions drawn in turn (seeded)."""
     rng = random.Random(seed + 3)  # nor the copies'
-    total = count if resize > 0 else len(companions)
-    return [beside_another(photo, companions[k % len(companions)], words, rng, resize) for k in range(total)]
+    total = count if resize > 0 else 2 * len(companions)
+    return [beside_another(photo, companions[(k // 2) % len(companions)], words, rng, resize, move=k % 2 == 0)
+            for k in range(total)]
