@@ -146,8 +146,7 @@ class _Objective(nn.Module):
         else:
             clean = (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
         for index in torch.nonzero(chosen).flatten().tolist():
-            decoded = model.vae.decode(clean[index : index + 1].to(model.vae.dtype) / model.latent_scaling).sample
-            picture = (decoded[0].float() / 2 + 0.5).clamp(0, 1)
+            picture = model.pictures(clean[index : index + 1])[0]
             crop = masked_object_crop(picture, batch["target_masks"][index], CROP_PADDING)
             losses[index] = 1 - F.cosine_similarity(towers.image_features(crop), batch["reference_identity"][index], dim=0)
         return losses

@@ -107,6 +107,11 @@ class DiffusionModel:
         output = self.text_encoder(input_ids=input_ids)
         return Conditioning(output[0], output[1] if family_record(self.family).size_conditioning else None)
 
+    def pictures(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [N, C, h, w] (as the UNet sees them) → pictures [N, 3, H, W] in 0..1, float, through the VAE."""
+        decoded = self.vae.decode((latents / self.latent_scaling).to(self.vae.device, self.vae.dtype)).sample
+        return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
     def unet_kwargs(self, conditioning: Conditioning, size: int) -> dict:
         """The UNet's conditioning arguments besides the noisy latents and timesteps, for square `size`-px pictures."""
         kwargs = {"encoder_hidden_states": conditioning.context.to(self.unet.dtype)}

@@ -321,6 +321,12 @@ def object_by_background(picture: torch.Tensor, tolerance: float = 0.12) -> torc
     return mask if 0.01 <= float(mask.mean()) <= 0.5 else None
 
 
+def companions(pictures: torch.Tensor) -> list[View]:
+    """The pictures [N, 3, S, S] whose object cuts cleanly from a plain background (object_by_background), each with
+    that cut as its one mask."""
+    return [View(p, [mask]) for p in pictures if (mask := object_by_background(p)) is not None]
+
+
 def recomposed_views(photo: View, resize: float, count: int, seed: int) -> list[View]:
     """The photo's recompositions: one without resizing, else `count` of them (seeded: the same seed, the same views)."""
     rng = random.Random(seed + 1)  # not the augmentation views' stream

@@ -162,18 +162,10 @@ class OneShotTrainer:
                                        settings.augment_views, settings.seed)[1:]
             recomposed = (augment.recomposed_views(photo, settings.recompose_resize, settings.augment_views, settings.seed)
                           if settings.recompose > 0 else [])
-            if settings.recompose_copies + settings.recompose_companions > 0 and len(masks) > 1:
-                log.info("recompose_copies, recompose_companions: the photo's %d objects already stand beside each "
-                         "other; no views beside a copy or another object are made", len(masks))
-            beside_a_copy = (augment.views_beside_a_copy(photo, settings.recompose_resize, settings.augment_views,
-                                                         settings.seed)
-                             if settings.recompose > 0 and settings.recompose_copies > 0 and len(masks) == 1 else [])
-            encoded = [self._encoded_view(view) for view in views + recomposed + beside_a_copy]
-            self.instance = encoded[: len(views)]
-            self.recomposed = encoded[len(views) : len(views) + len(recomposed)]
-            self.beside_a_copy = encoded[len(views) + len(recomposed) :]
+            encoded = [self._encoded_view(view) for view in views + recomposed]
+            self.instance, self.recomposed = encoded[: len(views)], encoded[len(views) :]
             self.method.prepare()
-            self.beside_another = [self._encoded_view(view) for view in self._views_beside_another(photo)]
+            self.beside_a_copy, self.beside_another = ([self._encoded_view(v) for v in found] for found in self._beside(photo))
         self.snr_weights = (
             snr_timestep_weights(model.noise_scheduler.alphas_cumprod.float()) if settings.timestep_sampling == "snr" else None
         )
@@ -188,23 +180,22 @@ class OneShotTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if torch.float16 in (self.autocast, self.compute_dtype) else None
         self._prepared = True
 
-    def _views_beside_another(self, photo: augment.View) -> list[augment.View]:
-        """recompose_companions: the photo recomposed beside objects cut out of the method's class images."""
+    def _beside(self, photo: augment.View) -> tuple[list[augment.View], list[augment.View]]:
+        """The one-object photo recomposed beside a copy of its object (recompose_copies) and beside objects cut out of
+        the method's class images (recompose_companions)."""
         settings = self.settings
-        if not (settings.recompose > 0 and settings.recompose_companions > 0 and len(photo.masks) == 1):
-            return []
-        latents = self.method.class_pictures()[self.class_words[0]]
-        vae = self.model.vae
-        pictures = [(vae.decode((lat[None] / self.model.latent_scaling).to(vae.device, vae.dtype)).sample[0].float().cpu()
-                     + 1) / 2 for lat in latents]
-        companions = [augment.View(p.clamp(0, 1), [mask]) for p in pictures
-                      if (mask := augment.object_by_background(p.clamp(0, 1))) is not None]
-        log.info("recompose_companions: %d of %d class images have a plain background to cut a companion from",
-                 len(companions), len(pictures))
-        if not companions:
-            return []
-        return augment.views_beside_another(photo, companions, self.class_words[0], settings.recompose_resize,
-                                            settings.augment_views, settings.seed)
+        copies, others = settings.recompose_copies > 0, settings.recompose_companions > 0
+        if settings.recompose == 0 or len(photo.masks) > 1 or not (copies or others):
+            if len(photo.masks) > 1 and (copies or others):
+                log.info("recompose_copies, recompose_companions: the photo's objects already stand beside each other")
+            return [], []
+        drawn = (settings.recompose_resize, settings.augment_views, settings.seed)
+        beside_a_copy = augment.views_beside_a_copy(photo, *drawn) if copies else []
+        found = []
+        if others:
+            found = augment.companions(self.model.pictures(self.method.class_pictures()[self.class_words[0]]).cpu())
+            log.info("recompose_companions: %d class images have a plain background to cut a companion from", len(found))
+        return beside_a_copy, augment.views_beside_another(photo, found, self.class_words[0], *drawn) if found else []
 
     def text_is_frozen(self) -> bool:
         """Nothing in the text path trains: a prompt's conditioning is fixed and can be cached."""
@@ -294,13 +285,10 @@ class OneShotTrainer:
         template = rng.choice(self.settings.templates)
         pool = self.instance
         if self.recomposed and rng.random() < self.settings.recompose:
-            pool = self.recomposed
-            if self.beside_a_copy or self.beside_another:
-                share = rng.random()
-                if share < self.settings.recompose_copies:
-                    pool = self.beside_a_copy or pool
-                elif share < self.settings.recompose_copies + self.settings.recompose_companions:
-                    pool = self.beside_another or pool
+            copies, others = self.settings.recompose_copies, self.settings.recompose_companions
+            share = rng.random() if self.beside_a_copy or self.beside_another else 1.0  # one draw: shares of the same steps
+            pool = (self.beside_a_copy if share < copies else self.beside_another if share < copies + others else []
+                    ) or self.recomposed
         view = pool[rng.randrange(len(pool))]
         latents = (view["mean"] + view["std"] * self._draw(view["mean"].shape, view["mean"])) * model.latent_scaling
         words = view["view"].prefix + view["view"].suffix
