@@ -51,10 +51,9 @@ class View:
         second = phrase if self.twice else self.companion
         if second:
             # "a {} on the left, ..." → "a {} on the left and a {} on the right, ..."; without sides: "a {} and a {}"
-            template = (_SIDE_AFTER_OBJECTS.sub(lambda found: f"{{}} on the {found.group(1).lower()} and a {{}} on the "
-                                                f"{_OTHER_SIDE[found.group(1).lower()]}", template, count=1)
-                        if _SIDE_AFTER_OBJECTS.search(template) else template.replace("{}", "{} and a {}", 1))
-            text = template.format(phrase, second)
+            template, said = _SIDE_AFTER_OBJECTS.subn(lambda found: f"{{}} on the {found.group(1).lower()} and a {{}} on "
+                                                      f"the {_OTHER_SIDE[found.group(1).lower()]}", template, count=1)
+            text = (template if said else template.replace("{}", "{} and a {}", 1)).format(phrase, second)
         else:
             text = template.format(phrase)
         if self.sides_swapped:
@@ -190,6 +189,13 @@ def fill_holes(pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     return torch.where(hole[None] > 0, filled[0], pixels).clamp(0, 1)
 
 
+def _cut_out(masks: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each object's cut-out — its pixels with the rim its soft edge blends into (the rim holds its own background's
+    share) — and the hole they leave, a pixel wider, for fill_holes."""
+    cutouts = [F.max_pool2d((m > 0.01).float()[None, None], 3, stride=1, padding=1)[0, 0] for m in masks]
+    return cutouts, F.max_pool2d(torch.stack(cutouts).amax(0)[None, None], 3, stride=1, padding=1)[0, 0]
+
+
 def _centre(mask: torch.Tensor) -> tuple[float, float] | None:
     """The mask's centre of mass (x, y in pixels), None for an empty mask."""
     total = float(mask.sum())
@@ -232,16 +238,15 @@ def recompose(view: View, rng: random.Random, resize: float = 0.0) -> View:
     `resize` > 0, each scaled by a factor within 1 ± resize; the background is filled in where they stood. Its prompt
     swaps left and right."""
     side = view.pixels.shape[-1]
-    # Each object's pixels with the rim its soft edge blends into (the rim holds its own background's share).
-    cutouts = [F.max_pool2d((m > 0.01).float()[None, None], 3, stride=1, padding=1)[0, 0] for m in view.masks]
-    hole = F.max_pool2d(torch.stack(cutouts).amax(0)[None, None], 3, stride=1, padding=1)[0, 0]
+    cutouts, hole = _cut_out(view.masks)
     pixels = fill_holes(view.pixels, hole)
     masks = []
     for mask, cutout in zip(view.masks, cutouts):
-        if _centre(mask) is None:  # an object too small to survive the resize: nothing to move
+        centre = _centre(mask)
+        if centre is None:  # an object too small to survive the resize: nothing to move
             masks.append(mask)
             continue
-        x, y = _centre(mask)
+        x, y = centre
         scale = rng.uniform(1 - resize, 1 + resize) if resize > 0 else 1.0
         moved = _moved(torch.cat([view.pixels, cutout[None], mask[None]]), round(side - 2 * x), scale, (x, y))
         alpha = moved[3:4].clamp(0, 1)
@@ -259,11 +264,12 @@ def beside_a_copy(view: View, rng: random.Random, resize: float = 0.0) -> View:
         raise ValueError("a view beside a copy needs exactly one object")
     side = view.pixels.shape[-1]
     mask = view.masks[0]
-    cutout = F.max_pool2d((mask > 0.01).float()[None, None], 3, stride=1, padding=1)[0, 0]
-    pixels = fill_holes(view.pixels, F.max_pool2d(cutout[None, None], 3, stride=1, padding=1)[0, 0])
-    if _centre(mask) is None:
+    (cutout,), hole = _cut_out(view.masks)
+    pixels = fill_holes(view.pixels, hole)
+    found = _centre(mask)
+    if found is None:
         return View(pixels, [mask], view.prefix, view.suffix, twice=True)
-    x, y = _centre(mask)
+    x, y = found
     width = _extent(mask, 1)
     scale = rng.uniform(1 - resize, 1 + resize) if resize > 0 else 1.0
     scale = min(scale, side / 2 / width)  # two must fit across the picture

@@ -185,9 +185,9 @@ class OneShotTrainer:
         the method's class images (recompose_companions)."""
         settings = self.settings
         copies, others = settings.recompose_copies > 0, settings.recompose_companions > 0
+        if len(photo.masks) > 1 and (copies or others):
+            log.info("recompose_copies, recompose_companions: the photo's objects already stand beside each other")
         if settings.recompose == 0 or len(photo.masks) > 1 or not (copies or others):
-            if len(photo.masks) > 1 and (copies or others):
-                log.info("recompose_copies, recompose_companions: the photo's objects already stand beside each other")
             return [], []
         drawn = (settings.recompose_resize, settings.augment_views, settings.seed)
         beside_a_copy = augment.views_beside_a_copy(photo, *drawn) if copies else []
