@@ -162,7 +162,8 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     for method in ("ground truth", "base model (class words)", "textual inversion", "DreamBooth-LoRA", "object-driven (ours)",
                    "ours, no prototype init", "ours, no class regularisation", "ours, no object mask", "object-driven, two objects",
                    "object encoder (no training)", "ours, encoder start", "ours, recomposition",
-                   "ours, recomposition, object-only prototype",
+                   "ours, recomposition, object-only prototype", "ours, object-only prototype",
+                   "ours, recomposition, class-word start", "ours, recomposition, object-only prototype, attention loss",
                    "TextBoost", "TextBoost, no augmentation",
                    "TextBoost, no knowledge preservation", "TextBoost, uniform timesteps"):
         assert f"| {method} |" in table
@@ -175,7 +176,7 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     rows = json.loads((tmp_path / "quick.json").read_text())["rows"]
     assert rows["base model (class words)"]["overall"]["class preservation"] == 1.0
     assert "ours, encoder start, 25 steps" not in table  # the head-start rows need more than a quick run's 60 steps
-    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 18
+    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 21
 
 
 @pytest.mark.slow

@@ -22,7 +22,8 @@ fidelity per new scene. Methods:
 - object-driven (ours): ProtoBooth's default: prototype-initialised token + UNet LoRA, object-masked
   loss, class-characterising regularisation; and its ablations without each of the three; and with
   recomposition (half the steps on the photo recomposed: the object on its mirrored place), also with the
-  prototype of the object alone (the demo's settings).
+  prototype of the object alone (the demo's settings), also with the cross-attention loss on the one object; the
+  object-only prototype without recomposition; recomposition from the class word.
 - object-driven, two objects: two instances learned from one photo, rendered swapped and with a companion;
   also with the cross-attention loss (TrainSettings.attention_weight) that binds each token to its mask.
 - object encoder (no training): the zero fine-tuning encoder's concept of the photo, in one forward pass
@@ -110,6 +111,13 @@ METHODS = [
     # grey and white; no whole-photo term): the demo's settings. Both chosen on instances 0-3 (results/photos_probe.md).
     Method("ours, recomposition", dict(recompose=RECOMPOSE)),
     Method("ours, recomposition, object-only prototype", dict(recompose=RECOMPOSE), prototype=OBJECT_ONLY_PROTOTYPE),
+    # Where each piece stands alone: the object-only prototype without recomposition, and recomposition from the class
+    # word (the prototype question asked again with recomposition on); and Break-A-Scene's cross-attention loss on the
+    # one object (weight 0.05, chosen on 0-3: results/companion_probe.md) over the demo's settings.
+    Method("ours, object-only prototype", prototype=OBJECT_ONLY_PROTOTYPE),
+    Method("ours, recomposition, class-word start", dict(recompose=RECOMPOSE), init="class"),
+    Method("ours, recomposition, object-only prototype, attention loss", dict(recompose=RECOMPOSE, attention_weight=0.05),
+           prototype=OBJECT_ONLY_PROTOTYPE),
     Method("object encoder (no training)", trains=False, init="encoder"),
     Method("ours, encoder start", init="encoder"),
     # A few dozen steps from the encoder's vectors against the same from the prototype (steps.py --starts: the curve).
