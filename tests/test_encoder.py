@@ -76,21 +76,30 @@ def test_pretraining_is_deterministic_and_resumes_where_it_stopped(tmp_path):
 
 
 def test_two_processes_give_the_loss_curve_of_one_process_with_twice_the_batch(tmp_path):
-    """Data-parallel pretraining (gloo, two CPU processes under torch.distributed.run) against one process."""
+    """Data-parallel pretraining (gloo, two CPU processes) against one process: started by torch.distributed.run and
+    by `accelerate launch --multi_gpu` (which starts them the same way and, with no GPU, accelerate runs them on CPU)."""
     job = str(ROOT / "tests" / "kit" / "encoder_job.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    runs = {"one": [sys.executable, job, "4", str(tmp_path / "one.safetensors")],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(29500 + os.getpid() % 1000), job, "2", str(tmp_path / "two.safetensors")]}
+    port = lambda run: str(29500 + (os.getpid() + run) % 1000)  # noqa: E731
+    runs = {"one": [sys.executable, job, "4"],
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port(0),
+                         job, "2"],
+            "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", port(1), job, "2"]}
     for name, command in runs.items():
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        done = subprocess.run([*command, str(tmp_path / f"{name}.safetensors")], capture_output=True, text=True,
+                              timeout=300, env=env)
         assert done.returncode == 0, (name, done.stderr[-3000:])
-    one, two = (json.loads((tmp_path / f"{name}.safetensors.json").read_text()) for name in runs)
-    assert np.allclose(one, two, rtol=0, atol=1e-5), (one, two)
-    first, second = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
-    # (Adam divides by the gradients' own size, so the weights keep a little more of the summation order's rounding)
-    assert max(float((first[n] - second[n]).abs().max()) for n in first) < 1e-4
+    one = json.loads((tmp_path / "one.safetensors.json").read_text())
+    first = load_file(tmp_path / "one.safetensors")
+    for two in ("torchrun", "accelerate"):
+        curve = json.loads((tmp_path / f"{two}.safetensors.json").read_text())
+        assert np.allclose(one, curve, rtol=0, atol=1e-5), (two, one, curve)
+        second = load_file(tmp_path / f"{two}.safetensors")
+        # (Adam divides by the gradients' own size, so the weights keep a little more of the summation order's rounding)
+        assert max(float((first[n] - second[n]).abs().max()) for n in first) < 1e-4, two
 
 
 def test_a_pretrained_encoder_tells_objects_apart_and_ships_its_unet_lora(tmp_path):

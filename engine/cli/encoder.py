@@ -20,8 +20,9 @@ def register_pretrain_encoder(subparsers) -> None:
         help="train the zero fine-tuning object encoder once (Taming Encoder), for `protobooth encode`",
         description="Pretrain the object encoder on cross-reference pairs (the encoder sees one picture of an object, the\n"
         "model denoises another), with object-embedding dropping and an identity-preservation loss. One process here;\n"
-        "several with `torchrun --nproc_per_node N -m protobooth.engine.cli pretrain-encoder ...` (or accelerate launch\n"
-        "on GPUs and across machines): each process takes its share of every step, and the result is the same.")
+        "several with `accelerate launch --multi_gpu --num_processes N -m protobooth.engine.cli pretrain-encoder ...`\n"
+        "(on GPUs, or on CPUs where there are none; torchrun --nproc_per_node N the same): each process takes its share\n"
+        "of every step, and the result is the same.")
     p.add_argument("--model", default=WORLD, help="the base model: shapesworld (built in, with its own CLIP and "
                    "pairs), or a diffusers folder or single file (then --clip and --data)")
     p.add_argument("--clip", help="the CLIP vision model folder the encoder will read (transformers "
