@@ -124,6 +124,31 @@ def test_class_preservation_and_the_three_way_mean():
     assert merged.fidelity == [0.1, 0.1, 0.8, 0.4] and merged.scenes == ["a", "b", "a", "b"]
 
 
+def test_the_encoder_rows_use_the_encoder_file_evaluate_is_given(tmp_path, capsys):
+    """--encoder: the encoder rows read another encoder file (one being tuned); a file that is none is refused first."""
+    import dataclasses
+
+    from protobooth.benchmarks.shapesworld import evaluate as ev
+    from protobooth.engine.encoder.model import ObjectEncoder, load_encoder, save_encoder
+    from protobooth.engine.shapesworld import clip_towers, load_shapesworld
+    from protobooth.engine.text.vocabulary import class_word_vectors
+
+    shipped = load_encoder(ev.ENCODER_FILE)[0]
+    save_encoder(ObjectEncoder(dataclasses.replace(shipped.shape)), tmp_path / "untrained.safetensors")
+    model = load_shapesworld()
+    instance = world.HELD_OUT[0]
+    image, masks, _ = ev.reference_photo([instance])
+    start = lambda *file: ev.initial_vectors(model, clip_towers(), ev.Method("e", init="encoder"), image, masks,  # noqa: E731
+                                             [ev.TOKEN], [instance.shape], *file)[0]
+    class_word = class_word_vectors(model.text_encoder, model.tokenizer, instance.shape, shipped.shape.queries)
+    assert torch.equal(start(tmp_path / "untrained.safetensors"), class_word)  # an untrained encoder: the class word
+    assert not torch.allclose(start(), class_word)  # the shipped one, by default
+    (tmp_path / "not.safetensors").write_text("not an encoder")
+    with pytest.raises(SystemExit):
+        ev.main(["--encoder", str(tmp_path / "not.safetensors"), "--quick"])
+    assert "--encoder:" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- the scripts
 
 @pytest.mark.slow

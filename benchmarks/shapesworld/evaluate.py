@@ -65,6 +65,7 @@ from protobooth.engine.shapesworld import world  # noqa: E402
 from protobooth.engine.concept.concept import models_folder_paths, save_concept  # noqa: E402
 from protobooth.engine.encoder.encode import encoder_concept, object_vectors  # noqa: E402
 from protobooth.engine.encoder.model import crop_features, load_encoder  # noqa: E402
+from protobooth.engine.errors import InputError  # noqa: E402
 from protobooth.engine.shapesworld.model import OBJECT_ENCODER_FILE as ENCODER_FILE  # noqa: E402
 from protobooth.engine.generate import generate  # noqa: E402
 from protobooth.engine.images import load_image  # noqa: E402
@@ -199,10 +200,10 @@ def scene_label(scene: world.Scene, index: int) -> str:
     return f"{scene.background}, {scene.objects[index].position}" + (" + companion" if len(scene.objects) > 1 else "")
 
 
-def initial_vectors(model, towers, method: Method, image, masks, tokens, classes):
+def initial_vectors(model, towers, method: Method, image, masks, tokens, classes, encoder_file: Path = ENCODER_FILE):
     """The tokens' starting vectors as the method's row asks (None: the trainer's class-word start)."""
     if method.init == "encoder":
-        return object_vectors(shipped_encoder()[0], crop_features(towers),
+        return object_vectors(object_encoder(encoder_file)[0], crop_features(towers),
                               model.text_encoder, model.tokenizer, image, masks, classes)
     if method.init == "prototype":
         found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, classes,
@@ -227,16 +228,16 @@ def method_settings(method: Method, steps: int, seed: int, reference_scene: worl
 
 
 @functools.lru_cache(maxsize=1)
-def shipped_encoder():
-    """The shipped ShapesWorld object encoder and its UNet LoRA."""
-    return load_encoder(ENCODER_FILE)
+def object_encoder(path: Path):
+    """An object encoder file's encoder and its UNet LoRA (the shipped ShapesWorld one unless --encoder names another)."""
+    return load_encoder(path)
 
 
 def train_once(model, towers, method: Method, image, masks, tokens, classes, steps: int, seed: int, cache: Path,
-               reference_scene: world.Scene):
+               reference_scene: world.Scene, encoder_file: Path = ENCODER_FILE):
     """Train `method` on one photo; returns (concept, seconds, trainable parameters, bytes of its saved files)."""
     started = time.perf_counter()
-    init = initial_vectors(model, towers, method, image, masks, tokens, classes)
+    init = initial_vectors(model, towers, method, image, masks, tokens, classes, encoder_file)
     settings = TrainSettings.from_values(method.method, **method_settings(method, steps, seed, reference_scene, len(tokens)))
     with OneShotTrainer(model, image, masks, tokens, classes, settings, init, prior_cache=cache) as trainer:
         result = trainer.train()
@@ -332,11 +333,12 @@ class Bench:
     steps: int
     seed: int
     cache: Path
+    encoder_file: Path = ENCODER_FILE  # the object encoder the encoder rows use
 
     @classmethod
-    def load(cls, seeds: list[int], steps: int, seed: int) -> "Bench":
+    def load(cls, seeds: list[int], steps: int, seed: int, encoder_file: Path = ENCODER_FILE) -> "Bench":
         return cls(load_shapesworld(), clip_towers(), metrics.load_classifier(), metrics.load_encoder(), seeds, steps,
-                   seed, Path(tempfile.mkdtemp(prefix="shapesworld-prior-")))
+                   seed, Path(tempfile.mkdtemp(prefix="shapesworld-prior-")), encoder_file)
 
     def measure(self, method: Method, instances: list[world.Instance], scenes: list[tuple[world.Scene, list[int]]],
                 into: Scores, reference: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,16 +353,17 @@ class Bench:
         tokens = [TOKEN] if len(instances) == 1 else TWO_TOKENS
         if method.init == "encoder" and not method.trains:
             started = time.perf_counter()
-            encoder, lora = shipped_encoder()[:2]
-            vectors = initial_vectors(self.model, self.towers, method, image, masks, tokens, [i.shape for i in instances])
+            encoder, lora = object_encoder(self.encoder_file)[:2]
+            vectors = initial_vectors(self.model, self.towers, method, image, masks, tokens, [i.shape for i in instances],
+                                      self.encoder_file)
             concept = encoder_concept(encoder, lora, vectors, tokens, [i.shape for i in instances], self.model.family,
-                                      self.model.fingerprint, self.model.text_widths, ENCODER_FILE.name)
+                                      self.model.fingerprint, self.model.text_widths, self.encoder_file.name)
             into.seconds.append(time.perf_counter() - started)
             learned_words = [f"{t} {i.shape}" for t, i in zip(tokens, instances)]
         elif method.trains:
             concept, seconds, trainable, size = train_once(self.model, self.towers, method, image, masks, tokens,
                                                            [i.shape for i in instances], self.steps, self.seed, self.cache,
-                                                           reference_scene)
+                                                           reference_scene, self.encoder_file)
             into.seconds.append(seconds)
             into.trainable.append(trainable)
             into.file_bytes.append(size)
@@ -433,7 +436,7 @@ def pair_job(bench: Bench, pair: int, prompts: int, progress, args_rows: list[st
 def run_jobs(args, jobs: list[tuple], threads: int, started: float) -> list[dict]:
     """The jobs ("photo", index, kind) or ("pair", n), in order, in this process."""
     torch.set_num_threads(threads)
-    bench = Bench.load(list(range(args.seeds)), args.steps, args.seed)
+    bench = Bench.load(list(range(args.seeds)), args.steps, args.seed, args.encoder)
 
     def progress(label: str, f: torch.Tensor, e: torch.Tensor) -> None:
         print(f"[{time.time() - started:5.0f} s] {label}: fidelity {f.mean():.3f}, editability {e.mean():.3f}", flush=True)
@@ -590,7 +593,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", nargs="+", default=[], metavar="ROW",
                         help="measure only these rows (method names as in the table; the base model always): a partial "
                         "run, not the benchmark")
+    parser.add_argument("--encoder", type=Path, default=ENCODER_FILE, help="the object encoder file the encoder rows "
+                        "use (protobooth pretrain-encoder writes one); the shipped ShapesWorld encoder by default")
     args = parser.parse_args(argv)
+    if not args.encoder.is_file():
+        parser.error(f"--encoder: no file {args.encoder}")
+    try:  # a file that is not an object encoder stops here, before anything is trained
+        object_encoder(args.encoder)
+    except InputError as error:
+        parser.error(f"--encoder: {error}")
     unknown = sorted(set(args.rows) - {m.name for m in [*METHODS, *TWO_OBJECTS]})
     if unknown:
         parser.error(f"--rows: no row is called {unknown[0]!r}; the rows: " + "; ".join(m.name for m in [*METHODS, *TWO_OBJECTS]))
