@@ -75,6 +75,18 @@ def test_pretraining_is_deterministic_and_resumes_where_it_stopped(tmp_path):
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
+def test_the_background_weight_reweights_pictures_of_an_object_and_leaves_general_pictures_alone(tmp_path):
+    def losses(**changes):
+        model, towers = tiny_setup()
+        settings = tiny_settings(steps=2, identity_weight=0.0, drop_probability=0.0, **changes)
+        return pretrain(model, towers, ShapesWorldPairs(), settings, tmp_path / "e.safetensors")
+
+    general = dict(general_share=1.0)  # no object in the pictures: an all-ones mask, the plain loss whatever the weight
+    assert np.allclose(losses(background_weight=0.25, **general), losses(**general), rtol=0, atol=1e-6)
+    pairs = dict(general_share=0.0)
+    assert not np.allclose(losses(background_weight=0.25, **pairs), losses(**pairs), rtol=1e-3, atol=0)
+
+
 def test_two_processes_give_the_loss_curve_of_one_process_with_twice_the_batch(tmp_path):
     """Data-parallel pretraining (gloo, two CPU processes) against one process: started by torch.distributed.run and
     by `accelerate launch --multi_gpu` (which starts them the same way and, with no GPU, accelerate runs them on CPU)."""

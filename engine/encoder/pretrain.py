@@ -30,7 +30,7 @@ from ..compat import set_token_table, token_table
 from ..prototype import masked_object_crop
 from ..text.vocabulary import ConceptVocabulary, class_word_vectors, vocabulary_norm
 from ..train.fields import check_fields, setting
-from ..train.losses import diffusion_target
+from ..train.losses import diffusion_target, latent_mask, masked_mse
 from .encode import CROP_PADDING
 from .model import EncoderShape, ObjectEncoder, save_encoder, vision_features
 
@@ -53,6 +53,9 @@ class PretrainSettings:
                                    low=0, high=1)
     identity_weight: float = setting(0.05, "weight of the identity-preservation loss (0: off)", low=0)
     identity_below: int = setting(400, "timesteps under which the identity loss applies", low=0)
+    background_weight: float = setting(1.0, "diffusion-loss weight outside the object in the pictures that show one "
+                                       "(1: the plain loss; below 1 the object's pixels count for more, as in the "
+                                       "one-shot method's masked loss)", low=0, high=1)
     unet_lora_rank: int = setting(0, "rank of a UNet LoRA trained along and shipped with the encoder (0: none)", low=0)
     unet_lora_learning_rate: float = setting(1e-4, "learning rate of that LoRA", above=0)
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
@@ -128,7 +131,12 @@ class _Objective(nn.Module):
         noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps)
         prediction = model.unet(noisy, timesteps, **model.unet_kwargs(conditioning, batch["size"])).sample
         target = diffusion_target(scheduler, batch["latents"], batch["noise"], timesteps)
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if settings.background_weight < 1:  # general pictures have an all-ones mask: their loss stays the plain one
+            loss = torch.stack([masked_mse(p[None], t[None], latent_mask(m.to(p.device), p.shape[-2:]),
+                                           settings.background_weight)
+                                for p, t, m in zip(prediction, target, batch["target_masks"])])
+        else:
+            loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if settings.identity_weight:
             loss = loss + settings.identity_weight * self._identity_loss(model, towers, batch, noisy, prediction)
         return loss.mean()
