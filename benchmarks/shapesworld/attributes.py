@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, value)
     command = "python benchmarks/shapesworld/attributes.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     path = write_report(run(args), args, command)
     print(path.read_text())
     return 0

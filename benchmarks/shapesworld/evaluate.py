@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import json
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -609,7 +610,7 @@ def main(argv=None) -> int:
         args.instances, args.kinds, args.prompts, args.seeds, args.pairs, args.steps = [4], ["left, gray", "moved and resized"], 3, 1, 1, 60
     args.workers = args.workers or (2 if args.quick else 1)  # a quick run's three jobs fit two workers well
     command = "python benchmarks/shapesworld/evaluate.py" + (" --quick" if args.quick else "") + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--quick")
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--quick")
     results = run(args)
     path = write_report(results, args, command)
     print(path.read_text())
