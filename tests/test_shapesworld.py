@@ -126,15 +126,13 @@ def test_class_preservation_and_the_three_way_mean():
 
 def test_the_encoder_rows_use_the_encoder_file_evaluate_is_given(tmp_path, capsys):
     """--encoder: the encoder rows read another encoder file (one being tuned); a file that is none is refused first."""
-    import dataclasses
-
     from protobooth.benchmarks.shapesworld import evaluate as ev
     from protobooth.engine.encoder.model import ObjectEncoder, load_encoder, save_encoder
     from protobooth.engine.shapesworld import clip_towers, load_shapesworld
     from protobooth.engine.text.vocabulary import class_word_vectors
 
     shipped = load_encoder(ev.ENCODER_FILE)[0]
-    save_encoder(ObjectEncoder(dataclasses.replace(shipped.shape)), tmp_path / "untrained.safetensors")
+    save_encoder(ObjectEncoder(shipped.shape), tmp_path / "untrained.safetensors")
     model = load_shapesworld()
     instance = world.HELD_OUT[0]
     image, masks, _ = ev.reference_photo([instance])
@@ -189,6 +187,7 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
                    "object encoder (no training)", "ours, encoder start", "ours, recomposition",
                    "ours, recomposition, object-only prototype", "ours, object-only prototype",
                    "ours, recomposition, class-word start", "ours, recomposition, object-only prototype, attention loss",
+                   "ours, recomposition, object-only prototype, class prompt names the colour",
                    "TextBoost", "TextBoost, no augmentation",
                    "TextBoost, no knowledge preservation", "TextBoost, uniform timesteps"):
         assert f"| {method} |" in table
@@ -201,7 +200,7 @@ def test_evaluate_quick_writes_its_table_and_grids(tmp_path):
     rows = json.loads((tmp_path / "quick.json").read_text())["rows"]
     assert rows["base model (class words)"]["overall"]["class preservation"] == 1.0
     assert "ours, encoder start, 25 steps" not in table  # the head-start rows need more than a quick run's 60 steps
-    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 21
+    assert len(list(tmp_path.glob("quick_grid_*.png"))) == 23
 
 
 @pytest.mark.slow
