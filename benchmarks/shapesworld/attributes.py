@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -269,8 +268,7 @@ def main(argv=None) -> int:
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    command = "python benchmarks/shapesworld/attributes.py" + "".join(
-        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = ev.report_command("attributes.py", argv)
     path = write_report(run(args), args, command)
     print(path.read_text())
     return 0

@@ -584,6 +584,13 @@ def _count(number: float | None) -> str:
     return f"{number:.0f}"
 
 
+def report_command(script: str, argv: list[str] | None, first: tuple[str, ...] = ()) -> str:
+    """The command line a ShapesWorld report shows: `first` up front, then the arguments as given, quoted for a shell."""
+    given = sys.argv[1:] if argv is None else argv
+    words = [*first, *(a for a in given if a not in first)]
+    return f"python benchmarks/shapesworld/{script}" + "".join(f" {shlex.quote(w)}" for w in words)
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
@@ -623,8 +630,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.instances, args.kinds, args.prompts, args.seeds, args.pairs, args.steps = [4], ["left, gray", "moved and resized"], 3, 1, 1, 60
     args.workers = args.workers or (2 if args.quick else 1)  # a quick run's three jobs fit two workers well
-    command = "python benchmarks/shapesworld/evaluate.py" + (" --quick" if args.quick else "") + "".join(
-        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--quick")
+    command = report_command("evaluate.py", argv, ("--quick",) if args.quick else ())
     results = run(args)
     path = write_report(results, args, command)
     print(path.read_text())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -255,7 +254,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.instances, args.counts, args.prompts, args.seeds, args.prior_at = [4], [5, 10], 2, 1, 10
         args.methods, args.prior = ["object-driven (ours)"], ["1 × 25"]
-    command = "python benchmarks/shapesworld/steps.py" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = evaluate.report_command("steps.py", argv)
     path = write_report(run(args), args, command)
     print(path.read_text())
     return 0
