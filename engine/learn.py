@@ -35,13 +35,14 @@ def progress_bar(description: str, unit: str = "step"):
 def learn(model, image, masks, tokens, class_words, settings, out: Path, name: str, preview_prompts: list[str],
           towers=None, prototype=None, resume: bool = False, preview_seeds=(0,), render_options: dict | None = None,
           report_dir: Path | None = None, checkpoint_dir: Path | None = None, inputs_hash: str | None = None,
-          quiet: bool = False, init_vectors: list | None = None):
+          quiet: bool = False, init_vectors: list | None = None, should_cancel=None):
     """Prototype search (when a CLIP model is given; `init_vectors` instead give each object's start, e.g. an
     object encoder's) → training → concept files, loss curve, preview grid.
 
     The concept goes to OUT's loras/ and embeddings/; the loss curve and preview to `report_dir` (default OUT);
     checkpoints to `checkpoint_dir` (default OUT/NAME-checkpoint). `inputs_hash` is kept in the concept's
-    metadata (the batch's skip-if-done test); `quiet` leaves out the closing lines."""
+    metadata (the batch's skip-if-done test); `quiet` leaves out the closing lines; should_cancel() → TrainingCancelled
+    between steps."""
     from .concept.concept import concept_files, models_folder_paths, save_concept
     from .fileio import save_png
     from .generate import render
@@ -61,7 +62,7 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
     with contextlib.ExitStack() as stack:
         with progress_bar("class images") as update:  # drawn on the first run only, then cached
             trainer = stack.enter_context(OneShotTrainer(model, image, masks, tokens, class_words, settings, init,
-                                                         prepare_progress=update))
+                                                         prepare_progress=update, should_cancel=should_cancel))
         with progress_bar("train") as update:
             result = trainer.train(progress=lambda r: update(r.step, r.total, loss=f"{r.loss:.4f}"),
                                    checkpoint_dir=checkpoint_dir or out / f"{name}-checkpoint", resume=resume)

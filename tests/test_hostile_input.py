@@ -351,7 +351,8 @@ def test_bad_input_is_named_in_one_line_and_changes_nothing(case, root, tmp_path
 # ----------------------------------------------------------------------------------------------------------------
 # interrupts, a full disk, permissions and the library's own checks
 
-OTHER_CASES = ["sigint-while-training", "sigint-with-checkpoint", "sigterm-while-training", "kill-9-during-save", "interrupt-inside-save",
+OTHER_CASES = ["sigint-while-training", "sigint-with-checkpoint", "sigterm-while-training", "sigint-in-a-finaliser",
+               "kill-9-during-save", "interrupt-inside-save",
                "file-size-limit", "disk-full-keeps-result", "umask-022", "umask-077", "class-cache-mode", "exif-portrait",
                "generate-library-steps", "name-with-space-library"]
 
@@ -415,6 +416,41 @@ def test_ctrl_c_while_training_exits_130_with_one_line_and_writes_nothing_but_a_
     else:
         assert last == "protobooth train: cancelled; nothing written.", last
         assert not out.exists()
+
+
+class _CtrlCInAFinaliser:
+    """Ctrl-C that arrives while Python runs an object's __del__: the KeyboardInterrupt is raised there and lost."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.01)  # Python runs the signal's handler here, still inside __del__
+
+
+def test_ctrl_c_lost_in_a_finaliser_still_stops_training_at_the_next_step(root, tmp_path, monkeypatch, capsys):
+    from protobooth.engine.train.trainer import OneShotTrainer
+
+    steps_run, original_step = [], OneShotTrainer._train_step
+
+    def step_then_ctrl_c(trainer):
+        loss = original_step(trainer)
+        steps_run.append(trainer.step)
+        if len(steps_run) == 2:
+            _CtrlCInAFinaliser()  # dropped at once: its __del__ runs here
+        return loss
+
+    monkeypatch.setattr(OneShotTrainer, "_train_step", step_then_ctrl_c)
+    out = tmp_path / "out"
+    argv = [*(part.replace("{r}", str(root)) for part in TRAIN[:-6]), "--out", str(out), "--steps", "40",
+            "--prior-weight", "0"]
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook) == handlers
+    assert len(steps_run) == 2, "the step after the lost interrupt should not run"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Exception ignored" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "protobooth train: cancelled; nothing written."
+    assert not out.exists()
 
 
 def test_a_temporary_file_left_by_a_killed_save_goes_the_next_time_its_folder_is_written(tmp_path):

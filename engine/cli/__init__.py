@@ -11,7 +11,7 @@ import sys
 from ..errors import InputError, TrainingCancelled
 from ..fileio import error_summary
 from ..version import __version__
-from .common import HelpFormatter
+from .common import HelpFormatter, signalled
 from .batch import register_batch
 from .demo import register_demo
 from .encoder import register_encode, register_pretrain_encoder
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(signum, frame):
+    signalled.set()
     raise KeyboardInterrupt
 
 
@@ -63,17 +64,29 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def _signals_handled():
     """While a command runs: a file-size limit fails the write (reported as a full disk) instead of killing the
-    process, and `kill` (SIGTERM) cleans up as Ctrl-C does. The previous handlers come back after."""
+    process, and `kill` (SIGTERM) cleans up as Ctrl-C does; both also set cancel_requested(). The previous handlers
+    come back after."""
+    signalled.clear()
     wanted = {signal.SIGTERM: _interrupt}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a shell's background job ignores it
+        wanted[signal.SIGINT] = _interrupt
     if hasattr(signal, "SIGXFSZ"):
         wanted[signal.SIGXFSZ] = signal.SIG_IGN
     previous = {}
     for number, handler in wanted.items():
         with contextlib.suppress(ValueError):  # only the main thread may set handlers
             previous[number] = signal.signal(number, handler)
+    previous_hook = sys.unraisablehook
+
+    def quiet_lost_interrupt(unraisable):  # the run stops at its next step anyway: no traceback for it
+        if not (issubclass(unraisable.exc_type, KeyboardInterrupt) and signalled.is_set()):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_lost_interrupt
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for number, handler in previous.items():
             signal.signal(number, handler)
 

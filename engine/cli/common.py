@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import threading
 
 from ..errors import InputError
+
+# Set by Ctrl-C or `kill` while a command runs. The KeyboardInterrupt the signal raises is lost when it lands inside
+# an object's finaliser (__del__), so long loops also ask cancel_requested() between steps.
+signalled = threading.Event()
+cancel_requested = signalled.is_set
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..learn import learn
-from .common import HelpFormatter
+from .common import HelpFormatter, cancel_requested
 
 
 def register_demo(subparsers) -> None:
@@ -44,7 +44,8 @@ def run_demo(args) -> int:
         zero_shot, seconds = zero_shot_previews(job)
         print(f"zero-shot concept from the object encoder in {seconds:.2f} s (no training)")
     learn(job.model, job.image, job.masks, job.tokens, job.class_words, job.settings, out, "demo", job.preview_prompts,
-          towers=job.towers, prototype=job.prototype, preview_seeds=job.preview_seeds, render_options=job.render_options)
+          towers=job.towers, prototype=job.prototype, preview_seeds=job.preview_seeds, render_options=job.render_options,
+          should_cancel=cancel_requested)
     if job.encoder is not None:
         with Image.open(out / "demo-preview.png") as tuned:
             compare = side_by_side([preview_grid(zero_shot, job.preview_prompts, job.preview_seeds), tuned.convert("RGB")],

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..learn import default_preview_prompts, learn, progress_bar
-from .common import HelpFormatter, device_name
+from .common import HelpFormatter, cancel_requested, device_name
 
 
 def register_train(subparsers) -> None:
@@ -170,7 +170,7 @@ def run_train(args) -> int:
             towers = [towers, load_clip_towers(args.clip_g, device, "--clip-g")]  # per text encoder: CLIP-L, bigG
     prompts = args.preview_prompt or default_preview_prompts(args.token, args.class_words)
     learn(model, image, masks, args.token, args.class_words, settings, out, name, prompts,
-          towers=towers, prototype=prototype, resume=args.resume, init_vectors=init)
+          towers=towers, prototype=prototype, resume=args.resume, init_vectors=init, should_cancel=cancel_requested)
     return 0
 
 
