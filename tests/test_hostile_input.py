@@ -285,8 +285,6 @@ CASES = [
 
 def resumable_checkpoint(root: Path, steps: int) -> bytes:
     """A real checkpoint of the TRAIN run, made with other steps."""
-    import io
-
     from protobooth.engine.models.loading import load_model
     from protobooth.engine.train import OneShotTrainer, TrainSettings
 
