@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kit.interrupts import ctrl_c_in_a_finaliser_after
 from protobooth.engine.cli import main
 from protobooth.engine.concept.concept import load_concept, read_concept_metadata
 from protobooth.engine.models import tiny
@@ -151,6 +152,17 @@ def test_a_concept_cut_off_resumes_from_its_checkpoint_to_the_same_result(photos
     uncut = load_concept(whole / "embeddings/zqobj0.safetensors", whole / "loras/zqobj0.safetensors")
     assert torch.equal(resumed.objects[0].vectors, uncut.objects[0].vectors)
     assert all(torch.equal(resumed.lora[k], uncut.lora[k]) for k in uncut.lora)
+
+
+def test_ctrl_c_lost_in_a_finaliser_still_stops_the_batch_at_the_next_step(photos, tmp_path, monkeypatch, capsys):
+    from protobooth.engine.train import OneShotTrainer
+
+    steps_run = ctrl_c_in_a_finaliser_after(OneShotTrainer, 2, monkeypatch)
+    manifest = write_manifest(photos / "lost.jsonl", [concept_line(0, settings={**FAST, "steps": 40})])
+    assert batch(photos, manifest, tmp_path / "out") == 130
+    assert len(steps_run) == 2, "the step after the lost interrupt should not run"
+    assert "KeyboardInterrupt" not in capsys.readouterr().err
+    assert not list((tmp_path / "out").rglob("*.safetensors"))
 
 
 def test_a_ray_address_that_does_not_answer_is_an_error_not_a_hang(photos, tmp_path, capsys):

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from kit.checkpoints import write_single_file
+from kit.interrupts import ctrl_c_in_a_finaliser_after
 from kit.sam import save_sam_checkpoint, tiny_sam
 from protobooth.engine.cli import main
 from protobooth.engine.concept.concept import check_concept_name, load_concept
@@ -416,27 +417,10 @@ def test_ctrl_c_while_training_exits_130_with_one_line_and_writes_nothing_but_a_
         assert not out.exists()
 
 
-class _CtrlCInAFinaliser:
-    """Ctrl-C that arrives while Python runs an object's __del__: the KeyboardInterrupt is raised there and lost."""
-
-    def __del__(self):
-        signal.raise_signal(signal.SIGINT)
-        time.sleep(0.01)  # Python runs the signal's handler here, still inside __del__
-
-
 def test_ctrl_c_lost_in_a_finaliser_still_stops_training_at_the_next_step(root, tmp_path, monkeypatch, capsys):
     from protobooth.engine.train.trainer import OneShotTrainer
 
-    steps_run, original_step = [], OneShotTrainer._train_step
-
-    def step_then_ctrl_c(trainer):
-        loss = original_step(trainer)
-        steps_run.append(trainer.step)
-        if len(steps_run) == 2:
-            _CtrlCInAFinaliser()  # dropped at once: its __del__ runs here
-        return loss
-
-    monkeypatch.setattr(OneShotTrainer, "_train_step", step_then_ctrl_c)
+    steps_run = ctrl_c_in_a_finaliser_after(OneShotTrainer, 2, monkeypatch)
     out = tmp_path / "out"
     argv = [*(part.replace("{r}", str(root)) for part in TRAIN[:-6]), "--out", str(out), "--steps", "40",
             "--prior-weight", "0"]

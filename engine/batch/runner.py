@@ -121,8 +121,9 @@ def _masks(item: BatchItem, image, context: BatchContext):
             for o in item.objects]
 
 
-def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> ConceptDone:
-    """Learn one manifest line into the models folder (or skip it when done already)."""
+def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False, should_cancel=None) -> ConceptDone:
+    """Learn one manifest line into the models folder (or skip it when done already); should_cancel() stops it
+    between steps."""
     import torch
 
     from ..concept.concept import concept_files, models_folder_paths
@@ -152,14 +153,15 @@ def learn_line(item: BatchItem, context: BatchContext, quiet: bool = False) -> C
                    item.name, [context.preview_prompt.format(subject_words(item.tokens, item.class_words))], towers=towers,
                    prototype=PrototypeSettings(n_vectors=settings.n_vectors, steps=context.prototype_steps), resume=resume,
                    render_options={"steps": context.sampler_steps, "guidance": context.guidance},
-                   report_dir=context.reports, checkpoint_dir=checkpoints, inputs_hash=item.inputs_hash, quiet=quiet)
+                   report_dir=context.reports, checkpoint_dir=checkpoints, inputs_hash=item.inputs_hash, quiet=quiet,
+                   should_cancel=should_cancel)
     shutil.rmtree(checkpoints, ignore_errors=True)  # the concept is whole: its checkpoint is no longer needed
     prior = result.class_images
     return ConceptDone(item.name, item.method, "resumed" if resume else "trained", time.perf_counter() - started,
                        result.losses[-1], written(), "none" if prior is None else "drawn" if prior.drawn else "cached")
 
 
-def run_in_process(items: list[BatchItem], context: BatchContext) -> list[ConceptDone]:
+def run_in_process(items: list[BatchItem], context: BatchContext, should_cancel=None) -> list[ConceptDone]:
     import torch
 
     from ..learn import progress_bar
@@ -171,7 +173,7 @@ def run_in_process(items: list[BatchItem], context: BatchContext) -> list[Concep
         with progress_bar("concepts", "concept") as update:
             update(0, len(items))
             for item in items:
-                results.append(learn_line(item, context, quiet=True))
+                results.append(learn_line(item, context, quiet=True, should_cancel=should_cancel))
                 update(len(results), len(items), last=item.name)
     finally:
         torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from .common import HelpFormatter, device_name
+from .common import HelpFormatter, cancel_requested, device_name
 
 
 def register_batch(subparsers) -> None:
@@ -78,7 +78,7 @@ def run_batch(args) -> int:
                            args.prototype_steps, args.preview_prompt, args.sampler_steps, args.guidance)
     args.cancel_note = lambda: f"finished concepts kept; run the same command again to resume ({context.reports})"
     started = time.perf_counter()
-    results = run_on_ray(items, context, args.ray) if args.ray else run_in_process(items, context)
+    results = run_on_ray(items, context, args.ray) if args.ray else run_in_process(items, context, cancel_requested)
     summary = write_summary(results, context, time.perf_counter() - started)
     print(summary.read_text(), end="")
     print(f"summary and contact sheet in {context.reports}")
