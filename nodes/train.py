@@ -166,7 +166,7 @@ class TrainNode:
                 "token_init": ("PROTOBOOTH_TOKEN_INIT", {"tooltip": "starting vectors from Prototype Init (without: each "
                                                                     "class word's)"}),
                 "preview_every": ("INT", {"default": PREVIEW_EVERY, "min": 0, "max": 100000, "tooltip": PREVIEW_HELP}),
-                **widget_specs(cls.METHOD, OPTIONAL_WIDGETS),
+                **widget_specs(cls.METHOD, OPTIONAL_WIDGETS + cls.METHOD.optional_widgets),
             },
         }
 

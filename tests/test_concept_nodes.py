@@ -107,7 +107,9 @@ def test_nodes_are_registered_with_their_widgets(comfyui):
         assert list(info[node]["input"]["required"]) == inputs, node
     assert list(info["ProtoBoothTrainConcept"]["input"]["optional"]) == [
         "token_init", "preview_every", "gradient_checkpointing", "offload_frozen", "recompose", "recompose_resize",
-        "recompose_copies", "recompose_companions"]
+        "recompose_copies", "recompose_companions", "class_prompt", "attention_weight"]
+    class_prompt = info["ProtoBoothTrainConcept"]["input"]["optional"]["class_prompt"]
+    assert class_prompt[0] == "STRING" and class_prompt[1]["default"] == "a photo of a {}"
     recompose = info["ProtoBoothTrainConcept"]["input"]["optional"]["recompose"]
     assert recompose[0] == "FLOAT" and (recompose[1]["default"], recompose[1]["min"], recompose[1]["max"]) == (0.0, 0, 1)
     assert info["ProtoBoothTrainConcept"]["output"] == ["MODEL", "CLIP", "PROTOBOOTH_CONCEPT", "IMAGE"]
@@ -376,12 +378,18 @@ def test_an_upstream_lora_gets_its_own_class_images_and_cancel_stops_drawing_the
     entry, _ = cache_entry(comfy_tiny.fingerprint, settings.class_prompt.format("square"), settings.prior_images, 64, seed,
                            settings.prior_steps, settings.prior_guidance)
     save_safetensors({"latents": torch.zeros(settings.prior_images, 4, 8, 8)}, entry)
-    cached = sorted(path for path in cache_dir().rglob("*") if path.is_file())
 
     # The plain checkpoint reads it: the entry is where the node looks.
     start = len(comfyui.log_text())
     comfyui.run(training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=1, prior_weight=1.0, seed=seed), timeout=600)
     assert "drawing 4 class image(s)" not in comfyui.log_text()[start:]
+
+    # Another class prompt (the node's optional input) is another set of class images.
+    start = len(comfyui.log_text())
+    comfyui.run(training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=1, prior_weight=1.0, seed=seed,
+                               class_prompt="a photo of a red {}"), timeout=600)
+    assert "drawing 4 class image(s) for 'a photo of a red square'" in comfyui.log_text()[start:]
+    cached = sorted(path for path in cache_dir().rglob("*") if path.is_file())
 
     # Through a LoRA the same checkpoint draws other pictures: the node draws its own, and Cancel stops that.
     generator = torch.Generator().manual_seed(0)

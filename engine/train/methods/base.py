@@ -25,6 +25,8 @@ class Method:
     # Its ComfyUI node's widgets, in the order saved workflows store their values: append, never reorder (an old
     # workflow file then fills the first ones by position and leaves a new one at its default).
     widgets: ClassVar[tuple[str, ...]] = ("steps", "token_learning_rate", "resolution", "seed")
+    # Its own optional inputs, after every Train node's (options.OPTIONAL_WIDGETS): a workflow may leave them out.
+    optional_widgets: ClassVar[tuple[str, ...]] = ()
     # Shared settings whose default differs for this method (TextBoost: fewer steps, SNR timesteps, augmentation on).
     shared_defaults: ClassVar[dict] = {}
     # The largest LoRA strength that still makes sense for its concepts (a warning beyond it); None: no limit known.

@@ -51,7 +51,9 @@ class ObjectDrivenSettings(MethodSettings):
     prior_images: int = setting(4, "class images drawn per class word (cached)", low=0)
     prior_steps: int = setting(25, "sampling steps per class image", low=0)
     prior_guidance: float = setting(7.5, "guidance scale of the class images", low=0)
-    class_prompt: str = setting("a photo of a {}", "prompt of the class images and the text anchor, {} = the class word")
+    class_prompt: str = setting("a photo of a {}", "prompt of the class images and the text anchor, {} = the class "
+                                "word; naming what your prompts will call the class (a photo of a red {}) keeps those "
+                                "words from drifting towards the object")
     text_anchor_weight: float = setting(0.1, "weight of the text-space class term (0: off)", low=0,
                                         aliases=("--text-anchor",))
     attention_weight: float = setting(0.0, "weight of the cross-attention loss that pulls each token's attention onto "
@@ -79,6 +81,7 @@ class ObjectDriven(Method):
     settings_class = ObjectDrivenSettings
     widgets = ("steps", "lora_learning_rate", "token_learning_rate", "lora_rank", "prior_weight", "background_weight",
                "resolution", "seed")
+    optional_widgets = ("class_prompt", "attention_weight")
 
     # ----------------------------------------------------------------------------------------------
     # frozen state
