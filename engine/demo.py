@@ -59,9 +59,12 @@ def shapesworld_demo(steps: int = 300) -> DemoJob:
         # 2e-3: nearly its fidelity (results/sweep.md: 0.58 vs 0.60) with less drift of the plain class word
         # towards the instance, which the last preview row shows.
         # Recomposition and the prototype of the object alone: on ShapesWorld's held-out instances 0-3 they lift
-        # fidelity from every kind of photo tried (benchmarks/shapesworld/results/photos_probe.md).
+        # fidelity from every kind of photo tried (benchmarks/shapesworld/results/photos_probe.md). Class images of
+        # "a photo of a red circle", the words the last preview row asks for: on 0-3 less drift of those words and
+        # more fidelity than "a photo of a circle" (results/class_prompt_probe.md).
         settings=TrainSettings.from_values(steps=steps, lora_rank=4, flip=False, lora_learning_rate=1e-3, token_learning_rate=5e-4,
                                prior_steps=SAMPLER_STEPS, prior_guidance=GUIDANCE, recompose=0.5,
+                               class_prompt=f"a photo of a {instance.colour} {{}}",
                                templates=("a photo of a {} on the left, gray background",)),
         prototype=PrototypeSettings(steps=100, weights=(0.0, 1.0, 1.0), crop_fills=(0.0, 0.5, 1.0)),
         preview_prompts=prompts + [scenes[0].caption({0: instance.words})],

@@ -251,6 +251,9 @@ def test_the_demo_learns_a_shapesworld_instance_by_default(tmp_path):
     from protobooth.engine.learn import preview_grid
 
     job = shapesworld_demo()
+    # its class images are drawn for the words of the last preview row, which shows how far they drifted
+    class_words = job.settings.method.class_prompt.format(job.class_words[0]).removeprefix("a photo of a ")
+    assert class_words == "red circle" and f"a {class_words} " in job.preview_prompts[-1]
     zero_shot = np.asarray(preview_grid(zero_shot_previews(job)[0], job.preview_prompts, job.preview_seeds))
     tuned = np.asarray(Image.open(tmp_path / "demo-preview.png").convert("RGB"))
     compare = np.asarray(Image.open(tmp_path / "demo-compare.png"))
