@@ -7,16 +7,21 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, unit: str = "step"):
+def progress_bar(description: str, unit: str = "step", should_cancel=None):
     """A tqdm bar on stderr, driven by the engine's progress(done, total) callbacks; extra keywords show beside it.
 
     The bar appears on the first report, so a phase that has nothing to do (cached class images) shows none.
+    should_cancel() → TrainingCancelled at the next report.
     """
     from tqdm import tqdm
+
+    from .errors import TrainingCancelled
 
     bars = []
 
     def update(done: int, total: int, **shown) -> None:
+        if should_cancel is not None and should_cancel():
+            raise TrainingCancelled(f"{description} cancelled at {done} of {total}")
         if not bars:
             bars.append(tqdm(desc=description, unit=unit, dynamic_ncols=True))
         bar = bars[0]
@@ -55,7 +60,7 @@ def learn(model, image, masks, tokens, class_words, settings, out: Path, name: s
     masks = check_masks(masks, image, tokens)
     init = init_vectors
     if towers is not None and init is None:
-        with progress_bar("prototype") as update:
+        with progress_bar("prototype", should_cancel=should_cancel) as update:
             found = prototype_embeddings(towers, model.text_encoder, model.tokenizer, image, masks, tokens, class_words,
                                          prototype, progress=update)
         init = [p.vectors for p in found]

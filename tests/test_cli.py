@@ -12,6 +12,7 @@ from PIL import Image
 from protobooth.engine.models import tiny
 from protobooth.engine.cli import main
 from protobooth.engine.concept.concept import load_concept
+from kit.interrupts import CtrlCInAFinaliser
 from kit.sam import save_sam_checkpoint, tiny_sam
 
 
@@ -58,6 +59,28 @@ def test_segment_train_generate(files, capsys):
     assert len(pictures) == 4 and (images / "grid.png").is_file()
     first, second = (np.asarray(Image.open(p)) for p in pictures[:2])
     assert first.shape == (64, 64, 3) and not np.array_equal(first, second)  # two seeds, two pictures
+
+
+def test_ctrl_c_lost_in_a_finaliser_stops_generating_at_the_next_picture(files, tmp_path, monkeypatch, capsys):
+    import protobooth.engine.generate as generating
+
+    reports, original = [], generating.generate
+
+    def generate_then_ctrl_c(*args, progress, **kwargs):
+        def report(done, total):
+            reports.append(done)
+            if done == 1:
+                CtrlCInAFinaliser()
+            progress(done, total)
+        return original(*args, progress=report, **kwargs)
+
+    monkeypatch.setattr(generating, "generate", generate_then_ctrl_c)
+    out = tmp_path / "images"
+    assert main(["generate", "a photo of a cat", "--model", str(files / "model"), "--seed", "1", "--seed", "2",
+                 "--seed", "3", "--steps", "2", "--out", str(out), "--quiet"]) == 130
+    assert reports[-1] == 1, "no picture after the lost interrupt"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "protobooth generate: cancelled; nothing written."
+    assert not list(tmp_path.rglob("*.png"))
 
 
 def test_train_and_generate_on_an_sdxl_single_file(files, tmp_path):

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import InputError
-from .common import HelpFormatter, device_name
+from .common import HelpFormatter, cancel_requested, device_name
 
 WORLD = "shapesworld"  # the built-in model, whose own CLIP the encoder reads
 
@@ -64,7 +64,7 @@ def run_pretrain_encoder(args) -> int:
     model, towers = load_encoder_inputs(args.model, args.clip, "cpu")  # accelerate moves them to its device
     if args.data:
         source.size = training_size(model, args.resolution)
-    with progress_bar("pretrain") as update:
+    with progress_bar("pretrain", should_cancel=cancel_requested) as update:
         losses = pretrain(model, towers, source, settings, out,
                           resume=args.resume, progress=lambda step, total, loss: update(step, total, loss=f"{loss:.4f}"))
     print(f"pretrained {settings.steps} steps; final loss {losses[-1]:.4f}; wrote {out}")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..learn import progress_bar
-from .common import HelpFormatter, device_name
+from .common import HelpFormatter, cancel_requested, device_name
 
 _SEGMENT_DESCRIPTION = """\
 Segment objects in IMAGE with segment-anything (SAM) and write one mask per object.
@@ -154,9 +154,9 @@ def run_segment(args) -> int:
         sam = load_sam(args.sam, device)
         print(f"SAM {sam.protobooth_config.describe()} on {device}")
         segmenter = Segmenter(sam)
-        with progress_bar("image embedding", "block") as progress:
+        with progress_bar("image embedding", "block", cancel_requested) as progress:
             segmenter.set_image(image, progress)
-        with progress_bar("objects", "object") as progress:
+        with progress_bar("objects", "object", cancel_requested) as progress:
             masks += segmenter.segment(
                 prompts, multimask=not args.single_mask, dilate=args.dilate, feather=args.feather, progress=progress
             )

@@ -56,7 +56,7 @@ def _object_masks(args, image):
         prompts = [ObjectPrompt(box=list(box)).check(f"--box {i}", (image.shape[-1], image.shape[-2]))
                    for i, box in enumerate(args.box, 1)]
         segmenter = Segmenter(load_sam(args.sam, device_name(args.device)))
-        with progress_bar("image embedding", "block") as update:
+        with progress_bar("image embedding", "block", cancel_requested) as update:
             segmenter.set_image(image, update)
         masks += segmenter.segment(prompts)
     if len(masks) != len(args.token):
@@ -252,7 +252,7 @@ def run_generate(args) -> int:
     device = device_name(args.device)
     model = load_model(args.model).to(device)
     images, names, labels = [], [], []
-    with progress_bar("generate", "image") as update:
+    with progress_bar("generate", "image", cancel_requested) as update:
         for number, scale in enumerate(scales):
             done = len(images)
             images += generate(model, args.prompts, concept, seeds, scale, steps=args.steps, guidance=args.guidance,
