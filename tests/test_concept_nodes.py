@@ -384,11 +384,15 @@ def test_an_upstream_lora_gets_its_own_class_images_and_cancel_stops_drawing_the
     comfyui.run(training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=1, prior_weight=1.0, seed=seed), timeout=600)
     assert "drawing 4 class image(s)" not in comfyui.log_text()[start:]
 
-    # Another class prompt (the node's optional input) is another set of class images.
+    # Another class prompt (the node's optional input) is another set of class images (drawn again on each build).
+    red, _ = cache_entry(comfy_tiny.fingerprint, "a photo of a red square", settings.prior_images, 64, seed,
+                         settings.prior_steps, settings.prior_guidance)
+    red.unlink(missing_ok=True)
     start = len(comfyui.log_text())
     comfyui.run(training_graph(comfyui_checkpoint, photo, tokens="zqprior", steps=1, prior_weight=1.0, seed=seed,
                                class_prompt="a photo of a red {}"), timeout=600)
     assert "drawing 4 class image(s) for 'a photo of a red square'" in comfyui.log_text()[start:]
+    assert red.is_file()  # the node's run drew exactly the entry computed here
     cached = sorted(path for path in cache_dir().rglob("*") if path.is_file())
 
     # Through a LoRA the same checkpoint draws other pictures: the node draws its own, and Cancel stops that.
