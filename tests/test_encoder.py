@@ -203,6 +203,28 @@ def test_shapesworld_ships_its_encoder_and_encode_uses_it_by_default(tmp_path):
     assert concept.objects[0].vectors.shape == start.shape and not torch.allclose(concept.objects[0].vectors, start)
 
 
+def test_the_encoder_oracle_is_given_the_attributes_of_the_instance_each_pretraining_pair_shows():
+    """benchmarks/shapesworld/encoder_oracle.py draws each pair's instance again to know its attributes; read them back
+    from the reference picture's pixels, so a change in how the pairs are drawn cannot go unnoticed."""
+    from protobooth.benchmarks.shapesworld import encoder_oracle as oracle
+
+    palette = torch.tensor(list(world.COLOURS.values()))
+    nearest = lambda rgb: int((palette - rgb).norm(dim=1).argmin())  # noqa: E731
+    source, accented = oracle.OracleSource(), 0
+    for seed in range(24):
+        sample = source.sample(seed, general=False)
+        colour, accent, second = sample.rows
+        inside = sample.reference[:, sample.reference_mask > 0.99].T  # [pixels, 3], edges left out
+        assert nearest(inside.median(0).values) == colour
+        other = inside[(inside - palette[colour]).norm(dim=1) > 0.3]
+        assert (accent == 0) == (len(other) == 0)
+        if accent:
+            assert second == nearest(other.median(0).values)
+            accented += 1
+    assert accented >= 12  # three quarters of the instances have an accent
+    assert source.sample(0, general=True).rows == (0, 0, 0)
+
+
 def identity_folders(root, general: bool = True):
     """Two identities (a red disc, a blue bar) in two photos each, on other backgrounds and places, 80x64 pixels."""
     from PIL import ImageDraw
