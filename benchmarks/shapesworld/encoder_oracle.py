@@ -135,7 +135,7 @@ def run_pretrain(args) -> int:
     settings = pretraining.PretrainSettings(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, unet_lora_rank=args.lora_rank,
         unet_lora_learning_rate=args.lora_learning_rate, background_weight=args.background_weight,
-        identity_weight=0.0 if args.context else args.identity_weight, seed=args.seed)
+        identity_weight=0.0 if args.context else args.identity_weight, queries=args.queries, seed=args.seed)
     torch.set_num_threads(1)
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -228,6 +228,7 @@ def main(argv=None) -> int:
     train.add_argument("--out", required=True)
     train.add_argument("--context", action="store_true", help="append the vectors to the context (else: token vectors)")
     train.add_argument("--wide-lora", action="store_true", help="the LoRA on the feed-forward and projections too")
+    train.add_argument("--queries", type=int, default=4, help="vectors per object (the shipped encoder's 4)")
     train.add_argument("--steps", type=int, default=4000)
     train.add_argument("--batch-size", type=int, default=4, help="per process")
     train.add_argument("--learning-rate", type=float, default=3e-3, help="the tables' learning rate")
