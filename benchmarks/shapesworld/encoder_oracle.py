@@ -88,20 +88,12 @@ class OracleSource(ShapesWorldPairs):
         return sample
 
 
-def _context_forward(self, batch: dict) -> torch.Tensor:
-    """_Objective.forward with the vectors appended to the context (dropped and general samples: the null ones)."""
-    model = self.frozen[0]
+def _context_conditioning(self, batch: dict) -> Conditioning:
+    """_Objective.conditioning with the vectors appended to the context (dropped and general samples: the null ones)."""
     found = self.encoder(batch["features"], batch["start"])
     vectors = torch.where(batch["identity"][:, None, None], found, self.encoder.null.expand_as(found))
-    text = model.encode(batch["ids"])
-    conditioning = Conditioning(torch.cat([text.context, vectors.to(text.context.dtype)], 1), text.pooled)
-    scheduler, timesteps = model.noise_scheduler, batch["timesteps"]
-    noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps)
-    prediction = model.unet(noisy, timesteps, **model.unet_kwargs(conditioning, batch["size"])).sample
-    target = pretraining.diffusion_target(scheduler, batch["latents"], batch["noise"], timesteps)
-    return torch.stack([pretraining.masked_mse(p[None], t[None], pretraining.latent_mask(m.to(p.device), p.shape[-2:]),
-                                               self.settings.background_weight)
-                        for p, t, m in zip(prediction, target, batch["target_masks"])]).mean()
+    text = self.frozen[0].encode(batch["ids"])
+    return Conditioning(torch.cat([text.context, vectors.to(text.context.dtype)], 1), text.pooled)
 
 
 def patch_pretraining(context: bool, wide_lora: bool) -> None:
@@ -120,7 +112,7 @@ def patch_pretraining(context: bool, wide_lora: bool) -> None:
     pretraining._batch = batch_with_rows
     pretraining.ObjectEncoder = OracleEncoder
     if context:
-        pretraining._Objective.forward = _context_forward
+        pretraining._Objective.conditioning = _context_conditioning
         OracleEncoder._bounded = lambda self, vectors, start: vectors  # context vectors have no word length to keep
     if wide_lora:
         from protobooth.engine.train.methods import object_driven
@@ -182,9 +174,7 @@ def run_judge(args) -> int:
         pipeline.set_progress_bar_config(disable=True)
 
         def embeds(prompt: str, extra: torch.Tensor) -> torch.Tensor:
-            ids = model.tokenizer(prompt, padding="max_length", max_length=model.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
-            return torch.cat([pipeline.text_encoder(ids)[0], extra[None]], 1)
+            return torch.cat([model.encode_prompts([prompt]).context, extra[None]], 1)
 
         pictures = []
         with torch.no_grad(), concept_applied(pipeline, concept, 1.0):
@@ -235,7 +225,7 @@ def main(argv=None) -> int:
     train.add_argument("--lora-rank", type=int, default=4)
     train.add_argument("--lora-learning-rate", type=float, default=1e-3)
     train.add_argument("--background-weight", type=float, default=0.1)
-    train.add_argument("--identity-weight", type=float, default=0.05, help="tokens only (the context road has none)")
+    train.add_argument("--identity-weight", type=float, default=0.05, help="tokens only (the context road runs without it, as o2 in results/encoder_probe.md did)")
     train.add_argument("--seed", type=int, default=0)
     judge = commands.add_parser("judge", help="score an oracle zero-shot on held-out instances")
     judge.add_argument("oracle")

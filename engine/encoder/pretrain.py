@@ -116,17 +116,23 @@ class _Objective(nn.Module):
         self.frozen = [model, towers]
         self.settings, self.offset = settings, vocabulary_offset
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        model, towers = self.frozen
-        settings = self.settings
+    def conditioning(self, batch: dict):
+        """The UNet's text conditioning of the batch's captions, the trigger word reading each sample's own object
+        vectors (the null ones where the object was dropped)."""
+        model = self.frozen[0]
         found = self.encoder(batch["features"], batch["start"])
         vectors = torch.where(batch["dropped"][:, None, None], self.encoder.dropped(batch["start"]), found)
         table = token_table(model.text_encoder)
         set_token_table(model.text_encoder, _PerSampleRows(table, self.offset, vectors))
         try:
-            conditioning = model.encode(batch["ids"])
+            return model.encode(batch["ids"])
         finally:
             set_token_table(model.text_encoder, table)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        model, towers = self.frozen
+        settings = self.settings
+        conditioning = self.conditioning(batch)
         scheduler, timesteps = model.noise_scheduler, batch["timesteps"]
         noisy = scheduler.add_noise(batch["latents"], batch["noise"], timesteps)
         prediction = model.unet(noisy, timesteps, **model.unet_kwargs(conditioning, batch["size"])).sample

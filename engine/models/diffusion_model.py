@@ -107,6 +107,12 @@ class DiffusionModel:
         output = self.text_encoder(input_ids=input_ids)
         return Conditioning(output[0], output[1] if family_record(self.family).size_conditioning else None)
 
+    def encode_prompts(self, prompts: list[str], device=None) -> Conditioning:
+        """encode() of prompts as the model's own tokenizer reads them (no new words), the ids on `device`."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.encode(ids.to(device or self.device))
+
     def pictures(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [N, C, h, w] (as the UNet sees them) → pictures [N, 3, H, W] in 0..1, float, through the VAE."""
         decoded = self.vae.decode((latents / self.latent_scaling).to(self.vae.device, self.vae.dtype)).sample

@@ -239,9 +239,7 @@ class OneShotTrainer:
 
     def encode_frozen(self, prompts: list[str]) -> Conditioning:
         """The UNet's text conditioning for prompts without the new words, through the model's own tokenizer."""
-        ids = self.model.tokenizer(prompts, padding="max_length", max_length=self.model.tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt").input_ids
-        return self.model.encode(ids.to(self.device))
+        return self.model.encode_prompts(prompts, self.device)
 
     def train(self, progress=None, should_cancel=None, checkpoint_dir: Path | None = None, resume: bool = False) -> TrainResult:
         """Run the remaining steps. progress(StepReport) after each; should_cancel() → TrainingCancelled.
