@@ -37,7 +37,7 @@ def two_objects():
 
 def test_an_untrained_encoder_gives_the_class_word_and_its_concept_is_a_stock_embedding(tmp_path):
     model, towers = tiny_setup()
-    encoder = ObjectEncoder(EncoderShape(vision_width=32, text_width=tiny.TEXT_WIDTH, width=32, layers=1))
+    encoder = ObjectEncoder(EncoderShape(vision_width=32, text_width=tiny.TEXT_WIDTH, queries=4, width=32, layers=1))
     image, masks = two_objects()
     concept = encode_concept(encoder, {}, crop_features(towers), model, image, masks, ["zqband", "zqcorner"],
                              ["circle", "square"])
@@ -128,8 +128,8 @@ def test_a_pretrained_encoder_tells_objects_apart_and_ships_its_unet_lora(tmp_pa
     first, second = object_vectors(encoder, crop_features(towers), model.text_encoder, model.tokenizer, image, masks,
                                    ["circle", "circle"])  # the same class word: only the pictures differ
     assert (first - second).abs().max() > 1e-6
-    bound = max(vocabulary_norm(model.text_encoder),
-                float(class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4).norm(dim=1).max()))
+    class_word = class_word_vectors(model.text_encoder, model.tokenizer, "circle", encoder.shape.queries)
+    bound = max(vocabulary_norm(model.text_encoder), float(class_word.norm(dim=1).max()))
     assert encoder.shape.max_norm == vocabulary_norm(model.text_encoder)
     assert float(torch.cat([first, second]).norm(dim=1).max()) <= bound * (1 + 1e-5)  # as long as a word, no longer
     concept = encode_concept(encoder, lora, crop_features(towers), model, image, masks[:1], ["zqband"], ["circle"])
@@ -184,12 +184,12 @@ def test_encode_command_and_the_encoder_head_start_of_training(tmp_path):
     trained = load_concept(tmp_path / "trained/embeddings/zqband.safetensors",
                            tmp_path / "trained/loras/zqband.safetensors").objects[0].vectors
     assert torch.equal(trained, encoded)
-    start = class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4)
-    assert not torch.equal(encoded, start)
+    queries = load_encoder(tmp_path / "e.safetensors")[0].shape.queries
+    assert not torch.equal(encoded, class_word_vectors(model.text_encoder, model.tokenizer, "circle", queries))
 
 
 def test_shapesworld_ships_its_encoder_and_encode_uses_it_by_default(tmp_path):
-    from protobooth.engine.shapesworld import load_shapesworld
+    from protobooth.engine.shapesworld.model import OBJECT_ENCODER_FILE, load_shapesworld
 
     image, masks = two_objects()
     Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "photo.png")
@@ -199,7 +199,8 @@ def test_shapesworld_ships_its_encoder_and_encode_uses_it_by_default(tmp_path):
     concept = load_concept(tmp_path / "embeddings/zqband.safetensors")
     model = load_shapesworld()
     assert concept.family == "sd1" and concept.base_fingerprint == model.fingerprint
-    start = class_word_vectors(model.text_encoder, model.tokenizer, "circle", 4)
+    queries = load_encoder(OBJECT_ENCODER_FILE)[0].shape.queries
+    start = class_word_vectors(model.text_encoder, model.tokenizer, "circle", queries)
     assert concept.objects[0].vectors.shape == start.shape and not torch.allclose(concept.objects[0].vectors, start)
 
 

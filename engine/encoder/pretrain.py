@@ -44,7 +44,7 @@ class PretrainSettings:
     batch_size: int = setting(8, "samples per step on each process", low=1)
     accumulation: int = setting(1, "micro-batches accumulated per optimiser step", low=1)
     learning_rate: float = setting(1e-4, "the encoder's learning rate", above=0)
-    queries: int = setting(4, "vectors per object (K learned queries)", low=1, high=16)
+    queries: int = setting(1, "vectors per object (K learned queries)", low=1, high=16)
     width: int = setting(256, "the encoder's width", low=8)
     layers: int = setting(4, "the encoder's layers", low=1)
     heads: int = setting(4, "attention heads (must divide the width)", low=1)
