@@ -49,11 +49,12 @@ def vit_l_14_vision_config():
 
 def write_random_encoder(path: Path):
     """A random object encoder for the ViT-L/14 vision tower and SD1's 768-wide tokens, saved at `path` (its output
-    layer random too, so its vectors are not the class word's; no SD1.5 encoder is published)."""
+    layer random too, so its vectors are not the class word's; no SD1.5 encoder is published). Four vectors per object,
+    not the default one, so the tests see several travel through the nodes in order."""
     from protobooth.engine.encoder.model import EncoderShape, ObjectEncoder, save_encoder
 
     torch.manual_seed(0)
-    encoder = ObjectEncoder(EncoderShape(vision_width=1024, text_width=768, width=32, layers=1)).eval()
+    encoder = ObjectEncoder(EncoderShape(vision_width=1024, text_width=768, queries=4, width=32, layers=1)).eval()
     torch.nn.init.normal_(encoder.out.weight, std=0.02)
     save_encoder(encoder, path)
     return encoder

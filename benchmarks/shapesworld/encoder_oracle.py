@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     train.add_argument("--out", required=True)
     train.add_argument("--context", action="store_true", help="append the vectors to the context (else: token vectors)")
     train.add_argument("--wide-lora", action="store_true", help="the LoRA on the feed-forward and projections too")
-    train.add_argument("--queries", type=int, default=4, help="vectors per object (the shipped encoder's 4)")
+    train.add_argument("--queries", type=int, default=4,
+                       help="vectors per object (four in o1-o3; the shipped encoder has one)")
     train.add_argument("--steps", type=int, default=4000)
     train.add_argument("--batch-size", type=int, default=4, help="per process")
     train.add_argument("--learning-rate", type=float, default=3e-3, help="the tables' learning rate")
