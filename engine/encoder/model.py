@@ -32,7 +32,7 @@ class EncoderShape:
     vision_width: int  # the CLIP vision tower's hidden width (its last hidden state is the input)
     text_width: int  # the text encoder's token width (the concept's vectors)
     family: str = "sd1"
-    queries: int = 1  # K: vectors per object (one tunes best from: benchmarks/shapesworld/results/encoder_probe.md)
+    queries: int = 1  # K: vectors per object (tuning from four costs editability: shapesworld/results/encoder_probe.md)
     width: int = 256
     layers: int = 4
     heads: int = 4
