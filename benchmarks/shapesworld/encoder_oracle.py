@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     train.add_argument("--lora-rank", type=int, default=4)
     train.add_argument("--lora-learning-rate", type=float, default=1e-3)
     train.add_argument("--background-weight", type=float, default=0.1)
-    train.add_argument("--identity-weight", type=float, default=0.05, help="tokens only (the context road runs without it, as o2 in results/encoder_probe.md did)")
+    train.add_argument("--identity-weight", type=float, default=0.05,
+                       help="tokens only (the context road runs without it, as o2 in results/encoder_probe.md did)")
     train.add_argument("--seed", type=int, default=0)
     judge = commands.add_parser("judge", help="score an oracle zero-shot on held-out instances")
     judge.add_argument("oracle")

@@ -44,10 +44,11 @@ class PretrainSettings:
     batch_size: int = setting(8, "samples per step on each process", low=1)
     accumulation: int = setting(1, "micro-batches accumulated per optimiser step", low=1)
     learning_rate: float = setting(1e-4, "the encoder's learning rate", above=0)
-    queries: int = setting(1, "vectors per object (K learned queries)", low=1, high=16)
-    width: int = setting(256, "the encoder's width", low=8)
-    layers: int = setting(4, "the encoder's layers", low=1)
-    heads: int = setting(4, "attention heads (must divide the width)", low=1)
+    # The encoder's shape: EncoderShape's defaults, so the two cannot drift apart.
+    queries: int = setting(EncoderShape.queries, "vectors per object (K learned queries)", low=1, high=16)
+    width: int = setting(EncoderShape.width, "the encoder's width", low=8)
+    layers: int = setting(EncoderShape.layers, "the encoder's layers", low=1)
+    heads: int = setting(EncoderShape.heads, "attention heads (must divide the width)", low=1)
     drop_probability: float = setting(0.1, "chance an identity sample's object vectors are the null ones", low=0, high=1)
     general_share: float = setting(0.25, "share of samples that are plain captioned pictures without the object",
                                    low=0, high=1)
