@@ -33,6 +33,7 @@ point operations of one step (no load can change it).
     python benchmarks/train_speed.py           # tiny model, then SD1.5-size UNet/VAE/CLIP-L at 256 px
     python benchmarks/train_speed.py --quick   # tiny model only (well under two minutes)
     python benchmarks/train_speed.py --profile # where one SD1.5-size step of ours goes beyond bare's
+    python benchmarks/train_speed.py --profile --profile-sides ours-autocast ours-bf16   # what autocast casts
     python benchmarks/train_speed.py --sd15-only --resolution 64 --bf16-anyway   # memory of every side
 
 On a CPU without bf16 matrix units the bf16 sides are left out (they run 70-110x slower there); the last
@@ -575,31 +576,33 @@ def report(size: Size, results: dict, prior_stats: dict, args) -> dict:
 
 
 def profile_gap(size: Size, cache: Path, args, shown: int = 20) -> None:
-    """One profiled step of ours and of bare (each after its warm-up): the ops where ours spends more."""
-    progress(f"{size.name}: profiling one step of ours and of bare")
-    Child("prior", size.name, cache, args).finish()
+    """One profiled step of two sides (each after its warm-up): the ops where the first spends more."""
+    side, floor = args.profile_sides
+    progress(f"{size.name}: profiling one step of {side} and of {floor}")
+    for prior in sorted({"prior-bf16" if name in STORED_BF16 else "prior" for name in (side, floor)}):
+        Child(prior, size.name, cache, args).finish()
     ops = {}
-    for side in ("ours", "bare"):
-        child = Child(side, size.name, cache, args)
+    for name in (side, floor):
+        child = Child(name, size.name, cache, args)
         child.warm_up(size.warmup)
-        ops[side] = child.ask("profile")["ops"]
+        ops[name] = child.ask("profile")["ops"]
         child.finish()
 
-    def self_ms(side: str, name: str) -> float:
-        return ops[side].get(name, [0, 0])[0] / 1000
+    def self_ms(name: str, op: str) -> float:
+        return ops[name].get(op, [0, 0])[0] / 1000
 
-    def calls(side: str, name: str) -> int:
-        return ops[side].get(name, [0, 0])[1]
+    def calls(name: str, op: str) -> int:
+        return ops[name].get(op, [0, 0])[1]
 
-    totals = {side: sum(v[0] for v in ops[side].values()) / 1000 for side in ops}
-    print(f"\n{size.name}, one profiled step (self CPU time, profiler overhead included): ours {totals['ours']:.0f} ms, "
-          f"bare {totals['bare']:.0f} ms, difference {totals['ours'] - totals['bare']:.0f} ms; the ops where ours "
+    totals = {name: sum(v[0] for v in ops[name].values()) / 1000 for name in ops}
+    print(f"\n{size.name}, one profiled step (self CPU time, profiler overhead included): {side} {totals[side]:.0f} ms, "
+          f"{floor} {totals[floor]:.0f} ms, difference {totals[side] - totals[floor]:.0f} ms; the ops where {side} "
           f"spends more:")
-    print(f"{'op':<44} {'ours ms':>9} {'calls':>6} {'bare ms':>9} {'calls':>6} {'more ms':>8}")
-    names = sorted(set(ops["ours"]) | set(ops["bare"]), key=lambda n: self_ms("bare", n) - self_ms("ours", n))
-    for name in names[:shown]:
-        print(f"{name[:44]:<44} {self_ms('ours', name):>9.1f} {calls('ours', name):>6} {self_ms('bare', name):>9.1f} "
-              f"{calls('bare', name):>6} {self_ms('ours', name) - self_ms('bare', name):>8.1f}")
+    print(f"{'op':<44} {side[:9]:>9} {'calls':>6} {floor[:9]:>9} {'calls':>6} {'more ms':>8}")
+    names = sorted(set(ops[side]) | set(ops[floor]), key=lambda op: self_ms(floor, op) - self_ms(side, op))
+    for op in names[:shown]:
+        print(f"{op[:44]:<44} {self_ms(side, op):>9.1f} {calls(side, op):>6} {self_ms(floor, op):>9.1f} "
+              f"{calls(floor, op):>6} {self_ms(side, op) - self_ms(floor, op):>8.1f}")
 
 
 def size_named(name: str, args) -> Size:
@@ -636,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16-anyway", action="store_true",
                         help="measure the bf16 sides even on a CPU without bf16 matrix units (slow)")
     parser.add_argument("--profile", action="store_true",
-                        help="instead of timing: profile one step of ours and of bare and list where ours spends more")
+                        help="instead of timing: profile one step of two sides and list where the first spends more")
+    parser.add_argument("--profile-sides", nargs=2, choices=SIDES, default=("ours", "bare"), metavar=("SIDE", "FLOOR"),
+                        help="the two sides --profile compares (e.g. ours-autocast ours-bf16: autocast's weight casts)")
     parser.add_argument("--child", choices=("prior", "prior-bf16") + SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=tuple(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
