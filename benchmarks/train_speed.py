@@ -576,7 +576,7 @@ def report(size: Size, results: dict, prior_stats: dict, args) -> dict:
 
 
 def profile_gap(size: Size, cache: Path, args, shown: int = 20) -> None:
-    """One profiled step of two sides (each after its warm-up): the ops where the first spends more."""
+    """One profiled step of two sides (each after its warm-up): the ops where the first spends more, then the other."""
     side, floor = args.profile_sides
     progress(f"{size.name}: profiling one step of {side} and of {floor}")
     for prior in sorted({"prior-bf16" if name in STORED_BF16 else "prior" for name in (side, floor)}):
@@ -598,11 +598,17 @@ def profile_gap(size: Size, cache: Path, args, shown: int = 20) -> None:
     print(f"\n{size.name}, one profiled step (self CPU time, profiler overhead included): {side} {totals[side]:.0f} ms, "
           f"{floor} {totals[floor]:.0f} ms, difference {totals[side] - totals[floor]:.0f} ms; the ops where {side} "
           f"spends more:")
-    print(f"{'op':<44} {side[:9]:>9} {'calls':>6} {floor[:9]:>9} {'calls':>6} {'more ms':>8}")
     names = sorted(set(ops[side]) | set(ops[floor]), key=lambda op: self_ms(floor, op) - self_ms(side, op))
-    for op in names[:shown]:
-        print(f"{op[:44]:<44} {self_ms(side, op):>9.1f} {calls(side, op):>6} {self_ms(floor, op):>9.1f} "
-              f"{calls(floor, op):>6} {self_ms(side, op) - self_ms(floor, op):>8.1f}")
+
+    def table(rows: list[str]) -> None:
+        print(f"{'op':<44} {side[:9]:>9} {'calls':>6} {floor[:9]:>9} {'calls':>6} {'more ms':>8}")
+        for op in rows:
+            print(f"{op[:44]:<44} {self_ms(side, op):>9.1f} {calls(side, op):>6} {self_ms(floor, op):>9.1f} "
+                  f"{calls(floor, op):>6} {self_ms(side, op) - self_ms(floor, op):>8.1f}")
+
+    table(names[:shown])
+    print(f"and the ops where {floor} spends more:")
+    table(names[::-1][:shown // 2])
 
 
 def size_named(name: str, args) -> Size:
