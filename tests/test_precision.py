@@ -140,3 +140,21 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_once_and_names_the_fix(monkeypat
         precision.autocast_dtype("bf16", torch.device("cpu"))
     assert not caplog.records
     assert precision.weights_dtype("auto", torch.device("cpu")) is torch.float32  # auto stays fp32 on a CPU
+
+
+def test_auto_on_a_cpu_with_bf16_units_stays_fp32_and_says_bf16_would_be_faster(monkeypatch, caplog):
+    from protobooth.engine.models import precision
+
+    precision._suggest_bf16.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    with caplog.at_level("INFO"):
+        assert precision.autocast_dtype("auto", torch.device("cpu")) is None
+        assert precision.weights_dtype("auto", torch.device("cpu")) is torch.float32
+    hints = [r.getMessage() for r in caplog.records if "mixed precision bf16" in r.getMessage()]
+    assert len(hints) == 1
+    caplog.clear()
+    precision._suggest_bf16.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    with caplog.at_level("INFO"):
+        precision.autocast_dtype("auto", torch.device("cpu"))
+    assert not caplog.records
