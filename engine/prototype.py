@@ -79,8 +79,7 @@ class ClipTowers:
         return F.normalize(self.visual_projection(pooled).float(), dim=-1)[0]
 
     def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        states = self.text_model(input_ids=input_ids.to(self.device)).last_hidden_state
-        pooled = eos_pooled(states, input_ids, self.eos_token_id)
+        pooled = eos_pooled(self.text_model, input_ids, self.eos_token_id)
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return F.normalize(pooled.float(), dim=-1)

@@ -173,3 +173,28 @@ def test_an_object_only_prototype_over_several_fills_does_not_take_the_photos_ba
     whole = spread(PrototypeSettings(steps=60))
     object_only = spread(PrototypeSettings(steps=60, weights=(0.0, 1.0, 1.0), crop_fills=fills))
     assert object_only < 0.25 * whole, (object_only, whole)
+
+
+def test_pooled_text_state_stops_at_the_end_token_and_matches_the_full_pass():
+    """eos_pooled runs the text model only up to the longest prompt's end token; the model is causal, so the
+    pooled states must be those of the full 77-token pass (the prototype and the trainer's text anchor use it)."""
+    from protobooth.engine.text.vocabulary import eos_pooled
+
+    model = tiny.tiny_model(0)
+    tokenizer, text_model = model.tokenizer, model.text_encoder
+    ids = tokenizer(["a photo of a cat", "a red and blue striped cat on a beach"], padding="max_length",
+                    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ends = (ids == tokenizer.eos_token_id).int().argmax(-1)
+    seen = []
+    hook = text_model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                                with_kwargs=True)
+    try:
+        pooled = eos_pooled(text_model, ids, tokenizer.eos_token_id)
+        without_end = ids.clone()
+        without_end[without_end == tokenizer.eos_token_id] = tokenizer.bos_token_id
+        eos_pooled(text_model, without_end, tokenizer.eos_token_id)
+    finally:
+        hook.remove()
+    full = text_model(input_ids=ids)[0][torch.arange(2), ends]
+    assert seen == [int(ends.max()) + 1, ids.shape[1]]  # cut after the longest prompt's end; never without one
+    torch.testing.assert_close(pooled, full, rtol=1e-5, atol=1e-5)
