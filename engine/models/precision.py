@@ -170,8 +170,8 @@ def cpu_has_bf16_units() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _suggest_bf16() -> None:
-    # benchmarks/results/train_speed.md, SD1.5 size on an AVX512-BF16 CPU: stored bf16 took 0.54x fp32's step time
-    # at 0.59x its peak memory.
+    # benchmarks/results/train_speed.md, SD1.5 size on an AVX512-BF16 CPU: stored bf16 took 0.56x fp32's step time
+    # at 0.58x its peak memory.
     log.info("this CPU computes bf16 in hardware: mixed precision bf16 would train about twice as fast in about "
              "0.6x the memory (auto keeps a CPU in fp32)")
 

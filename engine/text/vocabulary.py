@@ -95,7 +95,7 @@ def eos_pooled(text_model, input_ids: torch.Tensor, eos_token_id: int) -> torch.
     """CLIP's pooled text state: the text model's hidden state at each prompt's first end token.
 
     CLIP's text model is causal, so nothing after a prompt's end token changes the states before it: the ids are
-    cut after the longest prompt's end, which saves most of a 77-token pass (a 5-word prompt's pass at SD1.5 size
+    cut after the longest prompt's end, which saves most of a 77-token pass (a short prompt's pass at SD1.5 size
     took a quarter of the time). Pooled here rather than by transformers: with the legacy config value
     eos_token_id=2 (SD1.5's text encoder has it) transformers pools at the largest id, which is a new token's once
     tokens are added.
@@ -104,8 +104,8 @@ def eos_pooled(text_model, input_ids: torch.Tensor, eos_token_id: int) -> torch.
     positions = ends.int().argmax(dim=-1)
     if ends.any(dim=-1).all():
         input_ids = input_ids[:, : int(positions.max()) + 1]
-    hidden_states = text_model(input_ids=input_ids.to(next(text_model.parameters()).device))[0]
-    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), positions.to(hidden_states.device)]
+    states = text_model(input_ids=input_ids.to(next(text_model.parameters()).device))[0]
+    return states[torch.arange(states.shape[0], device=states.device), positions.to(states.device)]
 
 
 class _EmbeddingWithNewRows(nn.Module):
