@@ -79,7 +79,8 @@ class ClipTowers:
         return F.normalize(self.visual_projection(pooled).float(), dim=-1)[0]
 
     def text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        pooled = eos_pooled(self.text_model, input_ids, self.eos_token_id)
+        pooled = eos_pooled(lambda ids: self.text_model(input_ids=ids.to(self.device)).last_hidden_state, input_ids,
+                            self.eos_token_id)
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return F.normalize(pooled.float(), dim=-1)

@@ -189,10 +189,10 @@ def test_pooled_text_state_stops_at_the_end_token_and_matches_the_full_pass():
     hook = text_model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["input_ids"].shape[1]),
                                                 with_kwargs=True)
     try:
-        pooled = eos_pooled(text_model, ids, tokenizer.eos_token_id)
+        pooled = eos_pooled(lambda cut: text_model(input_ids=cut).last_hidden_state, ids, tokenizer.eos_token_id)
         without_end = ids.clone()
         without_end[without_end == tokenizer.eos_token_id] = tokenizer.bos_token_id
-        eos_pooled(text_model, without_end, tokenizer.eos_token_id)
+        eos_pooled(lambda cut: text_model(input_ids=cut).last_hidden_state, without_end, tokenizer.eos_token_id)
     finally:
         hook.remove()
     full = text_model(input_ids=ids)[0][torch.arange(2), ends]

@@ -91,8 +91,9 @@ def nearest_words(text_encoder, tokenizer, vector: torch.Tensor, k: int = 5) -> 
     return [tokenizer.decode([i]).strip() for i in ids]
 
 
-def eos_pooled(text_model, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """CLIP's pooled text state: the text model's hidden state at each prompt's first end token.
+def eos_pooled(hidden_states_of, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """CLIP's pooled text state: the hidden state at each prompt's first end token, where hidden_states_of(ids)
+    runs the text model and returns its last hidden states [batch, positions, width].
 
     CLIP's text model is causal, so nothing after a prompt's end token changes the states before it: the ids are
     cut after the longest prompt's end, which saves most of a 77-token pass (a short prompt's pass at SD1.5 size
@@ -104,7 +105,7 @@ def eos_pooled(text_model, input_ids: torch.Tensor, eos_token_id: int) -> torch.
     positions = ends.int().argmax(dim=-1)
     if ends.any(dim=-1).all():
         input_ids = input_ids[:, : int(positions.max()) + 1]
-    states = text_model(input_ids=input_ids.to(next(text_model.parameters()).device))[0]
+    states = hidden_states_of(input_ids)
     return states[torch.arange(states.shape[0], device=states.device), positions.to(states.device)]
 
 

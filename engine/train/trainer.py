@@ -233,8 +233,8 @@ class OneShotTrainer:
 
     def pooled(self, prompts: list[str]) -> torch.Tensor:
         """CLIP's pooled text state of each prompt (the new words as they are now)."""
-        ids = self.vocabulary.input_ids(prompts)
-        return eos_pooled(self.model.text_encoder, ids, self.vocabulary.tokenizer.eos_token_id).float()
+        return eos_pooled(lambda ids: self.model.text_encoder(input_ids=ids.to(self.device))[0],
+                          self.vocabulary.input_ids(prompts), self.vocabulary.tokenizer.eos_token_id).float()
 
     def encode_frozen(self, prompts: list[str]) -> Conditioning:
         """The UNet's text conditioning for prompts without the new words, through the model's own tokenizer."""
