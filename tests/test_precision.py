@@ -123,38 +123,26 @@ def test_a_model_computing_in_fp16_trains_with_loss_scaling(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-def test_bf16_on_a_cpu_without_bf16_units_warns_once_and_names_the_fix(monkeypatch, caplog):
+@pytest.mark.parametrize("setting, has_units, dtype, message", [
+    ("bf16", False, torch.bfloat16, "no bf16 matrix units"),  # 70-110x slower: warn, and name the fix
+    ("bf16", True, torch.bfloat16, None),
+    ("auto", True, None, "mixed precision bf16 would train"),  # stays fp32, says bf16 would be faster
+    ("auto", False, None, None),
+])
+def test_on_a_cpu_bf16_is_chosen_only_when_asked_and_said_once_where_it_hurts_or_helps(
+        monkeypatch, caplog, setting, has_units, dtype, message):
     from protobooth.engine.models import precision
 
     precision._warn_slow_bf16.cache_clear()
-    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
-    with caplog.at_level("WARNING"):
-        assert precision.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
-        assert precision.weights_dtype("bf16", torch.device("cpu")) is torch.bfloat16
-    warnings = [r.getMessage() for r in caplog.records if "bf16 matrix units" in r.getMessage()]
-    assert len(warnings) == 1 and "mixed precision no" in warnings[0]
-    caplog.clear()
-    precision._warn_slow_bf16.cache_clear()
-    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
-    with caplog.at_level("WARNING"):
-        precision.autocast_dtype("bf16", torch.device("cpu"))
-    assert not caplog.records
-    assert precision.weights_dtype("auto", torch.device("cpu")) is torch.float32  # auto stays fp32 on a CPU
-
-
-def test_auto_on_a_cpu_with_bf16_units_stays_fp32_and_says_bf16_would_be_faster(monkeypatch, caplog):
-    from protobooth.engine.models import precision
-
     precision._suggest_bf16.cache_clear()
-    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: has_units)
     with caplog.at_level("INFO"):
-        assert precision.autocast_dtype("auto", torch.device("cpu")) is None
-        assert precision.weights_dtype("auto", torch.device("cpu")) is torch.float32
-    hints = [r.getMessage() for r in caplog.records if "mixed precision bf16" in r.getMessage()]
-    assert len(hints) == 1
-    caplog.clear()
-    precision._suggest_bf16.cache_clear()
-    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
-    with caplog.at_level("INFO"):
-        precision.autocast_dtype("auto", torch.device("cpu"))
-    assert not caplog.records
+        for _ in range(2):
+            assert precision.autocast_dtype(setting, torch.device("cpu")) is dtype
+            assert precision.weights_dtype(setting, torch.device("cpu")) is (dtype or torch.float32)
+    said = [r.getMessage() for r in caplog.records if r.name == precision.log.name]
+    if message is None:
+        assert not said
+    else:
+        assert len(said) == 1 and message in said[0], said
+        assert setting == "auto" or "mixed precision no" in said[0]
